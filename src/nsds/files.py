@@ -1,0 +1,61 @@
+"""Small file utilities shared by every stage: atomic writes and cached SHA-256 digests."""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from platformdirs import user_cache_dir
+
+
+def cache_dir() -> Path:
+    """nsds's cache folder: $NSDS_CACHE if set, else the user's cache dir."""
+    return Path(os.environ.get("NSDS_CACHE") or user_cache_dir("nsds")).expanduser()
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through a temporary sibling and rename it, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write `data` as indented UTF-8 JSON."""
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) so repeated runs do not re-read big models."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache must not stop scoring; the digest still returns
+        write_json(memo, known)
+    return known[key]

@@ -1,0 +1,1 @@
+"""Layer-sensitivity scorers. Each takes a WeightSource and returns a ScoreReport."""

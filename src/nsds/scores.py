@@ -1,0 +1,83 @@
+"""The score report: every intermediate of a scorer's run, as versioned JSON (schema in the README)."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nsds.errors import NsdsError
+from nsds.files import write_json
+
+SCHEMA = "nsds.scores/1"
+
+
+@dataclass
+class RoleScore:
+    """One role of one layer: raw aspect values, their MAD-Sigmoid values, and the kept triplet count."""
+
+    nv_raw: float
+    se_raw: float
+    nv_p: float | None  # None where the role is left out of that aspect (absent or all zero)
+    se_p: float | None
+    kept: float  # triplets kept by the energy rule (mean over heads for circuits)
+
+
+@dataclass
+class LayerScore:
+    index: int
+    roles: dict[str, RoleScore]
+    nv: float  # P_NV: Soft-OR over roles of the NV probabilities
+    se: float  # P_SE
+    score: float  # S = Soft-OR(P_NV, P_SE)
+
+
+@dataclass
+class ScoreReport:
+    """A model's per-layer sensitivity scores with provenance; `ranking` lists layers most sensitive first."""
+
+    scorer: str
+    model: dict[str, Any]
+    geometry: dict[str, Any]
+    parameters: dict[str, Any]
+    compute: dict[str, Any]
+    roles: list[str]
+    layers: list[LayerScore]
+    ranking: list[int]
+    nsds_version: str
+    created: str
+    timing: dict[str, float]  # seconds: read (I/O + dequantize, overlapped with compute) and total
+    unembedding_rank: int | None = None
+    schema: str = SCHEMA
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> list[float]:
+        return [layer.score for layer in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema} | {k: v for k, v in asdict(self).items() if k != "schema"}
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ScoreReport":
+        if data.get("schema") != SCHEMA:
+            raise NsdsError(f"unsupported score file schema {data.get('schema')!r}; expected {SCHEMA!r}")
+        layers = [
+            LayerScore(**(layer | {"roles": {r: RoleScore(**v) for r, v in layer["roles"].items()}}))
+            for layer in data["layers"]
+        ]
+        return cls(**(data | {"layers": layers}))
+
+    @classmethod
+    def load(cls, path: Path) -> "ScoreReport":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise NsdsError(f"cannot read score file '{path}': {err}") from None
+
+
+def ranking(scores: list[float]) -> list[int]:
+    """Layer indices by score, most sensitive first; ties keep layer order (stable)."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])

@@ -1,0 +1,46 @@
+"""The weight-source interface: named tensors, read one at a time, in Hugging Face names and layouts."""
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nsds.files import sha256_file
+
+
+class WeightSource(ABC):
+    """A model's tensors under their Hugging Face names, plus its transformers config.
+
+    Sources never load the whole model: `tensor` reads (and for GGUF dequantizes) one tensor on demand.
+    """
+
+    kind: str
+    config: Any  # transformers.PretrainedConfig
+    model_id: str
+    files: list[Path]
+
+    @abstractmethod
+    def names(self) -> set[str]:
+        """Every tensor name this source can return."""
+
+    @abstractmethod
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor in nn.Module layout and the checkpoint's floating dtype (GGUF: dequantized float32)."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Where the weights came from, with a SHA-256 per file, for the score report."""
+        return {
+            "id": self.model_id,
+            "source": self.kind,
+            "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in self.files],
+        }
+
+    def close(self) -> None:  # noqa: B027 - sources without handles need no cleanup
+        """Release file handles."""
+
+    def __enter__(self) -> "WeightSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

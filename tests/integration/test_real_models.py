@@ -1,0 +1,97 @@
+"""NSDS on the real decoders (SmolLM2-135M: Llama, GQA 9/3; Gemma-3-270M: head_dim 256 != d/H).
+
+The GGUF source (streamed, dequantized per tensor) must agree with the transformers-loaded model to
+1e-6, and the fast path with the full-SVD reference on real layers.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nsds import arch, reference
+from nsds.metrics.spectra import gram_of_columns, readout_complement
+from nsds.scorers.nsds import Compute, measure_layer, score
+from nsds.weights import GGUFSource, ModuleSource
+
+
+@pytest.fixture(scope="module")
+def smollm2_reports(smollm2_gguf, smollm2_hf):
+    return score(GGUFSource(smollm2_gguf)), score(ModuleSource(smollm2_hf))
+
+
+def test_smollm2_gguf_and_transformers_scores_agree(smollm2_reports):
+    from_gguf, from_transformers = smollm2_reports
+    assert len(from_gguf.layers) == 30
+    assert from_gguf.scores == pytest.approx(from_transformers.scores, abs=1e-6)
+    for a, b in zip(from_gguf.layers, from_transformers.layers, strict=True):
+        for role in a.roles:
+            assert a.roles[role].nv_raw == pytest.approx(b.roles[role].nv_raw, rel=1e-6)
+            assert a.roles[role].se_raw == pytest.approx(b.roles[role].se_raw, rel=1e-6)
+    assert from_gguf.ranking == from_transformers.ranking
+
+
+def test_smollm2_streamed_roles_equal_transformers_modules(smollm2_gguf, smollm2_hf):
+    source = GGUFSource(smollm2_gguf)
+    family, geo = arch.family_of("llama"), arch.geometry(source.config)
+    assert (geo.num_heads, geo.num_kv_heads, geo.head_dim, geo.tied_embeddings) == (9, 3, 64, True)
+    for i in (0, 13, 29):
+        roles = arch.layer_roles(family, geo, lambda rel, i=i: source.tensor(f"model.layers.{i}.{rel}"))
+        layer = smollm2_hf.model.layers[i]
+        assert torch.equal(roles.q, layer.self_attn.q_proj.weight)  # the rotary permutation is undone
+        assert torch.equal(roles.k, layer.self_attn.k_proj.weight)
+        assert torch.equal(roles.down, layer.mlp.down_proj.weight)
+
+
+def test_smollm2_scores_are_per_layer_spread_and_ranked(smollm2_reports):
+    report = smollm2_reports[0]
+    scores = report.scores
+    assert all(0 < s < 1 for s in scores)
+    assert max(scores) - min(scores) > 0.3  # not collapsed to one number (authors' defect 2)
+    assert [scores[i] for i in report.ranking] == sorted(scores, reverse=True)
+    assert report.parameters["mad_constant"] == 1.4826
+    assert report.unembedding_rank is not None and 2 <= report.unembedding_rank <= 576
+
+
+def test_fast_path_matches_reference_on_real_layers(smollm2_gguf):
+    source = GGUFSource(smollm2_gguf)
+    family, geo = arch.family_of("llama"), arch.geometry(source.config)
+    unembedding = source.tensor("model.embed_tokens.weight")
+    complement, k_u = readout_complement(gram_of_columns(unembedding, torch.float64), 0.99)
+    basis = reference.readout_basis(unembedding, 0.99)
+    assert basis.shape[1] == k_u
+    for i in (0, 17):
+        roles = arch.layer_roles(family, geo, lambda rel, i=i: source.tensor(f"model.layers.{i}.{rel}"))
+        fast = measure_layer(roles, geo, complement, 0.99, Compute())
+        for role, (nv, se, kept) in reference.layer_metrics(roles, geo, basis, 0.99).items():
+            assert fast[role].nv == pytest.approx(nv, rel=1e-6) and fast[role].se == pytest.approx(se, rel=1e-6)
+            assert fast[role].kept == kept
+
+
+def test_gemma3_head_dim_and_sources_agree(gemma3_gguf, gemma3_hf):
+    source = GGUFSource(gemma3_gguf)
+    geo = arch.geometry(source.config)
+    assert (geo.hidden_size, geo.num_heads, geo.num_kv_heads, geo.head_dim) == (640, 4, 1, 256)
+    assert geo.head_dim != geo.hidden_size // geo.num_heads  # authors' defect 3
+    from_gguf, from_transformers = score(source), score(ModuleSource(gemma3_hf))
+    assert len(from_gguf.layers) == 18
+    assert from_gguf.scores == pytest.approx(from_transformers.scores, abs=1e-6)
+    assert from_gguf.ranking == from_transformers.ranking
+    layer = gemma3_hf.model.layers[5]
+    roles = arch.layer_roles(arch.family_of(geo.model_type), geo, lambda rel: source.tensor(f"model.layers.5.{rel}"))
+    assert roles.q.shape == (1024, 640) and torch.equal(roles.o, layer.self_attn.o_proj.weight)
+
+
+def test_cli_scores_smollm2_by_asset_name(smollm2_gguf, tmp_path):
+    out = tmp_path / "scores.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "nsds", "score", "smollm2", "-o", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["model"]["files"][0]["name"] == smollm2_gguf.name
+    assert len(data["model"]["files"][0]["sha256"]) == 64
+    top = data["ranking"][0]
+    assert f"   1 {top:>5}" in result.stdout

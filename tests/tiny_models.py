@@ -1,0 +1,114 @@
+"""Tiny real transformers models, and GGUF files written the way llama.cpp's converter writes them."""
+
+import gguf
+import numpy as np
+import torch
+import transformers as tf
+
+_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def permute_like_llama_cpp(weights: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf's rotary interleave of Llama q/k rows (written independently of nsds)."""
+    rows = weights.shape[0] // heads // 2
+    return weights.reshape(heads, 2, rows, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def tiny_model(model_type: str, **overrides) -> torch.nn.Module:
+    """A small randomly initialised causal LM of the given family (seeded)."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  vocab_size=96, max_position_embeddings=64)  # fmt: skip
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, num_key_value_heads=2),
+        "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=False),
+        "qwen3": lambda: tf.Qwen3Config(
+            **common, num_key_value_heads=2, head_dim=128
+        ),  # transformers reads no key_length
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=48),
+        "phi3": lambda: tf.Phi3Config(**common | {"vocab_size": 32064}, num_key_value_heads=2),  # GGUF pad id 32000
+        "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=4, n_head=4),  # GGUF vocab/positions: defaults
+    }
+    config = configs[model_type]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def write_gguf(model: torch.nn.Module, path, arch: str, nan_in: str | None = None) -> None:
+    """Write `model` as llama.cpp would: GGUF names and metadata, permuted Llama q/k, Linear-layout GPT-2.
+
+    `nan_in` names a Hugging Face tensor to poison with one NaN (for error tests).
+    """
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    heads_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    writer.add_head_count_kv(heads_kv)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    names = gguf.get_tensor_name_map(_ARCH[arch], layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            continue
+        w = tensor.detach().numpy().copy()
+        if arch == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
+            w = permute_like_llama_cpp(w, cfg.num_attention_heads if "attn_q" in target else heads_kv)
+        if arch == "gpt2" and name.endswith(_GPT2_CONV1D):
+            w = np.ascontiguousarray(w.T)
+        if name == nan_in:
+            w.flat[7] = np.nan
+        writer.add_tensor(target, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def expected_roles(model, model_type: str, i: int) -> dict[str, torch.Tensor]:
+    """The roles read straight off the in-memory modules, in nn.Linear layout."""
+    cfg = model.config
+    if model_type == "gpt2":
+        block = model.transformer.h[i]
+        q, k, v = block.attn.c_attn.weight.T.split(cfg.n_embd)
+        return {"q": q, "k": k, "v": v, "o": block.attn.c_proj.weight.T, "up": block.mlp.c_fc.weight.T,
+                "down": block.mlp.c_proj.weight.T}  # fmt: skip
+    if model_type == "gpt_neox":
+        block = model.gpt_neox.layers[i]
+        heads, dh = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        fused = block.attention.query_key_value.weight.view(heads, 3 * dh, cfg.hidden_size)
+        q, k, v = (fused[:, j * dh : (j + 1) * dh].reshape(heads * dh, -1) for j in range(3))
+        return {"q": q, "k": k, "v": v, "o": block.attention.dense.weight, "up": block.mlp.dense_h_to_4h.weight,
+                "down": block.mlp.dense_4h_to_h.weight}  # fmt: skip
+    if model_type == "opt":
+        block = model.model.decoder.layers[i]
+        att = block.self_attn
+        return {"q": att.q_proj.weight, "k": att.k_proj.weight, "v": att.v_proj.weight, "o": att.out_proj.weight,
+                "up": block.fc1.weight, "down": block.fc2.weight}  # fmt: skip
+    block = model.model.layers[i]
+    att, mlp = block.self_attn, block.mlp
+    if model_type == "phi3":
+        q_rows, kv_rows = cfg.num_attention_heads * att.head_dim, cfg.num_key_value_heads * att.head_dim
+        fused = att.qkv_proj.weight
+        gate, up = mlp.gate_up_proj.weight.chunk(2)
+        return {"q": fused[:q_rows], "k": fused[q_rows : q_rows + kv_rows], "v": fused[q_rows + kv_rows :],
+                "o": att.o_proj.weight, "up": up, "gate": gate, "down": mlp.down_proj.weight}  # fmt: skip
+    return {"q": att.q_proj.weight, "k": att.k_proj.weight, "v": att.v_proj.weight, "o": att.o_proj.weight,
+            "up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight}  # fmt: skip
