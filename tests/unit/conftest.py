@@ -1,6 +1,7 @@
 """Shared fixtures for unit tests: a tiny randomly initialised Llama, in memory and as safetensors."""
 
 import pytest
+
 from tiny_models import tiny_model
 
 

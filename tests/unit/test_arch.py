@@ -9,6 +9,7 @@ import transformers as tf
 from nsds import arch
 from nsds.errors import NsdsError
 from nsds.weights import SafetensorsSource, open_source
+
 from tiny_models import expected_roles
 
 LLAMA_LIKE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)

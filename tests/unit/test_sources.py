@@ -5,12 +5,13 @@ import json
 
 import pytest
 import torch
-from tiny_models import expected_roles, tiny_model, write_gguf
 
 from nsds import arch
 from nsds.errors import NsdsError
 from nsds.scorers.nsds import score
 from nsds.weights import GGUFSource, ModuleSource, open_source
+
+from tiny_models import expected_roles, tiny_model, write_gguf
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2"])

@@ -1,7 +1,7 @@
 """The NSDS scorer (NSDS.md sections 1-4): roles -> NV and SE per role -> MAD-Sigmoid -> Soft-OR.
 
 Weights stream from the source one layer at a time; the unembedding is read once, for the readout
-basis P of the writers' Writing Density. Nothing here knows tensor names: arch.py does.
+subspace of the writers' Writing Density. Nothing here knows tensor names: arch.py does.
 """
 
 import math
@@ -83,7 +83,8 @@ class RawRole:
     kept: float
 
 
-def _matrix_role(w: torch.Tensor, side: str, weights, energy: float) -> RawRole:
+def _matrix_role(w: torch.Tensor, side: str, weights, energy: float, compute: Compute) -> RawRole:
+    w = w.to(device=compute.device, dtype=compute.dtype)
     sigma, vectors = triplets(w, side)
     kept = energy_rank(sigma, energy)
     se = capacity(sigma, weights(vectors), kept)
@@ -98,36 +99,61 @@ def _circuit_role(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, weights
     return RawRole(nv=float(nv.mean()), se=float(se.mean()), kept=float(kept.double().mean()))
 
 
-def measure_layer(
-    roles: arch.LayerRoles, geo: arch.Geometry, complement: torch.Tensor, energy: float, compute: Compute
-) -> dict[str, RawRole]:
-    """Raw NV and SE of each role of one layer (circuits: mean over query heads)."""
+def _heads(roles: arch.LayerRoles, geo: arch.Geometry, compute: Compute, left: str, right: str):
+    """Per-head factors (H, d, dh) of `left` and per-group factors (G, dh, d) of `right`, plus g(h)."""
     heads, kv_heads, dh, d = geo.num_heads, geo.num_kv_heads, geo.head_dim, geo.hidden_size
     group = torch.tensor([geo.kv_group(h) for h in range(heads)], device=compute.device)
+    on_device = {name: getattr(roles, name).to(device=compute.device, dtype=compute.dtype) for name in (left, right)}
+    if left == "q":
+        a = on_device["q"].reshape(heads, dh, d).transpose(1, 2)  # W_Q^h^T
+    else:
+        a = on_device["o"].reshape(d, heads, dh).permute(1, 0, 2)  # W_O^h
+    return a, on_device[right].reshape(kv_heads, dh, d), group
 
-    def on_device(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=compute.device, dtype=compute.dtype)
 
-    q = on_device(roles.q).reshape(heads, dh, d)
-    k = on_device(roles.k).reshape(kv_heads, dh, d)
-    v = on_device(roles.v).reshape(kv_heads, dh, d)
-    o = on_device(roles.o).reshape(d, heads, dh).permute(1, 0, 2)
+def measure_detectors(
+    roles: arch.LayerRoles, geo: arch.Geometry, energy: float, compute: Compute
+) -> dict[str, RawRole]:
+    """Raw NV and SE of the roles that read the residual stream: QK circuits (mean over heads), up, gate."""
+    raw = {
+        "qk": _circuit_role(*_heads(roles, geo, compute, "q", "k"), circuit_specificity, energy),
+        "up": _matrix_role(roles.up, "right", input_specificity, energy, compute),
+    }
+    if roles.gate is not None:
+        raw["gate"] = _matrix_role(roles.gate, "right", input_specificity, energy, compute)
+    return raw
+
+
+def measure_writers(
+    roles: arch.LayerRoles, geo: arch.Geometry, complement: torch.Tensor, energy: float, compute: Compute
+) -> dict[str, RawRole]:
+    """Raw NV and SE of the roles that write to the residual stream: OV circuits and down.
+
+    Their Writing Density needs the readout complement Q from W_U (see readout_complement)."""
 
     def density(left: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
         return writing_density(left, complement)
 
-    def matrix(w: torch.Tensor, side: str, weights) -> RawRole:
-        return _matrix_role(on_device(w), side, weights, energy)
-
-    raw = {
-        "qk": _circuit_role(q.transpose(1, 2), k, group, circuit_specificity, energy),  # W_Q^h^T W_K^g(h)
-        "ov": _circuit_role(o, v, group, density, energy),  # W_O^h W_V^g(h)
-        "up": matrix(roles.up, "right", input_specificity),
-        "down": matrix(roles.down, "left", density),
+    return {
+        "ov": _circuit_role(*_heads(roles, geo, compute, "o", "v"), density, energy),
+        "down": _matrix_role(roles.down, "left", density, energy, compute),
     }
-    if roles.gate is not None:
-        raw["gate"] = matrix(roles.gate, "right", input_specificity)
-    return raw
+
+
+def measure_layer(
+    roles: arch.LayerRoles, geo: arch.Geometry, complement: torch.Tensor, energy: float, compute: Compute
+) -> dict[str, RawRole]:
+    """Raw NV and SE of every role of one layer."""
+    return measure_detectors(roles, geo, energy, compute) | measure_writers(roles, geo, complement, energy, compute)
+
+
+def _readout(unembedding: torch.Tensor, energy: float, compute: Compute) -> tuple[torch.Tensor, int] | None:
+    """The readout complement and k_U of W_U, or None if W_U holds NaN/Inf (its Gram diagonal sums every
+    squared entry, so checking it costs nothing)."""
+    gram = gram_of_columns(unembedding.to(compute.device), compute.dtype)
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        return None
+    return readout_complement(gram, energy)
 
 
 def aggregate(raw: list[dict[str, RawRole]], params: NsdsParams) -> list[LayerScore]:
@@ -177,14 +203,17 @@ def aggregate(raw: list[dict[str, RawRole]], params: NsdsParams) -> list[LayerSc
     ]
 
 
-def _cpu_workers(geo: arch.Geometry, compute: Compute, budget_bytes: int = 2 << 30) -> int:
-    """Layers measured at once. On a CPU, one single-threaded layer per core beats one multi-threaded
-    layer (LAPACK's eigh scales poorly across threads), as long as the layers in flight fit the budget."""
-    if compute.device != "cpu":
-        return 1
+def _cpu_workers(geo: arch.Geometry, compute: Compute, budget_bytes: int = 2 << 30) -> tuple[int, int]:
+    """How many layers to measure at once, and to hold at once.
+
+    On a CPU, one single-threaded layer per core beats one multi-threaded layer (LAPACK's eigh scales
+    poorly across threads), as long as the layers in flight fit the memory budget; a GPU runs one.
+    """
     d, mlp = geo.hidden_size, 4 * geo.hidden_size
     layer_bytes = (3 * mlp * d + 4 * d * d) * torch.finfo(compute.dtype).bits // 8
-    return max(1, min(torch.get_num_threads(), budget_bytes // layer_bytes))
+    fits = max(1, budget_bytes // layer_bytes)
+    workers = 1 if compute.device != "cpu" else max(1, min(torch.get_num_threads(), fits))
+    return workers, max(workers + 1, fits)
 
 
 @contextmanager
@@ -247,11 +276,6 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
         unembedding = unembedding.to(compute.dtype) @ read(projection).to(compute.dtype)
     if unembedding.shape[-1] != geo.hidden_size:
         raise NsdsError(f"unembedding has width {unembedding.shape[-1]}, expected hidden size {geo.hidden_size}")
-    gram = gram_of_columns(unembedding.to(compute.device), compute.dtype)
-    del unembedding
-    if not bool(torch.isfinite(gram.diagonal()).all()):  # the diagonal sums every squared entry
-        _reject_non_finite(read, unembedding_names)
-    readout, unembedding_rank = readout_complement(gram, params.energy)
 
     def layer_names(i: int) -> list[str]:
         return [f"{body}{family.layers}.{i}.{rel}" for rel in family.layer_tensors()]
@@ -260,9 +284,9 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
         prefix = f"{body}{family.layers}.{i}."
         return arch.layer_roles(family, geo, lambda rel: read(prefix + rel))
 
-    def finished(i: int, future: Future) -> dict[str, RawRole]:
+    def finished(i: int, parts: list[Future]) -> dict[str, RawRole]:
         try:
-            raw = future.result()
+            raw = {role: metrics for part in parts for role, metrics in part.result().items()}
         except torch.linalg.LinAlgError:  # eigh/svd do not converge on NaN input
             _reject_non_finite(read, layer_names(i))
             raise
@@ -271,16 +295,42 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
             raise NsdsError(f"layer {i} gave non-finite metrics from finite weights (values too large?)")
         return raw
 
-    workers = _cpu_workers(geo, compute)
+    workers, max_layers = _cpu_workers(geo, compute)
     with _torch_threads(1 if workers > 1 else torch.get_num_threads()), ThreadPoolExecutor(workers) as pool:
-        # The main thread reads layer i+1 while the workers measure earlier layers.
-        pending: deque[tuple[int, Future]] = deque()
-        raw = []
+        # W_U's readout basis is computed on a worker while the others measure the detector roles of the
+        # first layers; each layer's writer roles are queued once the basis exists. The main thread reads
+        # the next layer meanwhile; at most `max_layers` layers are held at once.
+        readout_task = pool.submit(_readout, unembedding, params.energy, compute)
+        del unembedding
+        readout: tuple[torch.Tensor, int] | None = None
+        parts: dict[int, list[Future]] = {}
+        waiting: deque[tuple[int, arch.LayerRoles]] = deque()  # layers whose writers need the readout
+
+        def queue_writers(block: bool) -> None:
+            nonlocal readout
+            if not waiting or not (block or readout_task.done()):
+                return
+            if readout is None:
+                readout = readout_task.result()
+                if readout is None:
+                    _reject_non_finite(read, unembedding_names)
+                    raise NsdsError("the unembedding gave a non-finite Gram matrix (values too large?)")
+            while waiting:
+                j, roles = waiting.popleft()
+                parts[j].append(pool.submit(measure_writers, roles, geo, readout[0], params.energy, compute))
+
+        raw: list[dict[str, RawRole]] = []
         for i in progress(range(geo.num_layers), desc="scoring layers", unit="layer"):
-            pending.append((i, pool.submit(measure_layer, layer(i), geo, readout, params.energy, compute)))
-            if len(pending) > workers:
-                raw.append(finished(*pending.popleft()))
-        raw.extend(finished(*item) for item in pending)
+            while i - len(raw) >= max_layers:
+                queue_writers(block=True)
+                raw.append(finished(len(raw), parts.pop(len(raw))))
+            roles = layer(i)
+            parts[i] = [pool.submit(measure_detectors, roles, geo, params.energy, compute)]
+            waiting.append((i, roles))
+            queue_writers(block=False)
+        queue_writers(block=True)
+        raw.extend(finished(i, parts.pop(i)) for i in range(len(raw), geo.num_layers))
+    unembedding_rank = readout[1]
     layers = aggregate(raw, params)
     total = time.perf_counter() - start
     return ScoreReport(
