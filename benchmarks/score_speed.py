@@ -6,7 +6,7 @@ For each real model in the asset cache (SmolLM2-135M, Gemma-3-270M) this prints
 - scoring after load (the transformers-loaded model in memory), median of --runs runs;
 - the naive implementation (nsds.reference: every head circuit formed d x d and fully SVD'd, every
   matrix fully SVD'd, whole model in memory) once, in the same process, and the speed ratio;
-- the largest score difference between the two.
+- the largest score difference between the two, and what float32 instead of float64 changes.
 With a CUDA GPU (or --llama8b-shape tiny, a CPU smoke test of the same code), it also writes a
 Llama-3.1-8B-shaped model with random weights to a safetensors folder and scores it end to end.
 
@@ -101,6 +101,10 @@ def bench_model(name: str, runs: int) -> None:
     fast = statistics.median(times)
     print(f"nsds after load: median {fast:.2f} s over {runs} runs (min {min(times):.2f}, max {max(times):.2f}), "
           f"{torch.get_num_threads()} threads")  # fmt: skip
+    single = score(source, compute=Compute.choose("cpu", "float32"))
+    drift = max(abs(a - b) for a, b in zip(single.scores, report.scores, strict=True))
+    print(f"float32 instead of float64: {single.timing['total_s']:.2f} s, largest |score difference| {drift:.1e}, "
+          f"same ranking: {single.ranking == report.ranking}")  # fmt: skip
     naive, naive_s = naive_scores(model, NsdsParams())
     diff = max(abs(a - b) for a, b in zip(naive, report.scores, strict=True))
     print(f"naive (full SVDs, whole model in memory): {naive_s:.1f} s  ->  nsds is {naive_s / fast:.1f}x faster")

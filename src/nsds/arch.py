@@ -193,7 +193,9 @@ def geometry(config) -> Geometry:
 
 
 def find_body(family: Family, names: set[str]) -> str:
-    """The prefix in front of `layers.0...` in this checkpoint (it varies: "model.", "", "transformer."...)."""
+    """The prefix in front of `layers.0...` in this checkpoint (it varies: "model.", "", "transformer.",
+    "model.language_model."...). A vision tower's layers can match too: the body is the candidate that
+    also holds the token embedding."""
     suffix = f"{family.layers}.0.{family.layer_tensors()[0]}"
     hits = sorted((n[: -len(suffix)] for n in names if n.endswith(suffix)), key=len)
     if not hits:
@@ -201,7 +203,8 @@ def find_body(family: Family, names: set[str]) -> str:
             f"no tensor named '*{suffix}' in the weights: the files do not match their "
             f"'{family.name}' config (wrong or incomplete checkpoint?)"
         )
-    return hits[0]
+    with_embedding = [body for body in hits if body + family.embedding in names]
+    return (with_embedding or hits)[0]
 
 
 def layer_roles(family: Family, geo: Geometry, fetch: Callable[[str], torch.Tensor]) -> LayerRoles:

@@ -82,6 +82,24 @@ def test_opt_unembedding_goes_through_project_out(tiny):
         assert arch.unembedding_projection_name(family, body, source.names()) == "model.decoder.project_out.weight"
 
 
+def test_multimodal_gemma3_scores_its_language_model(tmp_path):
+    """Gemma-3 with a vision tower: the tower's layers match the same names; the text stack must win."""
+    torch.manual_seed(0)
+    text = dict(LLAMA_LIKE, num_key_value_heads=1, head_dim=48)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    model = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=text, vision_config=vision))
+    model.save_pretrained(tmp_path)
+    with open_source(str(tmp_path)) as source:
+        family, geo = arch.family_of("gemma3"), arch.geometry(source.config)
+        assert (geo.num_layers, geo.head_dim) == (3, 48)
+        body = arch.find_body(family, source.names())
+        roles = arch.layer_roles(family, geo, lambda rel: source.tensor(f"{body}layers.1.{rel}"))
+        language = model.model.language_model.layers[1]
+        assert torch.equal(roles.q, language.self_attn.q_proj.weight.detach())
+        assert torch.equal(roles.down, language.mlp.down_proj.weight.detach())
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     config = tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
     config.save_pretrained(tmp_path)

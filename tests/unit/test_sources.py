@@ -115,3 +115,11 @@ def test_unembedding_must_exist():
     geo = arch.Geometry("llama", 1, 8, 2, 2, 4, tied_embeddings=False)
     with pytest.raises(NsdsError, match=r"lm_head\.weight"):
         arch.unembedding_name(family, geo, "model.", {"model.embed_tokens.weight"})
+
+
+def test_already_quantized_checkpoint_is_refused(tiny_llama_folder, tmp_path):
+    config = json.loads((tiny_llama_folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NsdsError, match=r"already quantized \(gptq\)"):
+        open_source(str(tmp_path))

@@ -55,6 +55,8 @@ def test_product_triplets_match_full_svd_with_gqa():
         assert torch.allclose(sigma[h], s[:6], rtol=1e-10)
         assert same_vectors(left[h], u[:, :6]) < 1e-9
         assert same_vectors(right[h], vt[:6].T) < 1e-9
+    sigma_only, left_only, none = product_triplets(a, b, group, right=False)  # writers need U alone
+    assert none is None and torch.equal(sigma_only, sigma) and torch.allclose(left_only, left, atol=1e-12)
 
 
 def test_energy_rank_rule_and_clipping():

@@ -55,20 +55,23 @@ def triplets(w: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def product_triplets(
-    a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, b: torch.Tensor, group: torch.Tensor | None = None, right: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """SVD of each rank-r product a[h] @ b[g(h)] (a: (H, m, r), b: (G, r, n)) by the QR construction.
 
     A = Qa Ra, B^T = Qb Rb  =>  A B = Qa (Ra Rb^T) Qb^T; with Ra Rb^T = X S Y^T, U = Qa X and V = Qb Y.
     `group` maps each of the H products to its right factor (GQA shares one b among several heads), so
-    each b is factored once. Returns sigma (H, r), U (H, m, r), V (H, n, r).
+    each b is factored once. Returns sigma (H, r), U (H, m, r) and V (H, n, r), or None for V when
+    `right` is False (writers need only U, which saves forming Qb).
     """
     qa, ra = torch.linalg.qr(a)
-    qb, rb = torch.linalg.qr(b.transpose(-2, -1))
+    bt = b.transpose(-2, -1)
+    qb, rb = torch.linalg.qr(bt) if right else (None, torch.linalg.qr(bt, mode="r").R)
     if group is not None:
-        qb, rb = qb[group], rb[group]
+        rb = rb[group]
+        qb = None if qb is None else qb[group]
     x, sigma, yt = torch.linalg.svd(ra @ rb.transpose(-2, -1))
-    return sigma, qa @ x, qb @ yt.transpose(-2, -1)
+    return sigma, qa @ x, None if qb is None else qb @ yt.transpose(-2, -1)
 
 
 def energy_rank(sigma: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -91,10 +91,13 @@ def _matrix_role(w: torch.Tensor, side: str, weights, energy: float, compute: Co
     return RawRole(nv=float(kurtosis(w)), se=float(se), kept=float(kept))
 
 
-def _circuit_role(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, weights, energy: float) -> RawRole:
-    sigma, left, right = product_triplets(a, b, group)
+def _circuit_role(
+    a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, weights, energy: float, right: bool
+) -> RawRole:
+    """A circuit role; `weights` takes (U, V) when `right`, else U alone (writers: V is never formed)."""
+    sigma, left, right_vectors = product_triplets(a, b, group, right=right)
     kept = energy_rank(sigma, energy)
-    se = capacity(sigma, weights(left, right), kept)
+    se = capacity(sigma, weights(left, right_vectors) if right else weights(left), kept)
     nv = product_kurtosis(a, b[group])
     return RawRole(nv=float(nv.mean()), se=float(se.mean()), kept=float(kept.double().mean()))
 
@@ -116,7 +119,7 @@ def measure_detectors(
 ) -> dict[str, RawRole]:
     """Raw NV and SE of the roles that read the residual stream: QK circuits (mean over heads), up, gate."""
     raw = {
-        "qk": _circuit_role(*_heads(roles, geo, compute, "q", "k"), circuit_specificity, energy),
+        "qk": _circuit_role(*_heads(roles, geo, compute, "q", "k"), circuit_specificity, energy, right=True),
         "up": _matrix_role(roles.up, "right", input_specificity, energy, compute),
     }
     if roles.gate is not None:
@@ -131,11 +134,11 @@ def measure_writers(
 
     Their Writing Density needs the readout complement Q from W_U (see readout_complement)."""
 
-    def density(left: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
+    def density(left: torch.Tensor) -> torch.Tensor:
         return writing_density(left, complement)
 
     return {
-        "ov": _circuit_role(*_heads(roles, geo, compute, "o", "v"), density, energy),
+        "ov": _circuit_role(*_heads(roles, geo, compute, "o", "v"), density, energy, right=False),
         "down": _matrix_role(roles.down, "left", density, energy, compute),
     }
 

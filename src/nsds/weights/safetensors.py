@@ -18,12 +18,18 @@ def read_config(folder: Path):
     """The folder's transformers config, after checking nsds supports its model_type."""
     path = folder / "config.json"
     try:
-        model_type = json.loads(path.read_text()).get("model_type")
+        raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise NsdsError(f"'{folder}' has no config.json: not a Hugging Face model folder") from None
     except (OSError, ValueError) as err:
         raise NsdsError(f"cannot read '{path}': {err}") from None
-    family_of(str(model_type))
+    family_of(str(raw.get("model_type")))
+    method = (raw.get("quantization_config") or {}).get("quant_method")
+    if method:
+        raise NsdsError(
+            f"'{folder}' is already quantized ({method}); nsds scores full-precision weights: "
+            "point it at the original checkpoint"
+        )
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as err:
