@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nsds.errors import NsdsError
+from nsds.plan import Module
 
 
 @dataclass(frozen=True)
@@ -264,3 +265,32 @@ def unembedding_projection_name(family: Family, body: str, names: set[str]) -> s
     if family.unembedding_projection and body + family.unembedding_projection in names:
         return body + family.unembedding_projection
     return None
+
+
+def layer_modules(family: Family) -> list[tuple[str, str]]:
+    """(role, module name relative to a layer) of every quantizable linear module in a decoder layer."""
+    fields = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+    return [(f, getattr(family, f).removesuffix(".weight")) for f in fields if getattr(family, f) is not None]
+
+
+FUSED_BY_RUNTIMES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
+
+
+def linear_modules(model, fuse: bool = True) -> list[Module]:
+    """The quantizable linear modules of a loaded transformers model, in layer order.
+
+    With `fuse`, q/k/v and gate/up of a layer form one group that must share a width, as in runtimes
+    that fuse them into one matmul (vLLM, llama.cpp's fused kernels).
+    """
+    family = family_of(model.config.model_type)
+    geo = geometry(model.config)
+    body = find_body(family, {name for name, _ in model.named_parameters()})
+    modules = []
+    for i in range(geo.num_layers):
+        for role, rel in layer_modules(family):
+            name = f"{body}{family.layers}.{i}.{rel}"
+            shape = tuple(model.get_submodule(name).weight.shape)
+            out_features, in_features = shape[::-1] if family.conv1d else shape
+            group = f"{i}.{FUSED_BY_RUNTIMES.get(role, role) if fuse else role}"
+            modules.append(Module(name, i, role, out_features, in_features, group))
+    return modules

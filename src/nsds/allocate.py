@@ -1,0 +1,224 @@
+"""Bit allocation under an average-bit budget (NSDS.md section 5): sensitive layers get more bits.
+
+Three allocators turn per-layer scores into a Plan:
+- `topk`: the paper's rule, two widths, layers ranked by score;
+- `budget`: any candidate widths, parameter-weighted, storage-aware, honouring groups that must share a
+  width, solved exactly as a multiple-choice knapsack;
+- `uniform`: the score-free baseline at the same budget.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from nsds.errors import NsdsError
+from nsds.plan import Module, ModulePlan, Plan
+from nsds.scores import ranking
+
+ALLOCATORS = ("topk", "budget", "uniform")
+_MAX_CELLS = 200_000  # budget resolution of the knapsack table; coarser costs are rounded up (never over budget)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every allocator needs besides the modules and scores."""
+
+    budget: float
+    widths: tuple[int, ...]
+    group_size: int
+    overhead_bits_per_group: int  # scale + zero storage of one quantization group
+    quantizer: str
+    model: str
+    symmetric: bool = False
+    budget_counts: str = "weights"  # "weights": the paper's bits per weight; "storage": with scales/zeros
+
+
+def check_setting(setting: Setting) -> tuple[int, ...]:
+    """Sorted candidate widths, after checking the budget lies within them (never silently clamped)."""
+    widths = tuple(sorted(set(setting.widths)))
+    if not widths or any(w < 1 for w in widths):
+        raise NsdsError(f"widths must be positive integers, got {list(setting.widths)}")
+    if setting.group_size < 1:
+        raise NsdsError(f"group size must be positive, got {setting.group_size}")
+    if setting.budget_counts not in ("weights", "storage"):
+        raise NsdsError(f"budget counts 'weights' or 'storage', not '{setting.budget_counts}'")
+    low, high = widths[0], widths[-1]
+    floor = low + (setting.overhead_bits_per_group / setting.group_size if setting.budget_counts == "storage" else 0)
+    if not floor - 1e-9 <= setting.budget <= high + 1e-9:
+        raise NsdsError(
+            f"budget {setting.budget} bits is outside what widths {list(widths)} can reach "
+            f"([{floor:g}, {high}] bits{' with group overhead' if setting.budget_counts == 'storage' else ''})"
+        )
+    return widths
+
+
+def _plan(modules: Sequence[Module], bits: dict[str, int], reasons: dict[str, dict], setting: Setting,
+          allocator: str, widths: tuple[int, ...]) -> Plan:  # fmt: skip
+    return Plan(
+        model=setting.model,
+        quantizer=setting.quantizer,
+        allocator=allocator,
+        budget=setting.budget,
+        widths=list(widths),
+        modules=[
+            ModulePlan(
+                m.name,
+                m.layer,
+                m.role,
+                m.out_features,
+                m.in_features,
+                bits[m.name],
+                setting.group_size,
+                reasons[m.name],
+            )
+            for m in modules
+        ],
+        overhead_bits_per_group=setting.overhead_bits_per_group,
+        symmetric=setting.symmetric,
+    )
+
+
+def _cost(module: Module, width: int, setting: Setting) -> float:
+    """Bits a module costs at `width` under the setting's budget measure."""
+    bits = module.params * width
+    if setting.budget_counts == "storage":
+        bits += (
+            module.out_features * math.ceil(module.in_features / setting.group_size) * (setting.overhead_bits_per_group)
+        )
+    return bits
+
+
+def _by_layer(modules: Sequence[Module]) -> dict[int, list[Module]]:
+    layers: dict[int, list[Module]] = {}
+    for m in modules:
+        layers.setdefault(m.layer, []).append(m)
+    return layers
+
+
+def topk(modules: Sequence[Module], scores: Sequence[float], setting: Setting) -> Plan:
+    """The paper's rule: rank layers by score (descending, ties by layer index); the top layers get the
+    high width, the rest the low width, cut where the parameter-weighted average would exceed the budget.
+
+    With equal-size layers this keeps floor(L (B - b_lo) / (b_hi - b_lo)) layers high; the paper's
+    round() can overshoot the budget by half a layer, this never does.
+    """
+    widths = check_setting(setting)
+    if len(widths) != 2:
+        raise NsdsError(f"topk takes exactly two widths (low, high), got {list(widths)}; use --allocator budget")
+    low, high = widths
+    layers = _by_layer(modules)
+    if len(scores) != len(layers):
+        raise NsdsError(f"{len(scores)} layer scores for a model with {len(layers)} layers")
+    limit = setting.budget * sum(m.params for m in modules)
+    spent = sum(_cost(m, low, setting) for m in modules)
+    bits, reasons = {}, {}
+    cut = False
+    for rank, layer in enumerate(ranking(list(scores)), start=1):
+        extra = sum(_cost(m, high, setting) - _cost(m, low, setting) for m in layers[layer])
+        cut = cut or spent + extra > limit + 1e-6
+        if not cut:
+            spent += extra
+        for m in layers[layer]:
+            bits[m.name] = low if cut else high
+            reasons[m.name] = {"allocator": "topk", "layer_score": scores[layer], "rank": rank}
+    return _plan(modules, bits, reasons, setting, "topk", widths)
+
+
+def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Setting) -> Plan:
+    """Any candidate widths, meeting the budget exactly or as close as possible from below.
+
+    Modules of one group (Module.group: q/k/v or gate/up fused by a runtime, the experts of one MoE
+    layer) share a width. The allocator minimises the expected sensitivity-weighted quantization error
+        sum_g  S_g * n_g * 4^(-b_g)
+    (S_g the layer's score, n_g the group's weights; a b-bit uniform quantizer's error power scales as
+    4^-b) subject to  sum_g cost_g(b_g) <= B * N, where cost counts weight bits or, with
+    budget_counts="storage", also each quantization group's scale and zero point. This is a
+    multiple-choice knapsack, solved exactly by dynamic programming over the budget (costs are counted
+    in units of their greatest common divisor, or rounded up to 1/200000 of the budget for odd shapes,
+    so the plan never exceeds it). Sensitive, and cheap, groups get bits first.
+    """
+    widths = check_setting(setting)
+    groups: dict[str, list[Module]] = {}
+    for m in modules:
+        groups.setdefault(m.group, []).append(m)
+    units = list(groups.values())
+    layers = {m.layer for m in modules}
+    if len(scores) != len(layers):
+        raise NsdsError(f"{len(scores)} layer scores for a model with {len(layers)} layers")
+    costs = np.array([[sum(_cost(m, w, setting) for m in unit) for w in widths] for unit in units], dtype=object)
+    limit = setting.budget * sum(m.params for m in modules)
+    step = math.gcd(*(int(c) for c in costs.flat))
+    if limit / step > _MAX_CELLS:
+        step = math.ceil(limit / _MAX_CELLS)
+    cells = np.array([[-(-int(c) // step) for c in row] for row in costs], dtype=np.int64)  # rounded up
+    capacity = math.floor(limit / step + 1e-9)
+    error = np.array(
+        [[scores[unit[0].layer] * sum(m.params for m in unit) * 4.0 ** (-w) for w in widths] for unit in units]
+    )
+    best = np.full(capacity + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((len(units), capacity + 1), dtype=np.int8)
+    for u in range(len(units)):
+        new = np.full(capacity + 1, np.inf)
+        for j, cost in enumerate(cells[u]):
+            if cost > capacity:
+                continue
+            candidate = np.full(capacity + 1, np.inf)
+            candidate[cost:] = best[: capacity + 1 - cost] + error[u, j]
+            better = candidate < new
+            new[better] = candidate[better]
+            choice[u, better] = j
+        best = new
+    if not np.isfinite(best).any():
+        raise NsdsError(f"no assignment of widths {list(widths)} fits a budget of {setting.budget} bits")
+    cell = int(np.nanargmin(best))
+    bits, reasons = {}, {}
+    for u in range(len(units) - 1, -1, -1):
+        j = int(choice[u, cell])
+        cell -= int(cells[u, j])
+        for m in units[u]:
+            bits[m.name] = widths[j]
+            reasons[m.name] = {"allocator": "budget", "layer_score": scores[m.layer], "group": m.group}
+    return _plan(modules, bits, reasons, setting, "budget", widths)
+
+
+def uniform(modules: Sequence[Module], setting: Setting) -> Plan:
+    """The score-free baseline at the same budget: one width everywhere when the budget is a candidate
+    width; otherwise the two widths around it, the higher one on layers spread evenly over depth, as
+    many as fit the budget (the nearest feasible uniform mix)."""
+    widths = check_setting(setting)
+    layers = _by_layer(modules)
+    low = max(w for w in widths if w <= setting.budget + 1e-9)
+    high = min((w for w in widths if w > setting.budget + 1e-9), default=low)
+    limit = setting.budget * sum(m.params for m in modules)
+
+    def spend(high_layers: set[int]) -> float:
+        return sum(_cost(m, high if m.layer in high_layers else low, setting) for m in modules)
+
+    order = sorted(layers)
+    chosen: set[int] = set()
+    for count in range(len(order), 0, -1):
+        spread = {order[int((j + 0.5) * len(order) / count)] for j in range(count)}
+        if high != low and spend(spread) <= limit + 1e-6:
+            chosen = spread
+            break
+    if spend(chosen) > limit + 1e-6:
+        raise NsdsError(f"even width {low} everywhere exceeds the budget of {setting.budget} bits")
+    bits = {m.name: high if m.layer in chosen else low for m in modules}
+    reasons = {m.name: {"allocator": "uniform", "spread": len(chosen)} for m in modules}
+    return _plan(modules, bits, reasons, setting, "uniform", widths)
+
+
+def allocate(kind: str, modules: Sequence[Module], scores: Sequence[float] | None, setting: Setting) -> Plan:
+    """Dispatch to an allocator by name."""
+    if kind == "uniform":
+        return uniform(modules, setting)
+    if scores is None:
+        raise NsdsError(f"allocator '{kind}' needs layer scores")
+    if kind == "topk":
+        return topk(modules, scores, setting)
+    if kind == "budget":
+        return budgeted(modules, scores, setting)
+    raise NsdsError(f"unknown allocator '{kind}'; choose from {', '.join(ALLOCATORS)}")

@@ -1,0 +1,121 @@
+"""The quantization plan: one typed, serialisable object passed from the allocator to every later stage.
+
+It says, for every quantizable linear module, its width, group size and quantizer and why it got that
+width; and it accounts for the average bits per weight two ways: weight bits only, and true storage
+including each group's scale and zero point. Token embedding and output head are outside the budget
+(they keep the checkpoint's precision) and the plan says so.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from nsds import __version__
+from nsds.errors import NsdsError
+from nsds.files import write_json
+
+SCHEMA = "nsds.plan/1"
+OUTSIDE_BUDGET = "token embedding and output head keep the checkpoint's precision and are outside the budget"
+
+
+@dataclass(frozen=True)
+class Module:
+    """A quantizable linear module of the model (nn.Linear layout: out_features x in_features)."""
+
+    name: str  # e.g. "model.layers.3.self_attn.q_proj"
+    layer: int
+    role: str  # q, k, v, o, up, gate, down, or a fused qkv / gate_up
+    out_features: int
+    in_features: int
+    group: str  # modules with the same group must share a width (e.g. "3.qkv" when a runtime fuses q/k/v)
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    name: str
+    layer: int
+    role: str
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int
+    reason: dict[str, Any]  # why this width: allocator, layer score, rank
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+    def groups(self) -> int:
+        """Quantization groups: each row's in_features split in runs of group_size (the last may be short)."""
+        return self.out_features * math.ceil(self.in_features / self.group_size)
+
+
+@dataclass
+class Plan:
+    """Widths for every quantizable module, with bits accounting; `to_dict`/`load` give versioned JSON."""
+
+    model: str
+    quantizer: str
+    allocator: str
+    budget: float | None  # average weight bits asked for (None for a fixed uniform width)
+    widths: list[int]
+    modules: list[ModulePlan]
+    overhead_bits_per_group: int  # storage of one group's scale and zero point (e.g. 16 + 16)
+    symmetric: bool = False
+    embeddings: str = OUTSIDE_BUDGET
+    nsds_version: str = __version__
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    schema: str = SCHEMA
+
+    @property
+    def params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+    @property
+    def weight_bits(self) -> float:
+        """Average bits per weight over the quantized modules, weights only."""
+        return sum(m.params * m.bits for m in self.modules) / self.params
+
+    @property
+    def storage_bits(self) -> float:
+        """Average bits per weight including each group's scale and zero point."""
+        overhead = sum(m.groups() * self.overhead_bits_per_group for m in self.modules)
+        return self.weight_bits + overhead / self.params
+
+    def layer_bits(self) -> list[float]:
+        """Parameter-weighted average width of each layer."""
+        layers = sorted({m.layer for m in self.modules})
+        return [
+            sum(m.params * m.bits for m in self.modules if m.layer == i)
+            / sum(m.params for m in self.modules if m.layer == i)
+            for i in layers
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "schema"}
+        summary = {"params": self.params, "weight_bits": self.weight_bits, "storage_bits": self.storage_bits}
+        return {"schema": self.schema} | data | {"summary": summary}
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if data.get("schema") != SCHEMA:
+            raise NsdsError(f"unsupported plan schema {data.get('schema')!r}; expected {SCHEMA!r}")
+        fields = {k: v for k, v in data.items() if k != "summary"}
+        return cls(**(fields | {"modules": [ModulePlan(**m) for m in data["modules"]]}))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise NsdsError(f"cannot read plan file '{path}': {err}") from None

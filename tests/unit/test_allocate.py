@@ -1,0 +1,144 @@
+"""Allocators: budgets met from below, feasibility errors, fused groups, parameter weighting, optimality."""
+
+import itertools
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nsds.allocate import Setting, allocate, budgeted, topk, uniform
+from nsds.errors import NsdsError
+from nsds.plan import Module, Plan
+
+
+def layered(layers: int, sizes=((64, 64),), fuse_all=False) -> list[Module]:
+    """`layers` decoder layers, each with modules of the given (out, in) shapes."""
+    return [
+        Module(f"l{i}.m{j}", i, f"r{j}", out, inp, f"{i}" if fuse_all else f"{i}.{j}")
+        for i in range(layers)
+        for j, (out, inp) in enumerate(sizes)
+    ]
+
+
+def setting(budget, widths=(2, 4), **kw) -> Setting:
+    return Setting(budget=budget, widths=widths, group_size=kw.pop("group_size", 64),
+                   overhead_bits_per_group=kw.pop("overhead", 32), quantizer="rtn", model="test", **kw)  # fmt: skip
+
+
+def test_topk_is_the_papers_rule():
+    scores = [0.1 * (i % 7) for i in range(30)]  # ties on purpose
+    plan = topk(layered(30), scores, setting(2.5))
+    high = [m.layer for m in plan.modules if m.bits == 4]
+    assert len(high) == 7 == math.floor(30 * (2.5 - 2) / (4 - 2))  # never over budget, unlike round(7.5)
+    order = sorted(range(30), key=lambda i: (-scores[i], i))
+    assert high == sorted(order[:7])
+    assert plan.weight_bits == pytest.approx((7 * 4 + 23 * 2) / 30) and plan.weight_bits <= 2.5
+    assert topk(layered(30), scores, setting(4.0)).weight_bits == 4.0
+    assert topk(layered(30), scores, setting(2.0)).weight_bits == 2.0
+
+
+@pytest.mark.parametrize("budget", [1.5, 4.01, -1])
+def test_budget_outside_widths_is_an_error(budget):
+    with pytest.raises(NsdsError, match="outside what widths"):
+        topk(layered(4), [0.5] * 4, setting(budget))
+
+
+def test_topk_needs_two_widths_and_matching_scores():
+    with pytest.raises(NsdsError, match="exactly two widths"):
+        topk(layered(4), [0.5] * 4, setting(3, widths=(2, 3, 4)))
+    with pytest.raises(NsdsError, match="3 layer scores"):
+        topk(layered(4), [0.5] * 3, setting(3))
+    with pytest.raises(NsdsError, match="unknown allocator"):
+        allocate("greedy", layered(4), [0.5] * 4, setting(3))
+
+
+def test_parameter_weighting():
+    # Layer 0 is three times as large as layer 1: giving it 4 bits costs three times as much.
+    modules = [Module("big", 0, "r", 192, 64, "0"), Module("small", 1, "r", 64, 64, "1")]
+    plan = topk(modules, [0.9, 0.1], setting(2.5))
+    assert {m.name: m.bits for m in plan.modules} == {"big": 2, "small": 2}  # big alone would give 3.5
+    plan = topk(modules, [0.1, 0.9], setting(2.5))
+    assert {m.name: m.bits for m in plan.modules} == {"big": 2, "small": 4}
+    assert plan.weight_bits == pytest.approx((192 * 2 + 64 * 4) / 256)
+
+
+def test_budget_allocator_fills_the_budget_with_partial_layers():
+    modules = layered(30, sizes=((64, 64), (192, 64)))
+    scores = [i / 30 for i in range(30)]
+    plan = budgeted(modules, scores, setting(2.5))
+    assert plan.weight_bits == pytest.approx(2.5)  # exact: layer-level topk can only reach 2.4667
+    by_module = {m.name: m.bits for m in plan.modules}
+    assert by_module["l29.m1"] == 4 and by_module["l0.m1"] == 2  # most sensitive first
+
+
+def test_fused_groups_share_a_width():
+    modules = layered(8, sizes=((64, 64), (32, 64), (32, 64)), fuse_all=True)
+    plan = budgeted(modules, [0.1 * i for i in range(8)], setting(3.1, widths=(2, 3, 4)))
+    for layer in range(8):
+        assert len({m.bits for m in plan.modules if m.layer == layer}) == 1
+    assert plan.weight_bits <= 3.1
+
+
+def test_storage_budget_counts_scales_and_zeros():
+    modules = layered(10, sizes=((64, 128),))
+    plan = budgeted(modules, [0.5] * 10, setting(3.0, widths=(2, 3, 4), budget_counts="storage"))
+    assert plan.storage_bits <= 3.0 + 1e-9
+    assert plan.storage_bits == pytest.approx(plan.weight_bits + 2 * 32 / 128)
+    with pytest.raises(NsdsError, match="with group overhead"):
+        budgeted(modules, [0.5] * 10, setting(2.2, budget_counts="storage"))
+
+
+def test_uniform_baseline():
+    modules = layered(12)
+    plan = uniform(modules, setting(3.0, widths=(2, 3, 4)))
+    assert {m.bits for m in plan.modules} == {3}
+    plan = uniform(modules, setting(2.5))
+    high = sorted({m.layer for m in plan.modules if m.bits == 4})
+    assert len(high) == 3 and plan.weight_bits == 2.5  # spread over depth, no scores used
+    assert high == [2, 6, 10]
+
+
+def test_plan_bits_accounting_and_json_roundtrip(tmp_path):
+    modules = [Module("a", 0, "q", 576, 576, "0"), Module("b", 1, "q", 576, 576, "1")]
+    plan = topk(modules, [0.2, 0.8], setting(3.0, group_size=128))
+    assert plan.weight_bits == 3.0
+    # 576 inputs in groups of 128: 5 groups per row (the last has 64); 16-bit scale + 16-bit zero each.
+    assert plan.storage_bits == pytest.approx(3.0 + 5 * 32 / 576)
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again.to_dict() == plan.to_dict()
+    assert again.embeddings.startswith("token embedding and output head")
+
+
+def brute_force(modules, scores, s: Setting):
+    """Best assignment by enumeration (tiny instances only)."""
+    groups = sorted({m.group for m in modules})
+    best = None
+    for choice in itertools.product(s.widths, repeat=len(groups)):
+        width = dict(zip(groups, choice, strict=True))
+        cost = sum(m.params * width[m.group] for m in modules)
+        if cost > s.budget * sum(m.params for m in modules) + 1e-9:
+            continue
+        error = sum(scores[m.layer] * m.params * 4.0 ** -width[m.group] for m in modules)
+        if best is None or error < best - 1e-12:
+            best = error
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([16, 32, 48, 96]), min_size=2, max_size=5),
+    scores=st.lists(st.floats(0.01, 0.99), min_size=5, max_size=5),
+    budget=st.floats(2.0, 4.0),
+    widths=st.sampled_from([(2, 4), (2, 3, 4), (2, 3, 4, 8)]),
+)
+def test_budget_allocator_is_optimal_and_never_over_budget(sizes, scores, budget, widths):
+    budget = min(budget, max(widths))
+    modules = [Module(f"m{i}", i, "r", out, 16, str(i)) for i, out in enumerate(sizes)]
+    scores = scores[: len(sizes)]
+    s = setting(budget, widths=widths)
+    plan = budgeted(modules, scores, s)
+    assert plan.weight_bits <= budget + 1e-9
+    error = sum(scores[m.layer] * m.params * 4.0**-m.bits for m in plan.modules)
+    assert error == pytest.approx(brute_force(modules, scores, s), rel=1e-9)
