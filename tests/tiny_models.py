@@ -112,3 +112,21 @@ def expected_roles(model, model_type: str, i: int) -> dict[str, torch.Tensor]:
                 "o": att.o_proj.weight, "up": up, "gate": gate, "down": mlp.down_proj.weight}  # fmt: skip
     return {"q": att.q_proj.weight, "k": att.k_proj.weight, "v": att.v_proj.weight, "o": att.o_proj.weight,
             "up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight}  # fmt: skip
+
+
+def save_tiny_tokenizer(
+    folder, text: str = "The quick brown fox jumps over the lazy dog. ", vocab_size: int = 300, add_bos: bool = False
+) -> None:
+    """A byte-level BPE trained on `text`, saved as a transformers tokenizer (no hub needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>"])  # fmt: skip
+    tokenizer.train_from_iterator([text * 20], trainer)
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<s>").save_pretrained(folder)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nsds.errors import NsdsError
-from nsds.plan import Module, ModulePlan, Plan
+from nsds.plan import Module, ModulePlan, Plan, quantization_groups
 from nsds.scores import ranking
 
 ALLOCATORS = ("topk", "budget", "uniform")
@@ -33,6 +33,7 @@ class Setting:
     model: str
     symmetric: bool = False
     budget_counts: str = "weights"  # "weights": the paper's bits per weight; "storage": with scales/zeros
+    grouping: str = "row"  # the quantizer's group layout (see ModulePlan.groups)
 
 
 def check_setting(setting: Setting) -> tuple[int, ...]:
@@ -54,8 +55,14 @@ def check_setting(setting: Setting) -> tuple[int, ...]:
     return widths
 
 
-def _plan(modules: Sequence[Module], bits: dict[str, int], reasons: dict[str, dict], setting: Setting,
-          allocator: str, widths: tuple[int, ...]) -> Plan:  # fmt: skip
+def _plan(
+    modules: Sequence[Module],
+    bits: dict[str, int],
+    reasons: dict[str, dict],
+    setting: Setting,
+    allocator: str,
+    widths: tuple[int, ...],
+) -> Plan:
     return Plan(
         model=setting.model,
         quantizer=setting.quantizer,
@@ -76,17 +83,17 @@ def _plan(modules: Sequence[Module], bits: dict[str, int], reasons: dict[str, di
             for m in modules
         ],
         overhead_bits_per_group=setting.overhead_bits_per_group,
+        grouping=setting.grouping,
         symmetric=setting.symmetric,
     )
 
 
-def _cost(module: Module, width: int, setting: Setting) -> float:
+def _cost(module: Module, width: int, setting: Setting) -> int:
     """Bits a module costs at `width` under the setting's budget measure."""
     bits = module.params * width
     if setting.budget_counts == "storage":
-        bits += (
-            module.out_features * math.ceil(module.in_features / setting.group_size) * (setting.overhead_bits_per_group)
-        )
+        groups = quantization_groups(module.out_features, module.in_features, setting.group_size, setting.grouping)
+        bits += groups * setting.overhead_bits_per_group
     return bits
 
 

@@ -43,12 +43,89 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--soft-or", default="geometric", choices=["geometric", "product"])
     score.add_argument("--top", type=int, default=10, help="rows of the ranked table to print (0: all)")
 
+    run = commands.add_parser("run", help="score, allocate, quantize and evaluate a model (the main job)")
+    run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for score (default: {DEFAULT_MODEL})")
+    run.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder or hub repo")
+    run.add_argument("--budget", type=float, default=3.0, help="average bits per weight (default: 3.0)")
+    run.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths, e.g. 2,4 or 2,3,4")
+    run.add_argument("--quantizer", default="rtn", help="rtn or hqq (default: rtn)")
+    run.add_argument("--group-size", type=int, default=128, help="weights per quantization group (default: 128)")
+    run.add_argument(
+        "--allocator",
+        default="auto",
+        choices=["auto", "topk", "budget"],
+        help="topk: the paper's rule (two widths); budget: any widths, exact budget; auto picks",
+    )
+    run.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
+    run.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
+    run.add_argument(
+        "--budget-counts",
+        default="weights",
+        choices=["weights", "storage"],
+        help="what the budget counts: weight bits (paper) or storage with scales/zeros",
+    )
+    run.add_argument("--text", default="brown", help="brown (offline), wikitext2, c4, or a text file")
+    run.add_argument("--tokens", type=int, default=8192, help="scored tokens for perplexity (default: 8192)")
+    run.add_argument("--window", type=int, help="tokens per window (default: 512 offline, 2048 hub texts)")
+    run.add_argument("--tasks", type=_str_list, default=(), help="lm-eval zero-shot tasks, e.g. arc_easy,piqa")
+    run.add_argument("--task-limit", type=int, help="examples per task (lm-eval --limit)")
+    run.add_argument("--out", type=Path, default=Path("nsds-run"), help="output folder (default: nsds-run)")
+    run.add_argument("--save", type=Path, help="also save the HQQ-quantized model in HQQ's format here")
+    run.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+
     assets = commands.add_parser("assets", help="fetch or list the offline models and text")
     verbs = assets.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     fetch = verbs.add_parser("fetch", help="download and verify assets into the cache (idempotent)")
     fetch.add_argument("names", nargs="*", help="assets to fetch (default: all)")
     verbs.add_parser("list", help="show the assets and whether they are cached")
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _run(args: argparse.Namespace) -> None:
+    from nsds.pipeline import RunConfig, run
+
+    config = RunConfig(
+        model=args.model,
+        gguf_file=args.gguf_file,
+        budget=args.budget,
+        widths=args.widths,
+        quantizer=args.quantizer,
+        group_size=args.group_size,
+        allocator=args.allocator,
+        symmetric=args.symmetric,
+        fuse=not args.no_fuse,
+        budget_counts=args.budget_counts,
+        text=args.text,
+        tokens=args.tokens,
+        window=args.window,
+        tasks=args.tasks,
+        task_limit=args.task_limit,
+        out=args.out,
+        save=args.save,
+        device=args.device,
+    )
+    results = run(config)
+    print(results["protocol"]["description"])
+    print(f"{'plan':<10} {'allocator':<9} {'bits':>6} {'storage':>8} {'PPL':>9} {'time':>7}")
+    for e in results["evaluations"]:
+        bits = f"{e['weight_bits']:>6.3f} {e['storage_bits']:>8.3f}" if "weight_bits" in e else f"{'-':>6} {'-':>8}"
+        print(f"{e['label']:<10} {e['allocator'] or '-':<9} {bits} {e['ppl']:>9.3f} {e['seconds']:>6.1f}s")
+        for task, metrics in e["zero_shot"].items():
+            print(f"{'':<10} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"wrote {args.out}/: plan.json, plan-uniform.json, scores.json, results.json, report.md, scores.png, ppl.png")
+    if args.save:
+        print(f"saved the HQQ model to {args.save}")
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -109,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache:
         os.environ["NSDS_CACHE"] = str(args.cache)
     try:
-        {"score": _score, "assets": _assets}[args.command](args)
+        {"score": _score, "run": _run, "assets": _assets}[args.command](args)
     except NsdsError as err:
         print(f"nsds: error: {err}", file=sys.stderr)
         return 2

@@ -52,9 +52,16 @@ class ModulePlan:
     def params(self) -> int:
         return self.out_features * self.in_features
 
-    def groups(self) -> int:
-        """Quantization groups: each row's in_features split in runs of group_size (the last may be short)."""
-        return self.out_features * math.ceil(self.in_features / self.group_size)
+    def groups(self, grouping: str = "row") -> int:
+        """Quantization groups. "row": each row's in_features in runs of group_size (the last may be short);
+        "flat": runs of group_size over the row-major weights (HQQ's layout; rows may share a group)."""
+        return quantization_groups(self.out_features, self.in_features, self.group_size, grouping)
+
+
+def quantization_groups(out_features: int, in_features: int, group_size: int, grouping: str) -> int:
+    if grouping == "flat":
+        return math.ceil(out_features * in_features / group_size)
+    return out_features * math.ceil(in_features / group_size)
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Plan:
     widths: list[int]
     modules: list[ModulePlan]
     overhead_bits_per_group: int  # storage of one group's scale and zero point (e.g. 16 + 16)
+    grouping: str = "row"  # how groups are laid out (see ModulePlan.groups)
     symmetric: bool = False
     embeddings: str = OUTSIDE_BUDGET
     nsds_version: str = __version__
@@ -86,7 +94,7 @@ class Plan:
     @property
     def storage_bits(self) -> float:
         """Average bits per weight including each group's scale and zero point."""
-        overhead = sum(m.groups() * self.overhead_bits_per_group for m in self.modules)
+        overhead = sum(m.groups(self.grouping) * self.overhead_bits_per_group for m in self.modules)
         return self.weight_bits + overhead / self.params
 
     def layer_bits(self) -> list[float]:

@@ -95,3 +95,39 @@ def test_cli_scores_smollm2_by_asset_name(smollm2_gguf, tmp_path):
     assert len(data["model"]["files"][0]["sha256"]) == 64
     top = data["ranking"][0]
     assert f"   1 {top:>5}" in result.stdout
+
+
+def test_hqq_and_rtn_on_real_smollm2_modules(smollm2_hf):
+    """HQQ runs on the CPU for SmolLM2 (576 inputs; groups of 64) and, being optimised, beats RTN."""
+    from nsds.quantize import get_quantizer
+
+    for name in ("model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj"):
+        weight = smollm2_hf.get_submodule(name).weight.detach()
+        errors = {}
+        for quantizer in ("rtn", "hqq"):
+            for bits in (2, 3, 4):
+                out = get_quantizer(quantizer).fake_quantize(weight, bits, 64, symmetric=False)
+                assert out.shape == weight.shape and bool(torch.isfinite(out).all())
+                errors[quantizer, bits] = float((out - weight).pow(2).sum() / weight.pow(2).sum())
+        for quantizer in ("rtn", "hqq"):
+            assert errors[quantizer, 2] > errors[quantizer, 3] > errors[quantizer, 4]
+        for bits in (2, 3, 4):
+            assert errors["hqq", bits] < errors["rtn", bits], (name, bits, errors)
+
+
+def test_nsds_run_on_smollm2_offline(smollm2_gguf, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "nsds", "run", "--budget", "3.5", "--tokens", "1022", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    reference, nsds, uniform = results["evaluations"]
+    assert results["protocol"]["windows"] == 2 and results["protocol"]["bos_prefix"] is False
+    assert 25 < reference["ppl"] < 60  # PROTOCOL.md: ~39 on Brown with 512-token windows
+    assert nsds["ppl"] > reference["ppl"] and uniform["ppl"] > reference["ppl"]
+    assert nsds["weight_bits"] <= 3.5 and uniform["weight_bits"] <= 3.5
+    assert {"plan.json", "report.md", "scores.png", "ppl.png"} <= {p.name for p in out.iterdir()}
+    assert "nsds" in result.stdout and "uniform" in result.stdout

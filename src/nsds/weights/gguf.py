@@ -24,14 +24,35 @@ from nsds.weights.base import WeightSource
 
 _ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 # GGUF architectures whose llama.cpp layout nsds knows how to undo, and their transformers model_type.
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-               "gemma3": "gemma3_text", "phi3": "phi3", "gpt2": "gpt2"}  # fmt: skip
+MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+}
 _GPT2_CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 _V = gguf.GGUFValueType
-_SCALARS = {_V.UINT8: "B", _V.INT8: "b", _V.UINT16: "H", _V.INT16: "h", _V.UINT32: "I", _V.INT32: "i",
-            _V.FLOAT32: "f", _V.BOOL: "?", _V.UINT64: "Q", _V.INT64: "q", _V.FLOAT64: "d"}  # fmt: skip
-_PLAIN = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
-          gguf.GGMLQuantizationType.F64: np.float64}  # fmt: skip
+_SCALARS = {
+    _V.UINT8: "B",
+    _V.INT8: "b",
+    _V.UINT16: "H",
+    _V.INT16: "h",
+    _V.UINT32: "I",
+    _V.INT32: "i",
+    _V.FLOAT32: "f",
+    _V.BOOL: "?",
+    _V.UINT64: "Q",
+    _V.INT64: "q",
+    _V.FLOAT64: "d",
+}
+_PLAIN = {
+    gguf.GGMLQuantizationType.F32: np.float32,
+    gguf.GGMLQuantizationType.F16: np.float16,
+    gguf.GGMLQuantizationType.F64: np.float64,
+}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """An in-memory transformers model as a weight source (e.g. to score the model one is evaluating)."""
 
+from pathlib import Path
+
 import torch
 
 from nsds.arch import family_of
@@ -11,11 +13,11 @@ class ModuleSource(WeightSource):
 
     kind = "module"
 
-    def __init__(self, model: torch.nn.Module, model_id: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, model_id: str | None = None, files: list[Path] | None = None) -> None:
         self.config = model.config
         family_of(self.config.model_type)
         self.model_id = model_id or getattr(self.config, "_name_or_path", "") or type(model).__name__
-        self.files = []
+        self.files = list(files or [])  # the files it was loaded from, for provenance
         self._state = model.state_dict()
 
     def names(self) -> set[str]:

@@ -1,0 +1,1 @@
+"""Evaluation of (fake-)quantized models: perplexity on real text, zero-shot tasks."""

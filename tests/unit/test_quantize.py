@@ -1,0 +1,95 @@
+"""Quantizers: RTN against a plain loop, HQQ as HQQLinear stores it, plans applied and undone."""
+
+import pytest
+import torch
+
+from nsds import arch
+from nsds.allocate import Setting, topk
+from nsds.errors import NsdsError
+from nsds.quantize import Pristine, apply_plan, get_quantizer
+from nsds.quantize.rtn import rtn
+
+from tiny_models import tiny_model
+
+
+def rtn_by_hand(weight: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest written as a loop over rows and groups, scalar by scalar."""
+    out = torch.empty_like(weight)
+    top = 2**bits - 1
+    for r in range(weight.shape[0]):
+        for start in range(0, weight.shape[1], group):
+            g = weight[r, start : start + group].tolist()
+            if symmetric:
+                scale = 2 * max(abs(x) for x in g) / top
+                zero = 2 ** (bits - 1)
+            else:
+                scale = (max(g) - min(g)) / top
+                zero = round(-min(g) / scale) if scale > 0 else 0
+            scale = scale if scale > 0 else 1.0
+            for j, x in enumerate(g):
+                q = min(max(round(x / scale) + zero, 0), top)
+                out[r, start + j] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize(("features", "group"), [(576, 128), (64, 64), (70, 16)])  # 576 % 128 != 0
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_matches_the_plain_loop(features, group, bits, symmetric):
+    torch.manual_seed(bits)
+    weight = torch.randn(6, features, dtype=torch.float64) * 0.05
+    got = rtn(weight, bits, group, symmetric)
+    expected = rtn_by_hand(weight, bits, group, symmetric)
+    assert torch.allclose(got, expected, atol=1e-6)
+    levels = {round(v, 5) for v in (got[0, :group] / ((got[0, :group].max() - got[0, :group].min()) or 1)).tolist()}
+    assert len(levels) <= 2**bits
+
+
+def test_rtn_keeps_constant_groups_and_dtype():
+    weight = torch.full((3, 32), 0.25, dtype=torch.bfloat16)
+    out = rtn(weight, 2, 16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, weight)
+
+
+def test_hqq_fake_quant_is_what_hqqlinear_stores():
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    for bits in (2, 3, 4):
+        fake = get_quantizer("hqq").fake_quantize(linear.weight.detach(), bits, 32, symmetric=False)
+        stored = HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=32, axis=1), compute_dtype=torch.float32,
+                           device="cpu", del_orig=False).dequantize()  # fmt: skip
+        assert torch.allclose(fake, stored.reshape(48, 96), atol=1e-6), bits
+        weight = linear.weight.detach()
+        error = (fake - weight).pow(2).mean() / weight.pow(2).mean()
+        assert 0 < float(error) < {2: 0.3, 3: 0.06, 4: 0.015}[bits]
+
+
+def test_quantizer_checks():
+    with pytest.raises(NsdsError, match="unknown quantizer 'gptq'"):
+        get_quantizer("gptq")
+    with pytest.raises(NsdsError, match=r"does not support width\(s\) \[7\]"):
+        get_quantizer("hqq").check([2, 7], symmetric=False)
+    with pytest.raises(NsdsError, match="asymmetric by construction"):
+        get_quantizer("hqq").check([2, 4], symmetric=True)
+    with pytest.raises(NsdsError, match="multiple of 8"):
+        get_quantizer("hqq").fake_quantize(torch.randn(4, 20), 2, 20, symmetric=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_apply_plan_and_restore(model_type):
+    model = tiny_model(model_type)
+    modules = arch.linear_modules(model)
+    before = {m.name: model.get_submodule(m.name).weight.detach().clone() for m in modules}
+    plan = topk(modules, [0.9, 0.1, 0.5, 0.2], Setting(3.0, (2, 4), 16, 32, "rtn", "tiny"))
+    pristine = Pristine(model, [m.name for m in modules])
+    apply_plan(model, plan, pristine, get_quantizer("rtn"))
+    conv1d = model_type == "gpt2"
+    for m in plan.modules:
+        weight = model.get_submodule(m.name).weight.detach()
+        original = before[m.name].T if conv1d else before[m.name]
+        expected = rtn(original, m.bits, 16)
+        assert torch.equal(weight.T if conv1d else weight, expected), m.name
+    pristine.restore(model)
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in before.items())

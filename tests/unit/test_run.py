@@ -1,0 +1,85 @@
+"""`nsds run` end to end on a tiny real model (safetensors folder + tokenizer + a local text file)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nsds.pipeline import RunConfig, run
+
+from tiny_models import save_tiny_tokenizer, tiny_model
+
+TEXT = "The quick brown fox jumps over the lazy dog. A lazy dog sleeps while the quick fox runs. " * 30
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-run")
+    model = tiny_model("llama", vocab_size=300)
+    model.save_pretrained(folder)
+    save_tiny_tokenizer(folder, TEXT)
+    text = folder / "text.txt"
+    text.write_text(TEXT)
+    return folder, text
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "hqq"])
+def test_run_writes_every_output(tiny_run, tmp_path, quantizer):
+    folder, text = tiny_run
+    out = tmp_path / "out"
+    save = tmp_path / "hqq-model" if quantizer == "hqq" else None
+    results = run(RunConfig(model=str(folder), budget=2.5, quantizer=quantizer, group_size=32, text=str(text),
+                            tokens=200, window=32, out=out, save=save, device="cpu"))  # fmt: skip
+    files = {p.name for p in out.iterdir()}
+    assert files == {"plan.json", "plan-uniform.json", "scores.json", "results.json", "report.md", "scores.png",
+                     "ppl.png"}  # fmt: skip
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["schema"] == "nsds.results/1" == results["schema"]
+    labels = [e["label"] for e in saved["evaluations"]]
+    assert labels == ["reference", "nsds", "uniform"]
+    for e in saved["evaluations"][1:]:
+        assert e["weight_bits"] <= 2.5 and e["storage_bits"] > e["weight_bits"] and e["ppl"] > 0
+    assert saved["protocol"]["windows"] == 200 // 31
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["quantizer"] == quantizer and plan["allocator"] == "topk"
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    if save is not None:
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        reloaded = AutoHQQHFModel.from_quantized(str(save), device="cpu", compute_dtype=torch.float32)
+        first = plan["modules"][0]
+        layer = reloaded.get_submodule(first["name"])
+        assert type(layer).__name__ == "HQQLinear" and layer.meta["nbits"] == first["bits"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nsds", "run", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget", "4.5"], "outside what widths"),
+        (["--quantizer", "awq"], "unknown quantizer 'awq'"),
+        (["--quantizer", "hqq", "--widths", "2,7"], "does not support width(s) [7]"),
+        (["--widths", "2,x"], "expected comma-separated integers"),
+        (["--text", "{empty}"], "is empty"),
+        (["--text", "{short}"], "fewer than one window"),
+        (["--save", "{out}/m"], "--save writes HQQ's format"),
+        (["--allocator", "topk", "--widths", "2,3,4"], "exactly two widths"),
+        (["--tasks", "arc_easy"], "need lm-evaluation-harness"),
+        (["--text", "wikitext2"], "wikitext2"),
+    ],
+)
+def test_run_bad_input_is_one_line_exit_2_and_no_output(tiny_run, tmp_path, extra, message):
+    folder, _ = tiny_run
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("The fox.")
+    out = tmp_path / "out"
+    extra = [a.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt", out=tmp_path) for a in extra]
+    result = run_cli(str(folder), "--out", str(out), "--tokens", "100", "--window", "64", *extra)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not out.exists()
