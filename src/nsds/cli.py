@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from nsds import __version__
@@ -95,26 +96,8 @@ def _str_list(text: str) -> tuple[str, ...]:
 def _run(args: argparse.Namespace) -> None:
     from nsds.pipeline import RunConfig, run
 
-    config = RunConfig(
-        model=args.model,
-        gguf_file=args.gguf_file,
-        budget=args.budget,
-        widths=args.widths,
-        quantizer=args.quantizer,
-        group_size=args.group_size,
-        allocator=args.allocator,
-        symmetric=args.symmetric,
-        fuse=not args.no_fuse,
-        budget_counts=args.budget_counts,
-        text=args.text,
-        tokens=args.tokens,
-        window=args.window,
-        tasks=args.tasks,
-        task_limit=args.task_limit,
-        out=args.out,
-        save=args.save,
-        device=args.device,
-    )
+    names = {f.name for f in fields(RunConfig)} - {"fuse"}
+    config = RunConfig(**{name: getattr(args, name) for name in names}, fuse=not args.no_fuse)
     results = run(config)
     print(results["protocol"]["description"])
     print(f"{'plan':<10} {'allocator':<9} {'bits':>6} {'storage':>8} {'PPL':>9} {'time':>7}")
