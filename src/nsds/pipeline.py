@@ -20,10 +20,10 @@ from nsds.errors import NsdsError
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import default_window, load_text, token_windows
-from nsds.files import write_json
+from nsds.files import write_bytes, write_json
 from nsds.plan import Plan
 from nsds.quantize import Pristine, Quantizer, apply_plan, get_quantizer
-from nsds.scorers.nsds import score
+from nsds.scorers.nsds import Compute, score
 from nsds.weights import ModuleSource, open_source
 
 RESULTS_SCHEMA = "nsds.results/1"
@@ -152,15 +152,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     text = load_text(cfg.text)
     device = _device(cfg.device)
     with open_source(cfg.model, cfg.gguf_file) as source:  # checks the architecture before the long load
-        path = source.files[0] if source.kind == "gguf" else source.folder
-        files = source.files
+        path, files = source.location, source.files
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(path)
     windows, protocol = token_windows(tokenizer, text, cfg.text, cfg.window or default_window(cfg.text), cfg.tokens)
     model = load_model(path, device)
     load_seconds = time.perf_counter() - start
-    scores = score(ModuleSource(model, model_id=cfg.model, files=files))
+    scores = score(ModuleSource(model, model_id=cfg.model, files=files), compute=Compute.choose(device))
     modules = arch.linear_modules(model, fuse=cfg.fuse)
     setting = _setting(cfg, quantizer, cfg.model)
     plans = {
@@ -196,12 +195,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         _save_hqq(model, plans["nsds"], pristine, cfg.save)
     cfg.out.mkdir(parents=True, exist_ok=True)
     for name, png in figures.items():
-        _write_bytes(cfg.out / name, png)
+        write_bytes(cfg.out / name, png)
     plans["nsds"].save(cfg.out / "plan.json")
     plans["uniform"].save(cfg.out / "plan-uniform.json")
     scores.save(cfg.out / "scores.json")
     write_json(cfg.out / "results.json", results)
-    _write_bytes(cfg.out / "report.md", report.encode())
+    write_bytes(cfg.out / "report.md", report.encode())
     return results
 
 
@@ -212,12 +211,6 @@ def _evaluate(model, tokenizer, plan: Plan | None, label: str, windows: torch.Te
     ppl = perplexity(model, windows, desc=f"perplexity ({label})")
     tasks = zero_shot(model, tokenizer, list(cfg.tasks), cfg.task_limit) if cfg.tasks else {}
     return Evaluation(label, plan, ppl, time.perf_counter() - start, tasks)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    from nsds.files import atomic_write
-
-    atomic_write(path, lambda handle: handle.write(data))
 
 
 def _save_hqq(model: torch.nn.Module, plan: Plan, pristine: Pristine, target: Path) -> None:

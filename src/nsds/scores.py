@@ -1,7 +1,7 @@
 """The score report: every intermediate of a scorer's run, as versioned JSON (schema in the README)."""
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class ScoreReport:
     timing: dict[str, float]  # seconds: read (I/O + dequantize, overlapped with compute) and total
     unembedding_rank: int | None = None
     schema: str = SCHEMA
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scores(self) -> list[float]:

@@ -29,7 +29,8 @@ def test_brown_text_from_tarball(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    assert assets.brown_text_from_tarball(archive) == "A one. Again.\n\nB two.\n"
+    with archive.open("rb") as handle:
+        assert assets.brown_text_from_tarball(handle) == "A one. Again.\n\nB two.\n"
 
 
 def test_missing_asset_says_how_to_fetch(tmp_path):

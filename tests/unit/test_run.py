@@ -62,6 +62,7 @@ def run_cli(*args):
     ("extra", "message"),
     [
         (["--budget", "4.5"], "outside what widths"),
+        (["--no-budget"], "the following arguments are required: --budget"),
         (["--quantizer", "awq"], "unknown quantizer 'awq'"),
         (["--quantizer", "hqq", "--widths", "2,7"], "does not support width(s) [7]"),
         (["--widths", "2,x"], "expected comma-separated integers"),
@@ -79,7 +80,9 @@ def test_run_bad_input_is_one_line_exit_2_and_no_output(tiny_run, tmp_path, extr
     (tmp_path / "short.txt").write_text("The fox.")
     out = tmp_path / "out"
     extra = [a.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt", out=tmp_path) for a in extra]
-    result = run_cli(str(folder), "--out", str(out), "--tokens", "100", "--window", "64", *extra)
+    budget = [] if extra == ["--no-budget"] else ["--budget", "3"]  # a later --budget overrides this one
+    extra = [a for a in extra if a != "--no-budget"]
+    result = run_cli(str(folder), "--out", str(out), "--tokens", "100", "--window", "64", *budget, *extra)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not out.exists()

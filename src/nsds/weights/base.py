@@ -19,6 +19,7 @@ class WeightSource(ABC):
     config: Any  # transformers.PretrainedConfig
     model_id: str
     files: list[Path]
+    location: Path | None  # what transformers would load: the model folder or the GGUF file
 
     @abstractmethod
     def names(self) -> set[str]:

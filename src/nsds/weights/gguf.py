@@ -158,7 +158,7 @@ class GGUFSource(WeightSource):
     kind = "gguf"
 
     def __init__(self, path: Path, model_id: str | None = None) -> None:
-        self.path = Path(path)
+        self.path = self.location = Path(path)
         self.files = [self.path]
         try:
             self._header = _Header(self.path)

@@ -18,6 +18,7 @@ class ModuleSource(WeightSource):
         family_of(self.config.model_type)
         self.model_id = model_id or getattr(self.config, "_name_or_path", "") or type(model).__name__
         self.files = list(files or [])  # the files it was loaded from, for provenance
+        self.location = None
         self._state = model.state_dict()
 
     def names(self) -> set[str]:

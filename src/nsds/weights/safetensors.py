@@ -42,7 +42,7 @@ class SafetensorsSource(WeightSource):
     kind = "safetensors"
 
     def __init__(self, folder: Path, model_id: str | None = None) -> None:
-        self.folder = Path(folder)
+        self.folder = self.location = Path(folder)
         self.config = read_config(self.folder)
         self.model_id = model_id or str(self.folder)
         self._handles: dict[str, object] = {}
