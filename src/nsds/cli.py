@@ -165,6 +165,10 @@ def _assets(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # No progress bars in logs, ours or the libraries' (transformers' GGUF loader uses plain tqdm).
+        # tqdm reads this when it is imported, so it is set before any command imports it.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     args = _build_parser().parse_args(argv)
     if args.cache:
         os.environ["NSDS_CACHE"] = str(args.cache)

@@ -5,7 +5,6 @@ plan, the uniform baseline at the same budget) is applied to a fresh copy of the
 costs one load.
 """
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -75,10 +74,6 @@ class Evaluation:
 
 def _pretrained(loader, path: Path, what: str):
     """transformers' from_pretrained on a folder or a GGUF file, with its errors as one line."""
-    from transformers.utils import logging
-
-    if not sys.stderr.isatty():
-        logging.disable_progress_bar()  # like ours: no bars in logs
     folder, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
     try:
         return loader(folder, **extra)
