@@ -11,6 +11,8 @@ from typing import IO, Any
 
 from platformdirs import user_cache_dir
 
+from nsds.errors import NsdsError
+
 
 def cache_dir() -> Path:
     """nsds's cache folder: $NSDS_CACHE if set, else the user's cache dir."""
@@ -42,6 +44,17 @@ def write_bytes(path: Path, data: bytes) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Atomically write `data` as indented UTF-8 JSON."""
     write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
+
+
+def read_document(path: Path, schema: str, what: str, build: Callable[[dict], Any]) -> Any:
+    """Read a versioned JSON document (plan, scores) and build it, as one clear error if anything is off."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.get("schema") != schema:
+            raise ValueError(f"schema {data.get('schema')!r}, expected {schema!r}")
+        return build(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise NsdsError(f"cannot read {what} file '{path}': {err}") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -6,7 +6,6 @@ including each group's scale and zero point. Token embedding and output head are
 (they keep the checkpoint's precision) and the plan says so.
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -14,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nsds import __version__
-from nsds.errors import NsdsError
-from nsds.files import write_json
+from nsds.files import read_document, write_json
 
 SCHEMA = "nsds.plan/1"
 OUTSIDE_BUDGET = "token embedding and output head keep the checkpoint's precision and are outside the budget"
@@ -116,14 +114,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        if data.get("schema") != SCHEMA:
-            raise NsdsError(f"unsupported plan schema {data.get('schema')!r}; expected {SCHEMA!r}")
         fields = {k: v for k, v in data.items() if k != "summary"}
         return cls(**(fields | {"modules": [ModulePlan(**m) for m in data["modules"]]}))
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise NsdsError(f"cannot read plan file '{path}': {err}") from None
+        return read_document(path, SCHEMA, "plan", cls.from_dict)

@@ -1,12 +1,10 @@
 """The score report: every intermediate of a scorer's run, as versioned JSON (schema in the README)."""
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nsds.errors import NsdsError
-from nsds.files import write_json
+from nsds.files import read_document, write_json
 
 SCHEMA = "nsds.scores/1"
 
@@ -61,8 +59,6 @@ class ScoreReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScoreReport":
-        if data.get("schema") != SCHEMA:
-            raise NsdsError(f"unsupported score file schema {data.get('schema')!r}; expected {SCHEMA!r}")
         layers = [
             LayerScore(**(layer | {"roles": {r: RoleScore(**v) for r, v in layer["roles"].items()}}))
             for layer in data["layers"]
@@ -71,10 +67,7 @@ class ScoreReport:
 
     @classmethod
     def load(cls, path: Path) -> "ScoreReport":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise NsdsError(f"cannot read score file '{path}': {err}") from None
+        return read_document(path, SCHEMA, "score", cls.from_dict)
 
 
 def ranking(scores: list[float]) -> list[int]:

@@ -109,6 +109,9 @@ def test_plan_bits_accounting_and_json_roundtrip(tmp_path):
     again = Plan.load(tmp_path / "plan.json")
     assert again.to_dict() == plan.to_dict()
     assert again.embeddings.startswith("token embedding and output head")
+    (tmp_path / "other.json").write_text('{"schema": "nsds.scores/1"}')
+    with pytest.raises(NsdsError, match=r"cannot read plan file .*expected 'nsds\.plan/1'"):
+        Plan.load(tmp_path / "other.json")
 
 
 def brute_force(modules, scores, s: Setting):
