@@ -136,7 +136,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     quantizer = get_quantizer(cfg.quantizer)
     quantizer.check(list(cfg.widths), cfg.symmetric)
-    check_setting(_setting(cfg, quantizer, cfg.model))
+    setting = _setting(cfg, quantizer, cfg.model)
+    check_setting(setting)
     allocator = cfg.allocator if cfg.allocator != "auto" else ("topk" if len(set(cfg.widths)) == 2 else "budget")
     if cfg.tokens < 1:
         raise NsdsError(f"--tokens must be positive, got {cfg.tokens}")
@@ -156,7 +157,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     load_seconds = time.perf_counter() - start
     scores = score(ModuleSource(model, model_id=cfg.model, files=files), compute=Compute.choose(device))
     modules = arch.linear_modules(model, fuse=cfg.fuse)
-    setting = _setting(cfg, quantizer, cfg.model)
     plans = {
         "nsds": allocate(allocator, modules, scores.scores, setting),
         "uniform": allocate("uniform", modules, None, _uniform_setting(setting, quantizer)),
