@@ -15,7 +15,7 @@ import torch
 
 from nsds import __version__, arch
 from nsds.allocate import Setting, allocate, check_setting
-from nsds.errors import NsdsError
+from nsds.errors import NsdsError, first_line
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import default_window, load_text, token_windows
@@ -78,7 +78,7 @@ def _pretrained(loader, path: Path, what: str):
     try:
         return loader(folder, **extra)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise NsdsError(f"transformers cannot load the {what} in '{path}': {str(err).splitlines()[0]}") from None
+        raise NsdsError(f"transformers cannot load the {what} in '{path}': {first_line(err)}") from None
 
 
 def load_tokenizer(path: Path):
@@ -95,14 +95,6 @@ def load_model(path: Path, device: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
 
     return _pretrained(loader, path, "model").eval().to(device)
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NsdsError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return name
 
 
 def _setting(cfg: RunConfig, quantizer: Quantizer, model_id: str) -> Setting:
@@ -146,16 +138,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.tasks:
         require_lm_eval()
     text = load_text(cfg.text)
-    device = _device(cfg.device)
+    compute = Compute.choose(cfg.device)  # the scorer's device is the model's
     with open_source(cfg.model, cfg.gguf_file) as source:  # checks the architecture before the long load
         path, files = source.location, source.files
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(path)
     windows, protocol = token_windows(tokenizer, text, cfg.text, cfg.window or default_window(cfg.text), cfg.tokens)
-    model = load_model(path, device)
+    model = load_model(path, compute.device)
     load_seconds = time.perf_counter() - start
-    scores = score(ModuleSource(model, model_id=cfg.model, files=files), compute=Compute.choose(device))
+    scores = score(ModuleSource(model, model_id=cfg.model, files=files), compute=compute)
     modules = arch.linear_modules(model, fuse=cfg.fuse)
     plans = {
         "nsds": allocate(allocator, modules, scores.scores, setting),

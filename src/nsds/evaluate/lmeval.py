@@ -6,7 +6,7 @@ package) this says so in one line instead of failing deep inside it.
 
 import importlib.util
 
-from nsds.errors import NsdsError
+from nsds.errors import NsdsError, first_line
 
 
 def require() -> None:
@@ -25,7 +25,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, limit=limit)
     except Exception as err:  # dataset download failures surface as many exception types
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise NsdsError(
             f"lm-evaluation-harness could not run {', '.join(tasks)} ({reason}); its datasets come from the "
             "Hugging Face Hub and need a network"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from nsds import assets
-from nsds.errors import NsdsError
+from nsds.errors import NsdsError, first_line
 
 HUB_TEXTS = ("wikitext2", "c4")
 
@@ -70,7 +70,7 @@ def _hub_text(name: str) -> str:
         documents = datasets.load_dataset("allenai/c4", data_files=shard, split="validation")
         return " ".join(documents[:1100]["text"])
     except Exception as err:  # network, hub and cache errors all mean the text cannot be had here
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise NsdsError(f"cannot get '{name}' from the Hugging Face Hub ({reason}); use --text brown offline") from None
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from nsds.errors import NsdsError
+from nsds.errors import NsdsError, first_line
 
 _WEIGHT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
 
@@ -16,7 +16,7 @@ def download(repo_id: str, gguf_file: str | None = None) -> Path:
             return Path(hf_hub_download(repo_id, gguf_file))
         return Path(snapshot_download(repo_id, allow_patterns=_WEIGHT_FILES))
     except Exception as err:  # network, auth and not-found errors all mean the same thing to the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise NsdsError(
             f"'{repo_id}' is not a local path and could not be fetched from the Hugging Face Hub ({reason}); "
             "pass a local model folder or GGUF file"
