@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from nsds.metrics.spectra import (
 from nsds.progress import progress
 from nsds.scores import LayerScore, RoleScore, ScoreReport, ranking
 from nsds.weights.base import WeightSource
+
+if TYPE_CHECKING:
+    from nsds.scorers import Subject
 
 ROLES = ("qk", "ov", "up", "gate", "down")
 
@@ -162,10 +166,13 @@ def _readout(unembedding: torch.Tensor, energy: float, compute: Compute) -> tupl
 def aggregate(raw: list[dict[str, RawRole]], params: NsdsParams) -> list[LayerScore]:
     """MAD-Sigmoid each role's NV and SE over layers, Soft-OR over roles, then Soft-OR the two aspects.
 
+    The roles are whatever `raw` holds (the five NSDS roles, or plain matrices for the ablation that
+    collapses roles), listed in NSDS order first.
+
     A role absent from the architecture, or all zero over layers for an aspect, is left out of that
     aspect's Soft-OR; an aspect with no informative role is neutral (0.5).
     """
-    present = [r for r in ROLES if r in raw[0]]
+    present = sorted(raw[0], key=lambda r: ROLES.index(r) if r in ROLES else len(ROLES))
     layers = len(raw)
     probs: dict[str, dict[str, np.ndarray | None]] = {"nv": {}, "se": {}}
     for aspect in probs:
@@ -355,3 +362,23 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
         timing={"read_s": read.seconds, "total_s": total},
         unembedding_rank=unembedding_rank,
     )
+
+
+def report_of(subject: "Subject") -> ScoreReport:
+    """The NSDS report of a Subject, computed once and shared with the ablations."""
+    if "nsds" not in subject.memo:
+        subject.memo["nsds"] = score(subject.source, compute=Compute.choose())
+    return subject.memo["nsds"]
+
+
+def layer_scores(subject: "Subject") -> np.ndarray:
+    """NSDS behind the common scorer interface (paper defaults, float64)."""
+    return np.array(report_of(subject).scores)
+
+
+def raw_roles(report: ScoreReport) -> list[dict[str, RawRole]]:
+    """The raw per-role measurements a report holds, ready to be aggregated again with other parameters."""
+    return [
+        {role: RawRole(nv=r.nv_raw, se=r.se_raw, kept=r.kept) for role, r in layer.roles.items()}
+        for layer in report.layers
+    ]
