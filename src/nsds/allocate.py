@@ -1,10 +1,12 @@
 """Bit allocation under an average-bit budget (NSDS.md section 5): sensitive layers get more bits.
 
-Three allocators turn per-layer scores into a Plan:
+Allocators that turn per-layer scores into a Plan:
 - `topk`: the paper's rule, two widths, layers ranked by score;
 - `budget`: any candidate widths, parameter-weighted, storage-aware, honouring groups that must share a
   width, solved exactly as a multiple-choice knapsack;
-- `uniform`: the score-free baseline at the same budget.
+- `uniform`: the score-free baseline at the same budget;
+- `llama.cpp`: llama.cpp's hand-written mixture rule (attn_v and ffn_down first), filled to the budget;
+- `random_scores`: seeded random layer scores, the floor any scorer must beat.
 """
 
 import math
@@ -17,7 +19,7 @@ from nsds.errors import NsdsError
 from nsds.plan import Module, ModulePlan, Plan, quantization_groups
 from nsds.scores import ranking
 
-ALLOCATORS = ("topk", "budget", "uniform")
+ALLOCATORS = ("topk", "budget", "uniform", "llama.cpp")
 _MAX_CELLS = 200_000  # budget resolution of the knapsack table; coarser costs are rounded up (never over budget)
 
 
@@ -197,8 +199,7 @@ def uniform(modules: Sequence[Module], setting: Setting) -> Plan:
     many as fit the budget (the nearest feasible uniform mix)."""
     widths = check_setting(setting)
     layers = _by_layer(modules)
-    low = max(w for w in widths if w <= setting.budget + 1e-9)
-    high = min((w for w in widths if w > setting.budget + 1e-9), default=low)
+    low, high = _bracket(widths, setting.budget)
     limit = setting.budget * sum(m.params for m in modules)
 
     def spend(high_layers: set[int]) -> float:
@@ -218,10 +219,67 @@ def uniform(modules: Sequence[Module], setting: Setting) -> Plan:
     return _plan(modules, bits, reasons, setting, "uniform", widths)
 
 
+def _bracket(widths: tuple[int, ...], budget: float) -> tuple[int, int]:
+    """The candidate widths just below (or at) and just above the budget."""
+    low = max(w for w in widths if w <= budget + 1e-9)
+    return low, min((w for w in widths if w > budget + 1e-9), default=low)
+
+
+def use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's `use_more_bits` (src/llama-quant.cpp): the first and last eighth of the layers, and
+    every third layer in between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
+    """llama.cpp's mixture heuristic at an exact average-bit budget.
+
+    llama.cpp's k-quant mixes (Q4_K_M, Q3_K_M...) give attn_v and ffn_down more bits on the layers
+    `use_more_bits` picks. Its mixes have fixed sizes; to compare at equal bits, every unit (module, or
+    group of modules sharing a width) starts at the width below the budget and is raised to the width
+    above in llama.cpp's order of priority while the budget allows: units holding attn_v or ffn_down on
+    the chosen layers, then on the other layers, then the rest on the chosen layers, then everything
+    else, by layer within a tier.
+    """
+    widths = check_setting(setting)
+    low, high = _bracket(widths, setting.budget)
+    layers = len(_by_layer(modules))
+    units: dict[str, list[Module]] = {}
+    for m in modules:
+        units.setdefault(m.group, []).append(m)
+
+    def tier(unit: list[Module]) -> tuple[int, int]:
+        favoured = any(m.role in ("v", "qkv", "down") for m in unit)
+        chosen = use_more_bits(unit[0].layer, layers)
+        return (0 if chosen else 1) if favoured else (2 if chosen else 3), unit[0].layer
+
+    limit = setting.budget * sum(m.params for m in modules)
+    spent = sum(_cost(m, low, setting) for m in modules)
+    if spent > limit + 1e-6:
+        raise NsdsError(f"even width {low} everywhere exceeds the budget of {setting.budget} bits")
+    bits, reasons = {}, {}
+    for unit in sorted(units.values(), key=tier):
+        extra = sum(_cost(m, high, setting) - _cost(m, low, setting) for m in unit)
+        raise_it = spent + extra <= limit + 1e-6
+        spent += extra if raise_it else 0
+        for m in unit:
+            bits[m.name] = high if raise_it else low
+            reasons[m.name] = {"allocator": "llama.cpp", "tier": tier(unit)[0]}
+    return _plan(modules, bits, reasons, setting, "llama.cpp", widths)
+
+
+def random_scores(layers: int, seed: int) -> list[float]:
+    """Seeded random layer scores: fed to the same allocator as a real scorer, they give the random
+    allocation at the same budget."""
+    return [float(x) for x in np.random.default_rng(seed).random(layers)]
+
+
 def allocate(kind: str, modules: Sequence[Module], scores: Sequence[float] | None, setting: Setting) -> Plan:
     """Dispatch to an allocator by name."""
     if kind == "uniform":
         return uniform(modules, setting)
+    if kind == "llama.cpp":
+        return llama_cpp(modules, setting)
     if scores is None:
         raise NsdsError(f"allocator '{kind}' needs layer scores")
     if kind == "topk":
