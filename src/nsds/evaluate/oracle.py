@@ -1,0 +1,80 @@
+"""The oracle: each layer's measured sensitivity, and how well a scorer's ranking agrees with it.
+
+The single-layer sensitivity of layer l is the perplexity when layer l alone is quantized to the low
+width and every other layer keeps the checkpoint's weights. It is the ground truth a data-free score
+tries to predict, and costs one evaluation per layer, so it is cached per model, quantizer, width, group
+size and token windows, and written after every layer (an interrupted run resumes where it stopped).
+"""
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nsds.files import cache_dir, read_document, write_json
+from nsds.progress import progress
+
+SCHEMA = "nsds.oracle/1"
+
+
+def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:
+    """Where the oracle for `key` lives: the cache folder, named by a digest of the key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return (folder or cache_dir() / "oracle") / f"{digest}.json"
+
+
+def single_layer_sensitivity(
+    layers: int, measure: Callable[[int], float], key: dict[str, Any], path: Path | None = None
+) -> list[float]:
+    """measure(l) for every layer l, reusing the layers already cached under `key` (a file whose key
+    differs, or that cannot be read, is started afresh)."""
+    path = path or cache_path(key)
+    done: dict[str, float] = {}
+    if path.exists():
+        try:
+            cached = read_document(path, SCHEMA, "oracle", lambda data: data)
+            done = cached["ppl"] if cached["key"] == key else {}
+        except Exception:  # a damaged cache is only lost work: measure again
+            done = {}
+    for layer in progress(range(layers), desc="oracle (one layer at a time)", unit="layer"):
+        if str(layer) not in done:
+            done[str(layer)] = float(measure(layer))
+            write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
+    return [done[str(layer)] for layer in range(layers)]
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing the mean of the ranks they span."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    sorted_x = x[order]
+    start = 0
+    while start < len(x):
+        end = start
+        while end + 1 < len(x) and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho: Pearson correlation of the average ranks; NaN when either side is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = np.sqrt((rx**2).sum() * (ry**2).sum())
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def kendall(x, y) -> float:
+    """Kendall's tau-b (ties in either variable corrected); NaN when either side is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    i, j = np.triu_indices(len(x), k=1)
+    dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    concordance = (dx * dy).sum()
+    denominator = np.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
+    return float(concordance / denominator) if denominator > 0 else float("nan")
