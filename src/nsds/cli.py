@@ -74,6 +74,27 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", type=Path, help="also save the HQQ-quantized model in HQQ's format here")
     run.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
 
+    compare = commands.add_parser(
+        "compare", help="evaluate NSDS against every baseline scorer and allocator, with the oracle ranking"
+    )
+    compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for score (default: {DEFAULT_MODEL})")
+    compare.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder or hub repo")
+    compare.add_argument("--budgets", type=float, nargs="+", default=(2.5, 3.0, 3.5), help="default: 2.5 3 3.5")
+    compare.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths (default: 2,4)")
+    compare.add_argument("--quantizer", dest="quantizers", type=_str_list, default=("rtn", "hqq"),
+                         help="comma-separated quantizers (default: rtn,hqq)")  # fmt: skip
+    compare.add_argument("--scorers", type=_str_list, default=("all",),
+                         help="comma-separated scorers, or all / baselines / ablations (default: all)")  # fmt: skip
+    compare.add_argument("--seeds", type=int, default=5, help="random allocations to average (default: 5)")
+    compare.add_argument("--group-size", type=int, default=128, help="weights per quantization group (default: 128)")
+    compare.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
+    compare.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
+    compare.add_argument("--text", default="brown", help="brown (offline), wikitext2, c4, or a text file")
+    compare.add_argument("--tokens", type=int, default=2048, help="scored tokens per evaluation (default: 2048)")
+    compare.add_argument("--window", type=int, help="tokens per window (default: 512 offline, 2048 hub texts)")
+    compare.add_argument("--out", type=Path, default=Path("nsds-compare"), help="output folder (default: nsds-compare)")
+    compare.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+
     assets = commands.add_parser("assets", help="fetch or list the offline models and text")
     verbs = assets.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     fetch = verbs.add_parser("fetch", help="download and verify assets into the cache (idempotent)")
@@ -109,6 +130,23 @@ def _run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/: plan.json, plan-uniform.json, scores.json, results.json, report.md, scores.png, ppl.png")
     if args.save:
         print(f"saved the HQQ model to {args.save}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from nsds.compare import CompareConfig, best_allocators, compare
+
+    names = {f.name for f in fields(CompareConfig)} - {"fuse"}
+    results = compare(CompareConfig(**{name: getattr(args, name) for name in names}, fuse=not args.no_fuse))
+    print(results["protocol"]["description"])
+    print(f"reference PPL {results['reference_ppl']:.2f}; lowest PPL per quantizer and budget:")
+    for q, by_budget in best_allocators(results).items():
+        print(f"  {q}: " + ", ".join(f"{budget} bits -> {label}" for budget, label in by_budget.items()))
+    print("rank correlation with the oracle (Spearman rho):")
+    for q, data in results["quantizers"].items():
+        print(f"  {q}: " + ", ".join(f"{n} {c['spearman']:+.2f}" for n, c in data["correlations"].items()))
+    counts = results["counts"]
+    print(f"{counts['evaluated']} evaluations, {counts['reused']} reused; {results['timing']['total_s']:.0f} s")
+    print(f"wrote {args.out}/: compare.json, compare.md, cells.json and figures")
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -173,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache:
         os.environ["NSDS_CACHE"] = str(args.cache)
     try:
-        {"score": _score, "run": _run, "assets": _assets}[args.command](args)
+        {"score": _score, "run": _run, "compare": _compare, "assets": _assets}[args.command](args)
     except NsdsError as err:
         print(f"nsds: error: {err}", file=sys.stderr)
         return 2

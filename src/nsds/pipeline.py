@@ -97,21 +97,30 @@ def load_model(path: Path, device: str) -> torch.nn.Module:
     return _pretrained(loader, path, "model").eval().to(device)
 
 
-def _setting(cfg: RunConfig, quantizer: Quantizer, model_id: str) -> Setting:
+def allocation_setting(
+    quantizer: Quantizer,
+    model_id: str,
+    budget: float,
+    widths: tuple[int, ...],
+    group_size: int,
+    symmetric: bool = False,
+    budget_counts: str = "weights",
+) -> Setting:
+    """What the allocators need to know about the quantizer and the budget."""
     return Setting(
-        budget=cfg.budget,
-        widths=tuple(cfg.widths),
-        group_size=cfg.group_size,
-        overhead_bits_per_group=quantizer.overhead_bits_per_group(cfg.symmetric),
+        budget=budget,
+        widths=tuple(widths),
+        group_size=group_size,
+        overhead_bits_per_group=quantizer.overhead_bits_per_group(symmetric),
         quantizer=quantizer.name,
         model=model_id,
-        symmetric=cfg.symmetric,
-        budget_counts=cfg.budget_counts,
+        symmetric=symmetric,
+        budget_counts=budget_counts,
         grouping=quantizer.grouping,
     )
 
 
-def _uniform_setting(setting: Setting, quantizer: Quantizer) -> Setting:
+def uniform_setting(setting: Setting, quantizer: Quantizer) -> Setting:
     """The baseline's widths: the budget itself when it is a width the quantizer has (3.0 -> 3-bit
     everywhere), else the candidate widths, mixed evenly over depth."""
     budget = setting.budget
@@ -128,7 +137,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     quantizer = get_quantizer(cfg.quantizer)
     quantizer.check(list(cfg.widths), cfg.symmetric)
-    setting = _setting(cfg, quantizer, cfg.model)
+    setting = allocation_setting(
+        quantizer, cfg.model, cfg.budget, cfg.widths, cfg.group_size, cfg.symmetric, cfg.budget_counts
+    )
     check_setting(setting)
     allocator = cfg.allocator if cfg.allocator != "auto" else ("topk" if len(set(cfg.widths)) == 2 else "budget")
     if cfg.tokens < 1:
@@ -151,7 +162,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     modules = arch.linear_modules(model, fuse=cfg.fuse)
     plans = {
         "nsds": allocate(allocator, modules, scores.scores, setting),
-        "uniform": allocate("uniform", modules, None, _uniform_setting(setting, quantizer)),
+        "uniform": allocate("uniform", modules, None, uniform_setting(setting, quantizer)),
     }
 
     pristine = Pristine(model, [m.name for m in modules])

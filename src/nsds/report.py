@@ -87,3 +87,154 @@ Timing: load {results["timing"]["load_s"]:.1f} s, scoring {results["timing"]["sc
 total {results["timing"]["total_s"]:.1f} s. nsds {results["nsds_version"]}, {results["created"]}.
 """
     return text, {"scores.png": scores_figure(scores, plan), "ppl.png": ppl_figure(results)}
+
+
+# --- nsds compare -------------------------------------------------------------------------------------------
+
+_MAIN = ("nsds", "uniform", "llama.cpp", "random", "zd", "mse", "ewq", "kurtboost", "lieq")
+
+
+def _rows(results: dict[str, Any], quantizer: str) -> dict[str, dict[float, dict[str, Any]]]:
+    rows: dict[str, dict[float, dict[str, Any]]] = {}
+    for row in results["summary"]:
+        if row["quantizer"] == quantizer:
+            rows.setdefault(row["label"], {})[row["budget"]] = row
+    order = [label for label in _MAIN if label in rows] + [label for label in rows if label not in _MAIN]
+    return {label: rows[label] for label in order}
+
+
+def ppl_vs_budget_figure(results: dict[str, Any], quantizer: str) -> bytes:
+    """PPL against budget for every allocator (left) and for NSDS's ablations (right), log scale."""
+    rows = _rows(results, quantizer)
+    figure = Figure(figsize=(11, 4))
+    panels = figure.subplots(1, 2, sharey=True)
+    main, ablations = [r for r in rows if r in _MAIN], [r for r in rows if r not in _MAIN]
+    for axes, labels in ((panels[0], main), (panels[1], ablations)):
+        for label in labels + (["nsds"] if axes is panels[1] and "nsds" in rows else []):
+            budgets = sorted(rows[label])
+            ppl = [rows[label][b]["ppl"] for b in budgets]
+            style = {"linewidth": 2.5, "color": "black"} if label == "nsds" else {}
+            if label == "random":
+                low = [rows[label][b]["ppl_min"] for b in budgets]
+                high = [rows[label][b]["ppl_max"] for b in budgets]
+                axes.fill_between(budgets, low, high, alpha=0.2, color="grey")
+                style = {"color": "grey", "linestyle": "--"}
+                label = f"random (mean, range of {rows['random'][budgets[0]]['n']} seeds)"
+            axes.plot(budgets, ppl, marker="o", label=label, **style)
+        axes.axhline(results["reference_ppl"], color="green", linestyle=":", label="reference")
+        axes.set_yscale("log")
+        axes.set_xlabel("average bits per weight (weights only)")
+        axes.legend(fontsize=7)
+    panels[0].set_ylabel(f"{results['protocol']['text']} perplexity")
+    panels[0].set_title(f"{results['model']['id']} / {quantizer}: allocators")
+    panels[1].set_title("NSDS ablations")
+    return _png(figure)
+
+
+def oracle_scatter_figure(results: dict[str, Any], quantizer: str) -> bytes:
+    """Each scorer's layer scores against the oracle's single-layer PPL, with both rank correlations."""
+    data = results["quantizers"][quantizer]
+    oracle = data["oracle"]["ppl"]
+    names = list(data["scores"])
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    figure = Figure(figsize=(3.2 * columns, 2.8 * rows))
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for axes, name in zip(grid.flat, names, strict=False):
+        corr = data["correlations"][name]
+        axes.scatter(data["scores"][name], oracle, s=14)
+        axes.set_yscale("log")
+        axes.set_title(f"{name}: rho {corr['spearman']:.2f}, tau {corr['kendall']:.2f}", fontsize=9)
+        axes.tick_params(labelsize=7)
+    for axes in grid.flat[len(names) :]:
+        axes.set_visible(False)
+    figure.supylabel(f"PPL with one layer at {data['oracle']['low_width']} bits ({quantizer})")
+    figure.supxlabel("layer score")
+    return _png(figure)
+
+
+def compare_figures(results: dict[str, Any]) -> dict[str, bytes]:
+    figures = {}
+    for q in results["quantizers"]:
+        figures[f"ppl-vs-budget-{q}.png"] = ppl_vs_budget_figure(results, q)
+        figures[f"oracle-scatter-{q}.png"] = oracle_scatter_figure(results, q)
+    return figures
+
+
+def _ppl_cell(row: dict[str, Any] | None, best: bool) -> str:
+    if row is None:
+        return "-"
+    text = f"{row['ppl']:.1f}"
+    if row["ppl_std"] is not None:
+        text += f" ± {row['ppl_std']:.1f} ({row['ppl_min']:.1f}-{row['ppl_max']:.1f})"
+    text = f"**{text}**" if best else text
+    return f"{text} <sub>{row['weight_bits']:.2f} b</sub>"
+
+
+def compare_tables(results: dict[str, Any], quantizer: str) -> str:
+    """The PPL table of one quantizer (rows: allocators, columns: budgets; best per budget in bold)."""
+    rows = _rows(results, quantizer)
+    budgets = sorted({b for by_budget in rows.values() for b in by_budget})
+    best = {b: min((r[b]["ppl"], label) for label, r in rows.items() if b in r)[1] for b in budgets}
+    header = "| allocator | kind | " + " | ".join(f"{b:g} bits" for b in budgets) + " |"
+    lines = [header, "|---|---|" + "---|" * len(budgets)]
+    for label, by_budget in rows.items():
+        kind = next(iter(by_budget.values()))["kind"]
+        cells = " | ".join(_ppl_cell(by_budget.get(b), best[b] == label) for b in budgets)
+        lines.append(f"| {label} | {kind} | {cells} |")
+    return "\n".join(lines)
+
+
+def correlation_table(results: dict[str, Any]) -> str:
+    quantizers = list(results["quantizers"])
+    names = list(next(iter(results["quantizers"].values()))["scores"])
+    header = "| scorer | " + " | ".join(f"{q}: Spearman rho | {q}: Kendall tau" for q in quantizers) + " |"
+    lines = [header, "|---|" + "---|---|" * len(quantizers)]
+    for name in names:
+        values = []
+        for q in quantizers:
+            corr = results["quantizers"][q]["correlations"][name]
+            values += [f"{corr['spearman']:+.3f}", f"{corr['kendall']:+.3f}"]
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def compare_markdown(results: dict[str, Any], figures: list[str], heading: str = "#") -> str:
+    """compare.md: settings and protocol, one PPL table per quantizer, the oracle correlations, figures."""
+    config = results["config"]
+    parts = [
+        f"{heading} nsds compare: {results['model']['id']}",
+        "",
+        f"- Widths {list(config['widths'])}, allocator for scored plans `{config['allocator']}`; group size "
+        f"{config['group_size']}, {'symmetric' if config['symmetric'] else 'asymmetric'}; "
+        f"{'q/k/v and gate/up share a width' if config['fuse'] else 'every module free'}; budgets count "
+        "weight bits (the small <sub>b</sub> number is each plan's achieved average).",
+        f"- Perplexity protocol: {results['protocol']['description']}.",
+        f"- Reference PPL {results['reference_ppl']:.2f}: {results['reference_note']}.",
+        f"- Random: {config['seeds']} seeds, mean ± std (min-max). Bold: lowest PPL per budget.",
+        f"- Oracle: PPL with one layer at {min(config['widths'])} bits, all others as loaded.",
+    ]
+    for q, data in results["quantizers"].items():
+        oracle = data["oracle"]["ppl"]
+        worst = sorted(range(len(oracle)), key=lambda i: -oracle[i])[:5]
+        parts += [
+            "",
+            f"{heading}# {q}",
+            "",
+            compare_tables(results, q),
+            "",
+            f"Oracle ({q}): single-layer PPL from {min(oracle):.1f} to {max(oracle):.1f}; most sensitive layers "
+            + ", ".join(f"{i} ({oracle[i]:.1f})" for i in worst)
+            + ".",
+        ]
+    parts += ["", f"{heading}# Rank correlation with the oracle", "", correlation_table(results), ""]
+    parts += [f"![{name}]({name})" for name in figures]
+    timing = results["timing"]
+    parts += [
+        "",
+        f"Timing: load {timing['load_s']:.0f} s, total {timing['total_s']:.0f} s; "
+        f"{results['counts']['evaluated']} evaluations run, {results['counts']['reused']} plans reused. "
+        f"nsds {results['nsds_version']}, {results['created']}.",
+        "",
+    ]
+    return "\n".join(parts)

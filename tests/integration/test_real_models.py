@@ -131,3 +131,23 @@ def test_nsds_run_on_smollm2_offline(smollm2_gguf, tmp_path):
     assert nsds["weight_bits"] <= 3.5 and uniform["weight_bits"] <= 3.5
     assert {"plan.json", "report.md", "scores.png", "ppl.png"} <= {p.name for p in out.iterdir()}
     assert "nsds" in result.stdout and "uniform" in result.stdout
+
+
+def test_nsds_compare_on_smollm2_offline(smollm2_gguf, tmp_path):
+    """The compare command on the real model, cut to one budget, RTN and 2 windows; then resumed.
+    (The oracle lands in the user's cache, keyed by these settings, as for any user run.)"""
+    out = tmp_path / "compare"
+    scorers = "nsds,zd,ewq,kurtboost,nsds-se"
+    args = [sys.executable, "-m", "nsds", "compare", "smollm2", "--budgets", "3.5", "--quantizer", "rtn",
+            "--scorers", scorers, "--seeds", "2", "--tokens", "1022", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "compare.json").read_text())
+    oracle = results["quantizers"]["rtn"]["oracle"]["ppl"]
+    assert len(oracle) == 30 and 25 < results["reference_ppl"] < 60
+    assert min(oracle) > results["reference_ppl"]  # any one layer at 2 bits hurts (PROTOCOL.md: 55-140)
+    assert max(oracle) > 1.3 * min(oracle)  # and layers differ: there is a ranking to predict
+    assert all(c["weight_bits"] <= 3.5 for c in results["cells"])
+    assert "rank correlation" in result.stdout
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 0 and "0 evaluations" in again.stdout

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsds.allocate import Setting, allocate, budgeted, topk, uniform
+from nsds.allocate import Setting, allocate, budgeted, llama_cpp, random_scores, topk, uniform, use_more_bits
 from nsds.errors import NsdsError
 from nsds.plan import Module, Plan
 
@@ -145,3 +145,47 @@ def test_budget_allocator_is_optimal_and_never_over_budget(sizes, scores, budget
     assert plan.weight_bits <= budget + 1e-9
     error = sum(scores[m.layer] * m.params * 4.0**-m.bits for m in plan.modules)
     assert error == pytest.approx(brute_force(modules, scores, s), rel=1e-9)
+
+
+def llama_like(layers: int) -> list[Module]:
+    """Llama-shaped layers: q/k/v fused into one group, o alone, gate/up fused, down alone."""
+    shapes = {"q": (64, 64), "k": (16, 64), "v": (16, 64), "o": (64, 64), "gate": (96, 64), "up": (96, 64),
+              "down": (64, 96)}  # fmt: skip
+    groups = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up"}
+    return [
+        Module(f"l{i}.{role}", i, role, out, inp, f"{i}.{groups.get(role, role)}")
+        for i in range(layers)
+        for role, (out, inp) in shapes.items()
+    ]
+
+
+def test_use_more_bits_is_llama_cpps_rule():
+    # llama-quant.cpp: i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2, integer division; for n = 30: 3 and 26
+    chosen = [i for i in range(30) if use_more_bits(i, 30)]
+    assert chosen == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+
+
+def test_llama_cpp_mixture_favours_v_and_down_on_chosen_layers_within_budget():
+    modules = llama_like(16)
+    params = sum(m.params for m in modules)
+    down_and_qkv = sum(m.params for m in modules if m.role in ("q", "k", "v", "down") and use_more_bits(m.layer, 16))
+    budget = 2 + 2 * down_and_qkv / params  # exactly the first tier at 4 bits
+    plan = llama_cpp(modules, setting(budget))
+    high = {m.name for m in plan.modules if m.bits == 4}
+    assert high == {m.name for m in modules if m.role in ("q", "k", "v", "down") and use_more_bits(m.layer, 16)}
+    assert plan.weight_bits == pytest.approx(budget)
+    for b in (2.3, 3.0, 3.7):
+        plan = allocate("llama.cpp", modules, None, setting(b))
+        assert plan.weight_bits <= b + 1e-9 and plan.allocator == "llama.cpp"
+        bits = {m.name: m.bits for m in plan.modules}
+        for m in modules:  # modules of one group share a width
+            assert bits[m.name] == bits[next(n.name for n in modules if n.group == m.group)]
+    # with widths 2,3,4 at 3.5 the mixture runs between 3 and 4 bits
+    plan = llama_cpp(modules, setting(3.5, widths=(2, 3, 4)))
+    assert {m.bits for m in plan.modules} == {3, 4} and plan.weight_bits <= 3.5
+
+
+def test_random_scores_are_seeded():
+    assert random_scores(10, 0) == random_scores(10, 0)
+    assert random_scores(10, 0) != random_scores(10, 1)
+    assert all(0 <= s < 1 for s in random_scores(10, 3))

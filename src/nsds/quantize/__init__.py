@@ -56,15 +56,50 @@ class Pristine:
                 model.get_submodule(name).weight.copy_(weight)
 
 
+def _fake_quantize_module(weight: torch.Tensor, conv1d: bool, quantizer: Quantizer, bits: int, group_size: int,
+                          symmetric: bool) -> torch.Tensor:  # fmt: skip
+    """Quantize a module's stored weight; GPT-2's Conv1D stores (in, out), so groups run along dim 0."""
+    quantized = quantizer.fake_quantize(weight.T if conv1d else weight, bits, group_size, symmetric)
+    return quantized.T if conv1d else quantized
+
+
 def apply_plan(model: torch.nn.Module, plan, pristine: Pristine, quantizer: Quantizer) -> None:
     """Replace each planned module's weights by their quantized-dequantized values (fake-quant)."""
     from nsds.arch import family_of
     from nsds.progress import progress
 
-    conv1d = family_of(model.config.model_type).conv1d  # GPT-2 stores (in, out): groups run along dim 0
+    conv1d = family_of(model.config.model_type).conv1d
     with torch.no_grad():
         for module in progress(plan.modules, desc=f"quantizing ({quantizer.name})", unit="module"):
             weight = pristine.weights[module.name]
-            weight = weight.T if conv1d else weight
-            quantized = quantizer.fake_quantize(weight, module.bits, module.group_size, plan.symmetric)
-            model.get_submodule(module.name).weight.copy_(quantized.T if conv1d else quantized)
+            quantized = _fake_quantize_module(weight, conv1d, quantizer, module.bits, module.group_size, plan.symmetric)
+            model.get_submodule(module.name).weight.copy_(quantized)
+
+
+class WeightBank:
+    """Quantized variants of a model's modules, computed once per (module, width) and kept, so that
+    evaluating many plans (or one layer at a time, for the oracle) quantizes each module once."""
+
+    def __init__(self, model: torch.nn.Module, pristine: Pristine, quantizer: Quantizer, group_size: int,
+                 symmetric: bool = False) -> None:  # fmt: skip
+        from nsds.arch import family_of
+
+        self.model, self.pristine, self.quantizer = model, pristine, quantizer
+        self.group_size, self.symmetric = group_size, symmetric
+        self.conv1d = family_of(model.config.model_type).conv1d
+        self.variants: dict[tuple[str, int], torch.Tensor] = {}
+
+    def quantized(self, name: str, bits: int) -> torch.Tensor:
+        """The module's checkpoint weight quantized-dequantized at `bits`, in the module's layout."""
+        if (name, bits) not in self.variants:
+            self.variants[name, bits] = _fake_quantize_module(
+                self.pristine.weights[name], self.conv1d, self.quantizer, bits, self.group_size, self.symmetric
+            )
+        return self.variants[name, bits]
+
+    def load(self, bits: dict[str, int]) -> None:
+        """Set every pristine module: quantized at bits[name], or the checkpoint's weights where absent."""
+        with torch.no_grad():
+            for name, weight in self.pristine.weights.items():
+                width = bits.get(name)
+                self.model.get_submodule(name).weight.copy_(weight if width is None else self.quantized(name, width))

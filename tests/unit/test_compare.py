@@ -1,0 +1,114 @@
+"""`nsds compare` end to end on a tiny real model: outputs, equal budgets, the oracle, resuming, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nsds import arch
+from nsds.compare import CompareConfig, best_allocators, compare
+from nsds.evaluate.perplexity import perplexity
+from nsds.evaluate.text import token_windows
+from nsds.pipeline import load_model, load_tokenizer
+from nsds.quantize.rtn import rtn
+
+from tiny_models import save_tiny_tokenizer, tiny_model
+
+TEXT = "The quick brown fox jumps over the lazy dog. A lazy dog sleeps while the quick fox runs. " * 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-compare")
+    tiny_model("llama", vocab_size=300, num_hidden_layers=8).save_pretrained(folder)
+    save_tiny_tokenizer(folder, TEXT)
+    text = folder / "text.txt"
+    text.write_text(TEXT)
+    return folder, text
+
+
+def config(tiny, out, **kw) -> CompareConfig:
+    folder, text = tiny
+    base = dict(model=str(folder), budgets=(2.5, 3.0), quantizers=("rtn",), seeds=3, group_size=32,
+                text=str(text), tokens=150, window=32, out=out, device="cpu")  # fmt: skip
+    return CompareConfig(**(base | kw))
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSDS_CACHE", str(tmp_path / "cache"))
+
+
+def test_compare_writes_every_output_at_equal_budgets(tiny, tmp_path, cache):
+    out = tmp_path / "out"
+    results = compare(config(tiny, out, quantizers=("rtn", "hqq")))
+    assert {p.name for p in out.iterdir()} == {"compare.json", "compare.md", "cells.json", "ppl-vs-budget-rtn.png",
+        "ppl-vs-budget-hqq.png", "oracle-scatter-rtn.png", "oracle-scatter-hqq.png"}  # fmt: skip
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["schema"] == "nsds.compare/1" and saved["counts"]["resumed"] is False
+    scorers = ["nsds", "zd", "mse", "ewq", "kurtboost", "lieq", "nsds-nv", "nsds-se", "nsds-mad1", "nsds-product",
+               "nsds-collapsed"]  # fmt: skip
+    for q in ("rtn", "hqq"):
+        data = saved["quantizers"][q]
+        assert len(data["oracle"]["ppl"]) == 8 and list(data["scores"]) == scorers
+        assert all(-1 <= c["spearman"] <= 1 and -1 <= c["kendall"] <= 1 for c in data["correlations"].values())
+    labels = {c["label"] for c in saved["cells"]}
+    assert labels == set(scorers) | {"uniform", "llama.cpp", "random-0", "random-1", "random-2"}
+    assert len(saved["cells"]) == 2 * 2 * len(labels)
+    for cell in saved["cells"]:
+        assert cell["weight_bits"] <= cell["budget"] + 1e-9 and cell["ppl"] > 0
+    random = [r for r in saved["summary"] if r["label"] == "random"]
+    assert len(random) == 4 and all(r["n"] == 3 and r["ppl_std"] is not None for r in random)
+    assert set(best_allocators(results)["rtn"]) == {"2.5", "3"}
+    markdown = (out / "compare.md").read_text()
+    assert "| nsds | scorer |" in markdown and "Spearman" in markdown and "ppl-vs-budget-rtn.png" in markdown
+
+
+def test_oracle_is_the_ppl_with_one_layer_quantized(tiny, tmp_path, cache):
+    results = compare(config(tiny, tmp_path / "out", scorers=("zd",), seeds=0, budgets=(3.0,)))
+    folder, text = tiny
+    tokenizer = load_tokenizer(folder)
+    windows, _ = token_windows(tokenizer, text.read_text(), str(text), 32, 150)
+    model = load_model(folder, "cpu")
+    with torch.no_grad():
+        for m in arch.linear_modules(model):
+            if m.layer == 5:
+                weight = model.get_submodule(m.name).weight
+                weight.copy_(rtn(weight, 2, 32))
+    assert results["quantizers"]["rtn"]["oracle"]["ppl"][5] == pytest.approx(perplexity(model, windows), rel=1e-6)
+    assert results["reference_ppl"] == pytest.approx(perplexity(load_model(folder, "cpu"), windows), rel=1e-6)
+
+
+def test_rerun_skips_finished_cells_and_a_changed_setting_starts_afresh(tiny, tmp_path, cache):
+    out = tmp_path / "out"
+    first = compare(config(tiny, out, scorers=("nsds", "zd")))
+    assert first["counts"]["evaluated"] > 8  # reference + oracle + plans
+    again = compare(config(tiny, out, scorers=("nsds", "zd")))
+    assert again["counts"] == {"evaluated": 0, "reused": len(again["cells"]), "resumed": True}
+    assert [c["ppl"] for c in again["cells"]] == [c["ppl"] for c in first["cells"]]
+    extended = compare(config(tiny, out, scorers=("nsds", "zd", "ewq")))  # only ewq's new plans are evaluated
+    assert extended["counts"]["evaluated"] <= 2
+    changed = compare(config(tiny, out, scorers=("zd",), tokens=120))
+    assert changed["counts"]["resumed"] is False and changed["counts"]["evaluated"] > 8
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nsds", "compare", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--scorers", "nsds,magic"], "unknown scorer 'magic'"),
+        (["--budgets", "4.5"], "budget 4.5 bits is outside"),
+        (["--quantizer", "gptq"], "unknown quantizer 'gptq'"),
+        (["--widths", "2,9", "--quantizer", "hqq"], "does not support width"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = run_cli(str(tiny[0]), "--out", str(out), *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
