@@ -2,11 +2,11 @@
 
 One load, one tokenized text. For each quantizer: the oracle (one evaluation per layer, cached across
 runs), every scorer's layer scores and their rank correlation with the oracle, then one plan per
-scorer x budget (plus uniform, llama.cpp's mixture rule and seeded random rankings), all evaluated on
-the same token windows. Each module is quantized once per width (WeightBank) and plans with identical
-widths are evaluated once. Finished cells are saved after each evaluation in `cells.json`, so an
-interrupted or extended run redoes nothing; the outputs (compare.json, compare.md, figures) are written
-at the end.
+scorer x budget, plus uniform, llama.cpp's mixture rule, seeded random rankings and the oracle's own
+ranking (the measured reference a data-free scorer aims at), all evaluated on the same token windows.
+Each module is quantized once per width (WeightBank) and plans with identical widths are evaluated
+once. Finished cells are saved after each evaluation in `cells.json`, so an interrupted or extended
+run redoes nothing; the outputs (compare.json, compare.md, figures) are written at the end.
 """
 
 import hashlib
@@ -65,6 +65,8 @@ def _kind(label: str) -> str:
         return "random"
     if label in ("uniform", "llama.cpp"):
         return "baseline allocator"
+    if label == "oracle":
+        return "measured ranking"
     if label in ABLATIONS:
         return "nsds ablation"
     return "scorer"
@@ -202,6 +204,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             plans.append(("uniform", budget, None, allocate("uniform", modules, None, even)))
             plans.append(("llama.cpp", budget, None, allocate("llama.cpp", modules, None, setting)))
             plans.extend((name, budget, None, allocate(allocator, modules, s, setting)) for name, s in scores.items())
+            plans.append(("oracle", budget, None, allocate(allocator, modules, oracle, setting)))
             plans.extend(
                 (f"random-{seed}", budget, seed, allocate(allocator, modules, random_scores(layers, seed), setting))
                 for seed in range(cfg.seeds)
@@ -285,9 +288,12 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def best_allocators(results: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """The allocator with the lowest PPL for each quantizer and budget (random by its mean)."""
+    """The data-free allocator with the lowest PPL for each quantizer and budget (random by its mean;
+    the oracle's measured ranking is not data-free and is left out)."""
     best: dict[str, dict[str, tuple[float, str]]] = {}
     for row in results["summary"]:
+        if row["label"] == "oracle":
+            continue
         slot = best.setdefault(row["quantizer"], {})
         key = f"{row['budget']:g}"
         if key not in slot or row["ppl"] < slot[key][0]:

@@ -91,7 +91,7 @@ total {results["timing"]["total_s"]:.1f} s. nsds {results["nsds_version"]}, {res
 
 # --- nsds compare -------------------------------------------------------------------------------------------
 
-_MAIN = ("nsds", "uniform", "llama.cpp", "random", "zd", "mse", "ewq", "kurtboost", "lieq")
+_MAIN = ("nsds", "uniform", "llama.cpp", "random", "zd", "mse", "ewq", "kurtboost", "lieq", "oracle")
 
 
 def _rows(results: dict[str, Any], quantizer: str) -> dict[str, dict[float, dict[str, Any]]]:
@@ -114,6 +114,8 @@ def ppl_vs_budget_figure(results: dict[str, Any], quantizer: str) -> bytes:
             budgets = sorted(rows[label])
             ppl = [rows[label][b]["ppl"] for b in budgets]
             style = {"linewidth": 2.5, "color": "black"} if label == "nsds" else {}
+            if label == "oracle":
+                style = {"color": "black", "linestyle": ":"}
             if label == "random":
                 low = [rows[label][b]["ppl_min"] for b in budgets]
                 high = [rows[label][b]["ppl_max"] for b in budgets]
@@ -175,7 +177,8 @@ def compare_tables(results: dict[str, Any], quantizer: str) -> str:
     """The PPL table of one quantizer (rows: allocators, columns: budgets; best per budget in bold)."""
     rows = _rows(results, quantizer)
     budgets = sorted({b for by_budget in rows.values() for b in by_budget})
-    best = {b: min((r[b]["ppl"], label) for label, r in rows.items() if b in r)[1] for b in budgets}
+    free = {label: r for label, r in rows.items() if label != "oracle"}  # bold marks the best data-free plan
+    best = {b: min((r[b]["ppl"], label) for label, r in free.items() if b in r)[1] for b in budgets}
     header = "| allocator | kind | " + " | ".join(f"{b:g} bits" for b in budgets) + " |"
     lines = [header, "|---|---|" + "---|" * len(budgets)]
     for label, by_budget in rows.items():
@@ -199,6 +202,30 @@ def correlation_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _quantizer_figures(results: dict[str, Any]) -> list[str]:
+    return [f"{kind}-{q}.png" for q in results["quantizers"] for kind in ("ppl-vs-budget", "oracle-scatter")]
+
+
+def quantizer_section(results: dict[str, Any], quantizer: str, heading: str = "##", figures: str = "") -> str:
+    """One quantizer's PPL table, its oracle in a line, and its two figures (paths under `figures`)."""
+    data = results["quantizers"][quantizer]
+    oracle = data["oracle"]["ppl"]
+    worst = sorted(range(len(oracle)), key=lambda i: -oracle[i])[:5]
+    model = results["model"]["id"]
+    return "\n".join([
+        f"{heading} {quantizer}: perplexity by allocator and budget",
+        "",
+        compare_tables(results, quantizer),
+        "",
+        f"Oracle ({quantizer}, one layer at {data['oracle']['low_width']} bits): PPL {min(oracle):.1f} to "
+        f"{max(oracle):.1f}; most sensitive layers " + ", ".join(f"{i} ({oracle[i]:.1f})" for i in worst) + ".",
+        "",
+        f"![{model} {quantizer}: PPL vs budget]({figures}ppl-vs-budget-{quantizer}.png)",
+        "",
+        f"![{model} {quantizer}: scores vs oracle]({figures}oracle-scatter-{quantizer}.png)",
+    ])  # fmt: skip
+
+
 def compare_markdown(results: dict[str, Any], figures: list[str], heading: str = "#") -> str:
     """compare.md: settings and protocol, one PPL table per quantizer, the oracle correlations, figures."""
     config = results["config"]
@@ -211,24 +238,15 @@ def compare_markdown(results: dict[str, Any], figures: list[str], heading: str =
         "weight bits (the small <sub>b</sub> number is each plan's achieved average).",
         f"- Perplexity protocol: {results['protocol']['description']}.",
         f"- Reference PPL {results['reference_ppl']:.2f}: {results['reference_note']}.",
-        f"- Random: {config['seeds']} seeds, mean ± std (min-max). Bold: lowest PPL per budget.",
-        f"- Oracle: PPL with one layer at {min(config['widths'])} bits, all others as loaded.",
+        f"- Random: {config['seeds']} seeds, mean ± std (min-max). Bold: lowest PPL per budget among the "
+        "data-free allocators.",
+        f"- Oracle: PPL with one layer at {min(config['widths'])} bits, all others as loaded; the `oracle` row "
+        "allocates by that measured ranking (not data-free: the reference a scorer aims at).",
     ]
-    for q, data in results["quantizers"].items():
-        oracle = data["oracle"]["ppl"]
-        worst = sorted(range(len(oracle)), key=lambda i: -oracle[i])[:5]
-        parts += [
-            "",
-            f"{heading}# {q}",
-            "",
-            compare_tables(results, q),
-            "",
-            f"Oracle ({q}): single-layer PPL from {min(oracle):.1f} to {max(oracle):.1f}; most sensitive layers "
-            + ", ".join(f"{i} ({oracle[i]:.1f})" for i in worst)
-            + ".",
-        ]
+    for q in results["quantizers"]:
+        parts += ["", quantizer_section(results, q, heading + "#")]
     parts += ["", f"{heading}# Rank correlation with the oracle", "", correlation_table(results), ""]
-    parts += [f"![{name}]({name})" for name in figures]
+    parts += [f"![{name}]({name})" for name in figures if name not in _quantizer_figures(results)]
     timing = results["timing"]
     parts += [
         "",
