@@ -23,7 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 MODELS = ("smollm2", "gemma3-270m")
 WIDTHS = {"": (2, 4), "-w234": (2, 3, 4)}  # folder suffix -> candidate widths
-COMMAND = "nsds compare {model} --budgets 2.5 3 3.5 --widths {widths} --quantizer rtn,hqq --scorers all --out {out}"
+GROUP_SIZE = 64  # at 128, 2-bit HQQ wrecks these small models (single-layer PPL up to ~900): nothing left to rank
+COMMAND = (
+    "nsds compare {model} --budgets 2.5 3 3.5 --widths {widths} --quantizer rtn,hqq --scorers all "
+    "--group-size {group_size} --out {out}"
+)
 
 
 def _label_rank(rows: list[dict], label: str) -> tuple[int, int]:
@@ -57,12 +61,12 @@ def model_section(results: dict, folder: str) -> str:
     model = results["model"]["id"]
     config = results["config"]
     widths = ",".join(str(w) for w in config["widths"])
-    command = COMMAND.format(model=model, widths=widths, out=f"docs/results/{folder}")
+    command = COMMAND.format(model=model, widths=widths, group_size=config["group_size"], out=f"docs/results/{folder}")
     parts = [
         f"## {model}, widths {'/'.join(str(w) for w in config['widths'])} ({config['allocator']} allocator)",
         "",
-        f"`{command}` (group size {config['group_size']}, {config['tokens']} tokens, {config['seeds']} random "
-        f"seeds); reference PPL {results['reference_ppl']:.2f} (dequantized 4-bit GGUF weights). Last "
+        f"`{command}` ({config['tokens']} tokens, {config['seeds']} random seeds); reference PPL "
+        f"{results['reference_ppl']:.2f} (dequantized 4-bit GGUF weights). Last "
         f"invocation: {results['counts']['evaluated']} evaluations in {results['timing']['total_s'] / 60:.1f} min "
         f"on the 2-core CPU machine, model load included"
         + (" (resumed: earlier cells and the cached oracle reused)." if results["counts"]["resumed"] else "."),
@@ -117,6 +121,7 @@ def main() -> int:
     parser.add_argument("--page-only", action="store_true", help="only rewrite RESULTS.md from compare.json")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
     args = parser.parse_args()
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
@@ -125,7 +130,8 @@ def main() -> int:
         for model in args.models:
             out = DOCS / "results" / f"{model}{suffix}"
             if not args.page_only:
-                compare(CompareConfig(model=model, widths=widths, tokens=args.tokens, out=out, device="cpu"))
+                settings = {"widths": widths, "group_size": args.group_size, "tokens": args.tokens}
+                compare(CompareConfig(model=model, out=out, device="cpu", **settings))
             path = out / "compare.json"
             if not path.exists():
                 print(f"results: no {path}; run without --page-only first", file=sys.stderr)

@@ -79,7 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for score (default: {DEFAULT_MODEL})")
     compare.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder or hub repo")
-    compare.add_argument("--budgets", type=float, nargs="+", default=(2.5, 3.0, 3.5), help="default: 2.5 3 3.5")
+    compare.add_argument("--budgets", type=float, nargs="+", default=(2.5, 3.0, 3.5),
+                         help="average bits per weight to compare (default: 2.5 3 3.5)")  # fmt: skip
     compare.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths (default: 2,4)")
     compare.add_argument("--quantizer", dest="quantizers", type=_str_list, default=("rtn", "hqq"),
                          help="comma-separated quantizers (default: rtn,hqq)")  # fmt: skip
