@@ -21,16 +21,16 @@ from typing import Any
 import torch
 
 from nsds import __version__, arch
-from nsds.allocate import allocate, check_setting, random_scores
+from nsds.allocate import Setting, allocate, check_setting, random_scores
 from nsds.errors import NsdsError
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman
 from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import default_window, load_text, token_windows
 from nsds.files import read_document, write_bytes, write_json
 from nsds.pipeline import allocation_setting, load_model, load_tokenizer, uniform_setting
-from nsds.plan import Plan
+from nsds.plan import Module, Plan
 from nsds.progress import progress
-from nsds.quantize import Pristine, WeightBank, get_quantizer
+from nsds.quantize import Pristine, Quantizer, WeightBank, get_quantizer
 from nsds.scorers import Subject, get_scorers
 from nsds.scorers.ablations import ABLATIONS
 from nsds.scorers.nsds import Compute
@@ -102,6 +102,30 @@ def _plan_digest(quantizer: str, plan: Plan) -> str:
 
 def _windows_digest(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:20]
+
+
+def _plans(
+    modules: list[Module],
+    setting: Setting,
+    quantizer: Quantizer,
+    allocator: str,
+    scores: dict[str, list[float]],
+    oracle: list[float],
+    seeds: int,
+) -> list[tuple[str, float, int | None, Plan]]:
+    """(label, budget, seed, plan) of every allocator at one budget: baselines, scorers, oracle, random."""
+    layers = len(oracle)
+    plans = [
+        ("uniform", allocate("uniform", modules, None, uniform_setting(setting, quantizer)), None),
+        ("llama.cpp", allocate("llama.cpp", modules, None, setting), None),
+        *((name, allocate(allocator, modules, s, setting), None) for name, s in scores.items()),
+        ("oracle", allocate(allocator, modules, oracle, setting), None),
+        *(
+            (f"random-{seed}", allocate(allocator, modules, random_scores(layers, seed), setting), seed)
+            for seed in range(seeds)
+        ),
+    ]
+    return [(label, setting.budget, seed, plan) for label, plan, seed in plans]
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
@@ -197,18 +221,11 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         }
         per_quantizer[q] = {"oracle": {"low_width": low, "ppl": oracle}, "scores": scores, "correlations": correlations}
 
-        plans: list[tuple[str, float, int | None, Plan]] = []
-        for budget in cfg.budgets:
-            setting = settings[q, budget]
-            even = uniform_setting(setting, quantizer)
-            plans.append(("uniform", budget, None, allocate("uniform", modules, None, even)))
-            plans.append(("llama.cpp", budget, None, allocate("llama.cpp", modules, None, setting)))
-            plans.extend((name, budget, None, allocate(allocator, modules, s, setting)) for name, s in scores.items())
-            plans.append(("oracle", budget, None, allocate(allocator, modules, oracle, setting)))
-            plans.extend(
-                (f"random-{seed}", budget, seed, allocate(allocator, modules, random_scores(layers, seed), setting))
-                for seed in range(cfg.seeds)
-            )
+        plans = [
+            plan
+            for budget in cfg.budgets
+            for plan in _plans(modules, settings[q, budget], quantizer, allocator, scores, oracle, cfg.seeds)
+        ]
         start = time.perf_counter()
         for label, budget, seed, plan in progress(plans, desc=f"plans ({q})", unit="plan"):
             cell_id = f"{q}|{budget:g}|{label}"
@@ -227,7 +244,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                 "allocator": plan.allocator,
                 "weight_bits": plan.weight_bits,
                 "storage_bits": plan.storage_bits,
-                "high_layers": [i for i, b in enumerate(plan.layer_bits()) if b == max(cfg.widths)],
+                "high_layers": [i for i, b in enumerate(plan.layer_bits()) if b == max(plan.widths)],
                 "plan": digest,
                 "ppl": store.data["plans"][digest],
             }
