@@ -57,6 +57,26 @@ def _verdicts(results: dict) -> list[str]:
     return lines
 
 
+def tally(runs: dict[str, dict]) -> list[str]:
+    """How often NSDS has the lowest PPL, and beats uniform / llama.cpp / the random mean, over every cell."""
+    cells = wins = over_uniform = over_llama = over_random = 0
+    for results in runs.values():
+        for q in results["quantizers"]:
+            for budget in results["config"]["budgets"]:
+                rows = {r["label"]: r for r in results["summary"] if r["quantizer"] == q and r["budget"] == budget}
+                nsds = rows["nsds"]["ppl"]
+                cells += 1
+                wins += nsds <= min(r["ppl"] for label, r in rows.items() if label != "oracle")
+                over_uniform += nsds < rows["uniform"]["ppl"]
+                over_llama += nsds < rows["llama.cpp"]["ppl"]
+                over_random += "random" in rows and nsds < rows["random"]["ppl"]
+    return [
+        f"Over all {cells} cells (model x widths x quantizer x budget), the NSDS plan has the lowest "
+        f"PPL of the data-free allocators in {wins}; it beats uniform in {over_uniform}, llama.cpp's rule in "
+        f"{over_llama}, and the mean of the random rankings in {over_random}.",
+    ]
+
+
 def model_section(results: dict, folder: str) -> str:
     model = results["model"]["id"]
     config = results["config"]
@@ -111,6 +131,7 @@ def page(runs: dict[str, dict]) -> str:
         "hundreds or thousands). What is measured is the ranking of allocators at equal bits, not usable models.",
         "",
     ]
+    parts += ["## At a glance", "", *tally(runs), ""]
     for folder, results in runs.items():
         parts.append(model_section(results, folder))
     return "\n".join(parts)
