@@ -15,6 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported, so before nsds/transformers are
+
 from nsds.compare import CompareConfig, compare
 from nsds.files import write_bytes
 from nsds.report import correlation_table, quantizer_section
@@ -144,8 +147,6 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
     args = parser.parse_args()
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")
     runs = {}
     for suffix, widths in WIDTHS.items():
         for model in args.models:

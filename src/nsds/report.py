@@ -6,6 +6,7 @@ from typing import Any
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 from matplotlib.patches import Patch
 
+from nsds.evaluate.oracle import average_ranks
 from nsds.plan import Plan
 from nsds.scores import ScoreReport
 
@@ -125,7 +126,7 @@ def ppl_vs_budget_figure(results: dict[str, Any], quantizer: str) -> bytes:
             axes.plot(budgets, ppl, marker="o", label=label, **style)
         axes.axhline(results["reference_ppl"], color="green", linestyle=":", label="reference")
         axes.set_yscale("log")
-        axes.set_xlabel("average bits per weight (weights only)")
+        axes.set_xlabel("budget (average bits per weight, weights only)")
         axes.legend(fontsize=7)
     panels[0].set_ylabel(f"{results['protocol']['text']} perplexity")
     panels[0].set_title(f"{results['model']['id']} / {quantizer}: allocators")
@@ -141,17 +142,18 @@ def oracle_scatter_figure(results: dict[str, Any], quantizer: str) -> bytes:
     columns = min(4, len(names))
     rows = -(-len(names) // columns)
     figure = Figure(figsize=(3.2 * columns, 2.8 * rows))
-    grid = figure.subplots(rows, columns, squeeze=False)
+    grid = figure.subplots(rows, columns, squeeze=False, sharey=True)
     for axes, name in zip(grid.flat, names, strict=False):
         corr = data["correlations"][name]
-        axes.scatter(data["scores"][name], oracle, s=14)
+        # ranks on x: scores differ in scale by orders of magnitude (EWQ varies in its 6th decimal)
+        axes.scatter(average_ranks(data["scores"][name]), oracle, s=14)
         axes.set_yscale("log")
         axes.set_title(f"{name}: rho {corr['spearman']:.2f}, tau {corr['kendall']:.2f}", fontsize=9)
-        axes.tick_params(labelsize=7)
+        axes.tick_params(labelsize=7, which="both")
     for axes in grid.flat[len(names) :]:
         axes.set_visible(False)
     figure.supylabel(f"PPL with one layer at {data['oracle']['low_width']} bits ({quantizer})")
-    figure.supxlabel("layer score")
+    figure.supxlabel("rank of the layer's score (1 = lowest score)")
     return _png(figure)
 
 
