@@ -1,7 +1,7 @@
 """Regenerate docs/RESULTS.md: `nsds compare` on SmolLM2 and Gemma-3-270M, then the page from its outputs.
 
     python benchmarks/results.py                 # run (or resume) every comparison, then write the page
-    python benchmarks/results.py --page-only     # rewrite the page from docs/results/*/compare.json
+    python benchmarks/results.py --page-only     # re-render page, tables and figures from compare.json
 
 Each model is compared with the paper's 2/4 mix (docs/results/<model>/) and with 2/3/4-bit widths
 (docs/results/<model>-w234/). Each comparison runs in its folder (cells.json makes it resumable: a rerun after an
@@ -18,7 +18,7 @@ from pathlib import Path
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported, so before nsds/transformers are
 
-from nsds.compare import CompareConfig, compare
+from nsds.compare import CompareConfig, compare, write_outputs
 from nsds.files import write_bytes
 from nsds.report import correlation_table, quantizer_section
 
@@ -60,6 +60,10 @@ def _verdicts(results: dict) -> list[str]:
     return lines
 
 
+def _oracle_cached(results: dict) -> bool:
+    return all(results["timing"].get(f"oracle_{q}_s", 0) < 1 for q in results["quantizers"])
+
+
 def tally(runs: dict[str, dict]) -> list[str]:
     """How often NSDS has the lowest PPL, and beats uniform / llama.cpp / the random mean, over every cell."""
     cells = wins = over_uniform = over_llama = over_random = 0
@@ -92,7 +96,8 @@ def model_section(results: dict, folder: str) -> str:
         f"{results['reference_ppl']:.2f} (dequantized 4-bit GGUF weights). Last "
         f"invocation: {results['counts']['evaluated']} evaluations in {results['timing']['total_s'] / 60:.1f} min "
         f"on the 2-core CPU machine, model load included"
-        + (" (resumed: earlier cells and the cached oracle reused)." if results["counts"]["resumed"] else "."),
+        + (" (resumed: earlier cells reused)" if results["counts"]["resumed"] else "")
+        + ("; the oracle came from the cache (measured by the 2/4 run)." if _oracle_cached(results) else "."),
         "",
         "| quantizer | budget | lowest PPL | NSDS PPL | uniform / llama.cpp / random (mean ± std) |",
         "|---|---|---|---|---|",
@@ -142,7 +147,7 @@ def page(runs: dict[str, dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--page-only", action="store_true", help="only rewrite RESULTS.md from compare.json")
+    parser.add_argument("--page-only", action="store_true", help="re-render from compare.json, run nothing")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
@@ -159,6 +164,8 @@ def main() -> int:
                 print(f"results: no {path}; run without --page-only first", file=sys.stderr)
                 return 2
             runs[out.name] = json.loads(path.read_text())
+            if args.page_only:
+                write_outputs(runs[out.name], out)
     write_bytes(DOCS / "RESULTS.md", page(runs).encode())
     print(f"wrote {DOCS / 'RESULTS.md'}")
     return 0

@@ -130,8 +130,6 @@ def _plans(
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run the comparison; write compare.json, compare.md and the figures into cfg.out."""
-    from nsds.report import compare_figures, compare_markdown
-
     started = time.perf_counter()
     quantizers = {name: get_quantizer(name) for name in cfg.quantizers}
     for quantizer in quantizers.values():
@@ -271,12 +269,19 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         "nsds_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    write_outputs(results, cfg.out)
+    return results
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> None:
+    """compare.json, compare.md and the figures (also to re-render them from a saved compare.json)."""
+    from nsds.report import compare_figures, compare_markdown
+
     figures = compare_figures(results)
     for name, png in figures.items():
-        write_bytes(cfg.out / name, png)
-    write_bytes(cfg.out / "compare.md", compare_markdown(results, list(figures)).encode())
-    write_json(cfg.out / "compare.json", results)
-    return results
+        write_bytes(out / name, png)
+    write_bytes(out / "compare.md", compare_markdown(results, list(figures)).encode())
+    write_json(out / "compare.json", results)
 
 
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
