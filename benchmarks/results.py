@@ -34,29 +34,32 @@ COMMAND = (
 
 
 def _label_rank(rows: list[dict], label: str) -> tuple[int, int]:
-    """1-based rank of `label` by PPL among the allocators of one cell (random by its mean)."""
-    order = sorted(rows, key=lambda r: r["ppl"])
-    return [r["label"] for r in order].index(label) + 1, len(order)
+    """1-based rank of `label` by PPL among the allocators of one cell (random by its mean; ties share
+    the better rank, so a plan identical to the best one ranks first)."""
+    ppl = next(r["ppl"] for r in rows if r["label"] == label)
+    return 1 + sum(r["ppl"] < ppl for r in rows), len(rows)
 
 
 def _verdicts(results: dict) -> list[str]:
-    """One line per quantizer x budget: the winner, and where NSDS stands against uniform, random and the rest."""
+    """One line per quantizer x budget: the best data-free allocator, where NSDS stands, and the others."""
     lines = []
     for q in results["quantizers"]:
         for budget in results["config"]["budgets"]:
             rows = [r for r in results["summary"] if r["quantizer"] == q and r["budget"] == budget]
             by_label = {r["label"]: r for r in rows}
-            best = min(rows, key=lambda r: r["ppl"])
-            nsds = by_label["nsds"]
-            rank, count = _label_rank(rows, "nsds")
-            random = by_label.get("random")
-            against = [
+            free = [r for r in rows if r["label"] != "oracle"]
+            lowest = min(r["ppl"] for r in free)
+            best = ", ".join(r["label"] for r in free if r["ppl"] == lowest)
+            rank, count = _label_rank(free, "nsds")
+            random = by_label["random"]
+            others = [
                 f"uniform {by_label['uniform']['ppl']:.1f}",
                 f"llama.cpp {by_label['llama.cpp']['ppl']:.1f}",
-            ] + ([f"random {random['ppl']:.1f} ± {random['ppl_std']:.1f}"] if random and random["ppl_std"] else [])
-            verdict = "NSDS is best" if best["label"] == "nsds" else f"best: {best['label']} {best['ppl']:.1f}"
-            standing = f"{nsds['ppl']:.1f} (rank {rank} of {count})"
-            lines.append(f"| {q} | {budget:g} | {verdict} | {standing} | " + ", ".join(against) + " |")
+                f"random {random['ppl']:.1f} ± {random['ppl_std'] or 0:.1f}",
+                f"oracle ranking {by_label['oracle']['ppl']:.1f}",
+            ]
+            standing = f"{by_label['nsds']['ppl']:.1f} (rank {rank} of {count})"
+            lines.append(f"| {q} | {budget:g} | {best} {lowest:.1f} | {standing} | " + ", ".join(others) + " |")
     return lines
 
 
@@ -65,22 +68,37 @@ def _oracle_cached(results: dict) -> bool:
 
 
 def tally(runs: dict[str, dict]) -> list[str]:
-    """How often NSDS has the lowest PPL, and beats uniform / llama.cpp / the random mean, over every cell."""
-    cells = wins = over_uniform = over_llama = over_random = 0
+    """Over every cell: who has the lowest PPL, and how NSDS fares against uniform, llama.cpp and random;
+    over every oracle: each scorer's mean rank correlation."""
+    cells = over_uniform = over_llama = over_random = 0
+    winners: dict[str, int] = {}
+    rho: dict[str, dict[tuple[str, str], float]] = {}  # keyed by (model, quantizer): width sets share an oracle
     for results in runs.values():
-        for q in results["quantizers"]:
+        for q, data in results["quantizers"].items():
+            for name, corr in data["correlations"].items():
+                rho.setdefault(name, {})[results["model"]["id"], q] = corr["spearman"]
             for budget in results["config"]["budgets"]:
                 rows = {r["label"]: r for r in results["summary"] if r["quantizer"] == q and r["budget"] == budget}
+                lowest = min(r["ppl"] for label, r in rows.items() if label != "oracle")
+                for label, r in rows.items():
+                    if label != "oracle" and r["ppl"] == lowest:
+                        winners[label] = winners.get(label, 0) + 1
                 nsds = rows["nsds"]["ppl"]
                 cells += 1
-                wins += nsds <= min(r["ppl"] for label, r in rows.items() if label != "oracle")
                 over_uniform += nsds < rows["uniform"]["ppl"]
                 over_llama += nsds < rows["llama.cpp"]["ppl"]
-                over_random += "random" in rows and nsds < rows["random"]["ppl"]
+                over_random += nsds < rows["random"]["ppl"]
+    ranked = sorted(winners.items(), key=lambda item: -item[1])
+    oracles = len(next(iter(rho.values())))
+    correlations = sorted(((sum(v.values()) / len(v), name) for name, v in rho.items()), reverse=True)
     return [
-        f"Over all {cells} cells (model x widths x quantizer x budget), the NSDS plan has the lowest "
-        f"PPL of the data-free allocators in {wins}; it beats uniform in {over_uniform}, llama.cpp's rule in "
-        f"{over_llama}, and the mean of the random rankings in {over_random}.",
+        f"- Lowest PPL among the data-free allocators, over all {cells} cells (model x widths x quantizer x "
+        "budget; a tie counts for each): " + ", ".join(f"{label} {count}" for label, count in ranked) + ".",
+        f"- The NSDS plan beats uniform in {over_uniform} of {cells} cells, llama.cpp's rule in {over_llama}, and "
+        f"the mean of the random rankings in {over_random}.",
+        f"- Mean Spearman rho with the oracle over the {oracles} model x quantizer oracles: "
+        + ", ".join(f"{name} {value:+.2f}" for value, name in correlations)
+        + ".",
     ]
 
 
@@ -99,7 +117,7 @@ def model_section(results: dict, folder: str) -> str:
         + (" (resumed: earlier cells reused)" if results["counts"]["resumed"] else "")
         + ("; the oracle came from the cache (measured by the 2/4 run)." if _oracle_cached(results) else "."),
         "",
-        "| quantizer | budget | lowest PPL | NSDS PPL | uniform / llama.cpp / random (mean ± std) |",
+        "| quantizer | budget | lowest PPL (data-free) | NSDS PPL (rank among data-free) | others |",
         "|---|---|---|---|---|",
         *_verdicts(results),
     ]
@@ -133,6 +151,9 @@ def page(runs: dict[str, dict]) -> str:
         "budget is a width (3.0 -> all 3-bit) and otherwise high-width layers spread evenly over depth; `llama.cpp` "
         "is llama.cpp's mixture rule (attn_v and ffn_down first, on its `use_more_bits` layers) filled to the budget; "
         "`random` ranks layers at random (seeds 0-4).",
+        "- The top-k rule moves whole layers, so its plans land at or just below the budget (2.47 of 2.5 bits on "
+        "SmolLM2's 30 layers); llama.cpp's rule moves module groups and lands closer (2.50). Each cell shows the "
+        "achieved bits.",
         "- Oracle: the PPL with one layer alone at 2 bits; Spearman's rho and Kendall's tau-b of every scorer's "
         "layer scores against it (positive = the scorer ranks the harmful layers high).",
         "- These are 135M / 270M models: at 2.5-3 bits data-free quantization destroys them (PPL in the "
