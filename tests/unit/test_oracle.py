@@ -28,7 +28,10 @@ def test_spearman_and_kendall_by_hand():
 def test_kendall_tau_b_with_ties():
     # x has a tie (pairs: 6; concordant 5, discordant 0, one tied in x): tau_b = 5 / sqrt(5 * 6)
     assert kendall([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(30))
-    scipy = pytest.importorskip("scipy.stats")
+
+
+def test_correlations_match_scipy_with_ties():
+    scipy = pytest.importorskip("scipy.stats")  # a test extra; the package itself does not need scipy
     rng = np.random.default_rng(0)
     for _ in range(5):
         a, b = rng.integers(0, 4, 12), rng.normal(size=12)
