@@ -203,7 +203,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         oracle = single_layer_sensitivity(layers, measure, key)
         timing[f"oracle_{q}_s"] = time.perf_counter() - start
 
-        subject = Subject(weights, model, tokenizer, quantizer, low, cfg.group_size, memo=subject_memo)
+        subject = Subject(weights, model, tokenizer, quantizer, low, cfg.group_size, compute.device, subject_memo)
         scores: dict[str, list[float]] = {}
         for name, scorer in scorers.items():
             stored = f"{name}@{q}" if name in QUANTIZER_DEPENDENT else name

@@ -30,6 +30,7 @@ class Subject:
     quantizer: Any = None  # nsds.quantize.Quantizer
     low_width: int = 2
     group_size: int = 128
+    device: str = "auto"  # where NSDS's metrics run
     memo: dict[str, Any] = field(default_factory=dict)
 
 

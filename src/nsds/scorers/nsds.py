@@ -367,7 +367,7 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
 def report_of(subject: "Subject") -> ScoreReport:
     """The NSDS report of a Subject, computed once and shared with the ablations."""
     if "nsds" not in subject.memo:
-        subject.memo["nsds"] = score(subject.source, compute=Compute.choose())
+        subject.memo["nsds"] = score(subject.source, compute=Compute.choose(subject.device))
     return subject.memo["nsds"]
 
 
