@@ -1,5 +1,6 @@
 """MSE: the weight quantization error at the low width, the plainest data-free sensitivity proxy
-(used as a baseline e.g. in HAWQ-V2's and in the NSDS paper's comparisons).
+(the weight-reconstruction error that calibration-based methods such as GPTQ, Frantar et al.,
+arXiv:2210.17323, minimise per layer with data; here without data, on the weights alone).
 
 A layer's score is the mean squared error between its linear weights and their quantized-dequantized
 values, over all the layer's weights, with the quantizer being evaluated (RTN: asymmetric min/max per
