@@ -1,6 +1,6 @@
 """MSE: the weight quantization error at the low width, the plainest data-free sensitivity proxy
-(the weight-reconstruction error that calibration-based methods such as GPTQ, Frantar et al.,
-arXiv:2210.17323, minimise per layer with data; here without data, on the weights alone).
+(GPTQ's layer objective ||(W - Q(W)) X||^2, Frantar et al., arXiv:2210.17323, with no data: X X^T = I,
+which leaves ||W - Q(W)||^2).
 
 A layer's score is the mean squared error between its linear weights and their quantized-dequantized
 values, over all the layer's weights, with the quantizer being evaluated (RTN: asymmetric min/max per
