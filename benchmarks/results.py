@@ -18,7 +18,7 @@ from pathlib import Path
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported, so before nsds/transformers are
 
-from nsds.compare import CompareConfig, compare, write_outputs
+from nsds.compare import CompareConfig, cell_rows, compare, data_free_best, write_outputs
 from nsds.files import write_bytes
 from nsds.report import correlation_table, quantizer_section
 
@@ -33,11 +33,11 @@ COMMAND = (
 )
 
 
-def _label_rank(rows: list[dict], label: str) -> tuple[int, int]:
-    """1-based rank of `label` by PPL among the allocators of one cell (random by its mean; ties share
-    the better rank, so a plan identical to the best one ranks first)."""
-    ppl = next(r["ppl"] for r in rows if r["label"] == label)
-    return 1 + sum(r["ppl"] < ppl for r in rows), len(rows)
+def _nsds_rank(rows: dict[str, dict]) -> tuple[int, int]:
+    """1-based rank of NSDS by PPL among the data-free allocators of one cell (random by its mean; ties
+    share the better rank, so a plan identical to the best one ranks first)."""
+    free = [row["ppl"] for label, row in rows.items() if label != "oracle"]
+    return 1 + sum(ppl < rows["nsds"]["ppl"] for ppl in free), len(free)
 
 
 def _verdicts(results: dict) -> list[str]:
@@ -45,12 +45,9 @@ def _verdicts(results: dict) -> list[str]:
     lines = []
     for q in results["quantizers"]:
         for budget in results["config"]["budgets"]:
-            rows = [r for r in results["summary"] if r["quantizer"] == q and r["budget"] == budget]
-            by_label = {r["label"]: r for r in rows}
-            free = [r for r in rows if r["label"] != "oracle"]
-            lowest = min(r["ppl"] for r in free)
-            best = ", ".join(r["label"] for r in free if r["ppl"] == lowest)
-            rank, count = _label_rank(free, "nsds")
+            by_label = cell_rows(results, q, budget)
+            lowest, best = data_free_best(by_label)
+            rank, count = _nsds_rank(by_label)
             random = by_label["random"]
             others = [
                 f"uniform {by_label['uniform']['ppl']:.1f}",
@@ -59,7 +56,8 @@ def _verdicts(results: dict) -> list[str]:
                 f"oracle ranking {by_label['oracle']['ppl']:.1f}",
             ]
             standing = f"{by_label['nsds']['ppl']:.1f} (rank {rank} of {count})"
-            lines.append(f"| {q} | {budget:g} | {best} {lowest:.1f} | {standing} | " + ", ".join(others) + " |")
+            lowest_cell = f"{', '.join(best)} {lowest:.1f}"
+            lines.append(f"| {q} | {budget:g} | {lowest_cell} | {standing} | " + ", ".join(others) + " |")
     return lines
 
 
@@ -78,11 +76,9 @@ def tally(runs: dict[str, dict]) -> list[str]:
             for name, corr in data["correlations"].items():
                 rho.setdefault(name, {})[results["model"]["id"], q] = corr["spearman"]
             for budget in results["config"]["budgets"]:
-                rows = {r["label"]: r for r in results["summary"] if r["quantizer"] == q and r["budget"] == budget}
-                lowest = min(r["ppl"] for label, r in rows.items() if label != "oracle")
-                for label, r in rows.items():
-                    if label != "oracle" and r["ppl"] == lowest:
-                        winners[label] = winners.get(label, 0) + 1
+                rows = cell_rows(results, q, budget)
+                for label in data_free_best(rows)[1]:
+                    winners[label] = winners.get(label, 0) + 1
                 nsds = rows["nsds"]["ppl"]
                 cells += 1
                 over_uniform += nsds < rows["uniform"]["ppl"]

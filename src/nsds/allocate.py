@@ -106,6 +106,14 @@ def _by_layer(modules: Sequence[Module]) -> dict[int, list[Module]]:
     return layers
 
 
+def _by_group(modules: Sequence[Module]) -> list[list[Module]]:
+    """The allocation units: modules that must share a width (Module.group), in first-seen order."""
+    groups: dict[str, list[Module]] = {}
+    for m in modules:
+        groups.setdefault(m.group, []).append(m)
+    return list(groups.values())
+
+
 def topk(modules: Sequence[Module], scores: Sequence[float], setting: Setting) -> Plan:
     """The paper's rule: rank layers by score (descending, ties by layer index); the top layers get the
     high width, the rest the low width, cut where the parameter-weighted average would exceed the budget.
@@ -149,10 +157,7 @@ def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Settin
     so the plan never exceeds it). Sensitive, and cheap, groups get bits first.
     """
     widths = check_setting(setting)
-    groups: dict[str, list[Module]] = {}
-    for m in modules:
-        groups.setdefault(m.group, []).append(m)
-    units = list(groups.values())
+    units = _by_group(modules)
     layers = {m.layer for m in modules}
     if len(scores) != len(layers):
         raise NsdsError(f"{len(scores)} layer scores for a model with {len(layers)} layers")
@@ -244,9 +249,6 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     widths = check_setting(setting)
     low, high = _bracket(widths, setting.budget)
     layers = len(_by_layer(modules))
-    units: dict[str, list[Module]] = {}
-    for m in modules:
-        units.setdefault(m.group, []).append(m)
 
     def tier(unit: list[Module]) -> tuple[int, int]:
         favoured = any(m.role in ("v", "qkv", "down") for m in unit)
@@ -258,7 +260,7 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     if spent > limit + 1e-6:
         raise NsdsError(f"even width {low} everywhere exceeds the budget of {setting.budget} bits")
     bits, reasons = {}, {}
-    for unit in sorted(units.values(), key=tier):
+    for unit in sorted(_by_group(modules), key=tier):
         extra = sum(_cost(m, high, setting) - _cost(m, low, setting) for m in unit)
         raise_it = spent + extra <= limit + 1e-6
         spent += extra if raise_it else 0
@@ -272,6 +274,11 @@ def random_scores(layers: int, seed: int) -> list[float]:
     """Seeded random layer scores: fed to the same allocator as a real scorer, they give the random
     allocation at the same budget."""
     return [float(x) for x in np.random.default_rng(seed).random(layers)]
+
+
+def default_allocator(widths: Sequence[int]) -> str:
+    """The paper's top-k rule for two widths, the knapsack for more."""
+    return "topk" if len(set(widths)) == 2 else "budget"
 
 
 def allocate(kind: str, modules: Sequence[Module], scores: Sequence[float] | None, setting: Setting) -> Plan:

@@ -21,20 +21,17 @@ from typing import Any
 import torch
 
 from nsds import __version__, arch
-from nsds.allocate import Setting, allocate, check_setting, random_scores
+from nsds.allocate import Setting, allocate, check_setting, default_allocator, random_scores
 from nsds.errors import NsdsError
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman
 from nsds.evaluate.perplexity import perplexity
-from nsds.evaluate.text import default_window, load_text, token_windows
 from nsds.files import read_document, write_bytes, write_json
-from nsds.pipeline import allocation_setting, load_model, load_tokenizer, uniform_setting
+from nsds.pipeline import allocation_setting, load_for_evaluation, uniform_setting
 from nsds.plan import Module, Plan
 from nsds.progress import progress
 from nsds.quantize import Pristine, Quantizer, WeightBank, get_quantizer
 from nsds.scorers import Subject, get_scorers
 from nsds.scorers.ablations import ABLATIONS
-from nsds.scorers.nsds import Compute
-from nsds.weights import ModuleSource, open_source
 
 SCHEMA = "nsds.compare/1"
 CELLS_SCHEMA = "nsds.compare-cells/1"
@@ -76,7 +73,7 @@ class _Cells:
     """The resumable store: finished cells and layer scores, saved atomically after every change.
 
     Its fingerprint (model files, settings, token windows, nsds version) must match the current run;
-    otherwise the old store is set aside and the run starts afresh."""
+    otherwise the run starts afresh and overwrites it."""
 
     def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
         self.path, self.fingerprint = path, fingerprint
@@ -147,30 +144,21 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     if cfg.tokens < 1 or cfg.seeds < 0:
         raise NsdsError("--tokens must be positive and --seeds not negative")
     low = min(cfg.widths)
-    allocator = "topk" if len(set(cfg.widths)) == 2 else "budget"
-    text = load_text(cfg.text)
-    compute = Compute.choose(cfg.device)
-    with open_source(cfg.model, cfg.gguf_file) as source:  # checks the architecture before the long load
-        path, files = source.location, source.files
-
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(path)
-    windows, protocol = token_windows(tokenizer, text, cfg.text, cfg.window or default_window(cfg.text), cfg.tokens)
-    model = load_model(path, compute.device)
-    load_seconds = time.perf_counter() - start
-    weights = ModuleSource(model, model_id=cfg.model, files=files)
+    allocator = default_allocator(cfg.widths)
+    loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, cfg.window, cfg.tokens, cfg.device)
+    model, tokenizer, windows, protocol = loaded.model, loaded.tokenizer, loaded.windows, loaded.protocol
+    weights = loaded.source
     provenance = weights.provenance()
     modules = arch.linear_modules(model, fuse=cfg.fuse)
     layers = arch.geometry(model.config).num_layers
     pristine = Pristine(model, [m.name for m in modules])
-    windows_digest = _windows_digest(windows)
     fingerprint = {
         "model": [f["sha256"] for f in provenance["files"]] or provenance["id"],
         "widths": sorted(cfg.widths),
         "group_size": cfg.group_size,
         "symmetric": cfg.symmetric,
         "fuse": cfg.fuse,
-        "windows": windows_digest,
+        "windows": _windows_digest(windows),
         "nsds_version": __version__,
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -187,13 +175,14 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         store.save()
 
     subject_memo: dict[str, Any] = {}
-    timing: dict[str, float] = {"load_s": load_seconds}
+    timing: dict[str, float] = {"load_s": loaded.seconds}
     per_quantizer: dict[str, Any] = {}
     cells: list[dict[str, Any]] = []
     for q, quantizer in quantizers.items():
         bank = WeightBank(model, pristine, quantizer, cfg.group_size, cfg.symmetric)
-        key = {"model": fingerprint["model"], "quantizer": q, "bits": low, "group_size": cfg.group_size,
-               "symmetric": cfg.symmetric, "windows": windows_digest, "nsds_version": __version__}  # fmt: skip
+        # the oracle does not depend on the other widths nor on fusing, so it is shared across those settings
+        key = {k: fingerprint[k] for k in ("model", "group_size", "symmetric", "windows", "nsds_version")}
+        key |= {"quantizer": q, "bits": low}
 
         def measure(layer: int, bank: WeightBank = bank) -> float:
             bank.load({m.name: low for m in modules if m.layer == layer})
@@ -203,7 +192,8 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         oracle = single_layer_sensitivity(layers, measure, key)
         timing[f"oracle_{q}_s"] = time.perf_counter() - start
 
-        subject = Subject(weights, model, tokenizer, quantizer, low, cfg.group_size, compute.device, subject_memo)
+        device = loaded.compute.device
+        subject = Subject(weights, model, tokenizer, quantizer, low, cfg.group_size, device, subject_memo)
         scores: dict[str, list[float]] = {}
         for name, scorer in scorers.items():
             stored = f"{name}@{q}" if name in QUANTIZER_DEPENDENT else name
@@ -309,15 +299,22 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def cell_rows(results: dict[str, Any], quantizer: str, budget: float) -> dict[str, dict[str, Any]]:
+    """The summary rows of one quantizer and budget, by allocator label (in summary order)."""
+    return {r["label"]: r for r in results["summary"] if r["quantizer"] == quantizer and r["budget"] == budget}
+
+
+def data_free_best(rows: dict[str, dict[str, Any]]) -> tuple[float, list[str]]:
+    """The lowest PPL among the data-free allocators of one cell (random by its mean; the oracle's
+    measured ranking is not data-free and is left out), and every label reaching it."""
+    free = {label: row for label, row in rows.items() if label != "oracle"}
+    lowest = min(row["ppl"] for row in free.values())
+    return lowest, [label for label, row in free.items() if row["ppl"] == lowest]
+
+
 def best_allocators(results: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """The data-free allocator with the lowest PPL for each quantizer and budget (random by its mean;
-    the oracle's measured ranking is not data-free and is left out)."""
-    best: dict[str, dict[str, tuple[float, str]]] = {}
-    for row in results["summary"]:
-        if row["label"] == "oracle":
-            continue
-        slot = best.setdefault(row["quantizer"], {})
-        key = f"{row['budget']:g}"
-        if key not in slot or row["ppl"] < slot[key][0]:
-            slot[key] = (row["ppl"], row["label"])
-    return {q: {b: label for b, (_, label) in by_budget.items()} for q, by_budget in best.items()}
+    """The data-free allocator with the lowest PPL for each quantizer and budget (the first one on a tie)."""
+    return {
+        q: {f"{b:g}": data_free_best(cell_rows(results, q, b))[1][0] for b in results["config"]["budgets"]}
+        for q in results["quantizers"]
+    }

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from nsds import __version__, arch
-from nsds.allocate import Setting, allocate, check_setting
+from nsds.allocate import Setting, allocate, check_setting, default_allocator
 from nsds.errors import NsdsError, first_line
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.perplexity import perplexity
-from nsds.evaluate.text import default_window, load_text, token_windows
+from nsds.evaluate.text import Protocol, default_window, load_text, token_windows
 from nsds.files import write_bytes, write_json
 from nsds.plan import Plan
 from nsds.quantize import Pristine, Quantizer, apply_plan, get_quantizer
@@ -97,6 +97,36 @@ def load_model(path: Path, device: str) -> torch.nn.Module:
     return _pretrained(loader, path, "model").eval().to(device)
 
 
+@dataclass
+class Loaded:
+    """A model loaded once for evaluation, with its tokenizer and the token windows every plan is scored on."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    windows: torch.Tensor
+    protocol: Protocol
+    source: ModuleSource  # the loaded model's weights, with the files they came from
+    compute: Compute
+    seconds: float  # tokenizer + tokenization + model load
+
+
+def load_for_evaluation(
+    model_id: str, gguf_file: str | None, text_name: str, window: int | None, tokens: int, device: str
+) -> Loaded:
+    """Read the text, check the architecture from the weights' header (cheap, before the long load), then
+    load the tokenizer, cut the token windows and load the model on the scorer's device."""
+    text = load_text(text_name)
+    compute = Compute.choose(device)  # the scorer's device is the model's
+    with open_source(model_id, gguf_file) as source:
+        path, files = source.location, source.files
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(path)
+    windows, protocol = token_windows(tokenizer, text, text_name, window or default_window(text_name), tokens)
+    model = load_model(path, compute.device)
+    seconds = time.perf_counter() - start
+    return Loaded(model, tokenizer, windows, protocol, ModuleSource(model, model_id, files), compute, seconds)
+
+
 def allocation_setting(
     quantizer: Quantizer,
     model_id: str,
@@ -141,24 +171,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         quantizer, cfg.model, cfg.budget, cfg.widths, cfg.group_size, cfg.symmetric, cfg.budget_counts
     )
     check_setting(setting)
-    allocator = cfg.allocator if cfg.allocator != "auto" else ("topk" if len(set(cfg.widths)) == 2 else "budget")
+    allocator = cfg.allocator if cfg.allocator != "auto" else default_allocator(cfg.widths)
     if cfg.tokens < 1:
         raise NsdsError(f"--tokens must be positive, got {cfg.tokens}")
     if cfg.save is not None and cfg.quantizer != "hqq":
         raise NsdsError("--save writes HQQ's format; use it with --quantizer hqq")
     if cfg.tasks:
         require_lm_eval()
-    text = load_text(cfg.text)
-    compute = Compute.choose(cfg.device)  # the scorer's device is the model's
-    with open_source(cfg.model, cfg.gguf_file) as source:  # checks the architecture before the long load
-        path, files = source.location, source.files
-
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(path)
-    windows, protocol = token_windows(tokenizer, text, cfg.text, cfg.window or default_window(cfg.text), cfg.tokens)
-    model = load_model(path, compute.device)
-    load_seconds = time.perf_counter() - start
-    scores = score(ModuleSource(model, model_id=cfg.model, files=files), compute=compute)
+    loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, cfg.window, cfg.tokens, cfg.device)
+    model, tokenizer, windows, protocol = loaded.model, loaded.tokenizer, loaded.windows, loaded.protocol
+    scores = score(loaded.source, compute=loaded.compute)
     modules = arch.linear_modules(model, fuse=cfg.fuse)
     plans = {
         "nsds": allocate(allocator, modules, scores.scores, setting),
@@ -181,7 +203,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "reference_note": "the reference is the checkpoint as loaded (for the GGUF assets: dequantized 4-bit weights)",
         "evaluations": [e.summary() for e in evaluations],
         "timing": {
-            "load_s": load_seconds,
+            "load_s": loaded.seconds,
             "score_s": scores.timing["total_s"],
             "total_s": time.perf_counter() - started,
         },

@@ -6,6 +6,7 @@ from typing import Any
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 from matplotlib.patches import Patch
 
+from nsds.compare import cell_rows, data_free_best
 from nsds.evaluate.oracle import average_ranks
 from nsds.plan import Plan
 from nsds.scores import ScoreReport
@@ -179,8 +180,7 @@ def compare_tables(results: dict[str, Any], quantizer: str) -> str:
     """The PPL table of one quantizer (rows: allocators, columns: budgets; best per budget in bold)."""
     rows = _rows(results, quantizer)
     budgets = sorted({b for by_budget in rows.values() for b in by_budget})
-    free = {label: r for label, r in rows.items() if label != "oracle"}  # bold marks the best data-free plan
-    best = {b: min((r[b]["ppl"], label) for label, r in free.items() if b in r)[1] for b in budgets}
+    best = {b: min(data_free_best(cell_rows(results, quantizer, b))[1]) for b in budgets}  # bold: one per column
     header = "| allocator | kind | " + " | ".join(f"{b:g} bits" for b in budgets) + " |"
     lines = [header, "|---|---|" + "---|" * len(budgets)]
     for label, by_budget in rows.items():
