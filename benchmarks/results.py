@@ -10,7 +10,6 @@ every number and every "NSDS wins / loses" statement is computed here from compa
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,9 +17,11 @@ from pathlib import Path
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported, so before nsds/transformers are
 
-from nsds.compare import CompareConfig, cell_rows, compare, data_free_best, write_outputs
+from nsds.compare import compare, write_outputs
+from nsds.config import CompareConfig
 from nsds.files import write_bytes
 from nsds.report import correlation_table, quantizer_section
+from nsds.results import CompareResult, SummaryRow, data_free_best
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -33,57 +34,58 @@ COMMAND = (
 )
 
 
-def _nsds_rank(rows: dict[str, dict]) -> tuple[int, int]:
+def _nsds_rank(rows: dict[str, SummaryRow]) -> tuple[int, int]:
     """1-based rank of NSDS by PPL among the data-free allocators of one cell (random by its mean; ties
     share the better rank, so a plan identical to the best one ranks first)."""
-    free = [row["ppl"] for label, row in rows.items() if label != "oracle"]
-    return 1 + sum(ppl < rows["nsds"]["ppl"] for ppl in free), len(free)
+    free = [row.ppl for label, row in rows.items() if label != "oracle"]
+    return 1 + sum(ppl < rows["nsds"].ppl for ppl in free), len(free)
 
 
-def _verdicts(results: dict) -> list[str]:
+def _verdicts(result: CompareResult) -> list[str]:
     """One line per quantizer x budget: the best data-free allocator, where NSDS stands, and the others."""
     lines = []
-    for q in results["quantizers"]:
-        for budget in results["config"]["budgets"]:
-            by_label = cell_rows(results, q, budget)
+    for q in result.quantizers:
+        for budget in result.config.budgets:
+            by_label = result.rows(q, budget)
             lowest, best = data_free_best(by_label)
             rank, count = _nsds_rank(by_label)
             random = by_label["random"]
             others = [
-                f"uniform {by_label['uniform']['ppl']:.1f}",
-                f"llama.cpp {by_label['llama.cpp']['ppl']:.1f}",
-                f"random {random['ppl']:.1f} ± {random['ppl_std'] or 0:.1f}",
-                f"oracle ranking {by_label['oracle']['ppl']:.1f}",
+                f"uniform {by_label['uniform'].ppl:.1f}",
+                f"llama.cpp {by_label['llama.cpp'].ppl:.1f}",
+                f"random {random.ppl:.1f} ± {random.ppl_std or 0:.1f}",
+                f"oracle ranking {by_label['oracle'].ppl:.1f}",
             ]
-            standing = f"{by_label['nsds']['ppl']:.1f} (rank {rank} of {count})"
+            standing = f"{by_label['nsds'].ppl:.1f} (rank {rank} of {count})"
             lowest_cell = f"{', '.join(best)} {lowest:.1f}"
             lines.append(f"| {q} | {budget:g} | {lowest_cell} | {standing} | " + ", ".join(others) + " |")
     return lines
 
 
-def _oracle_cached(results: dict) -> bool:
-    return all(results["timing"].get(f"oracle_{q}_s", 0) < 1 for q in results["quantizers"])
+def _oracle_cached(result: CompareResult) -> bool:
+    return all(result.timing.get(f"oracle_{q}_s", 0) < 1 for q in result.quantizers)
 
 
-def tally(runs: dict[str, dict]) -> list[str]:
+def tally(runs: dict[str, CompareResult]) -> list[str]:
     """Over every cell: who has the lowest PPL, and how NSDS fares against uniform, llama.cpp and random;
     over every oracle: each scorer's mean rank correlation."""
     cells = over_uniform = over_llama = over_random = 0
     winners: dict[str, int] = {}
     rho: dict[str, dict[tuple[str, str], float]] = {}  # keyed by (model, quantizer): width sets share an oracle
-    for results in runs.values():
-        for q, data in results["quantizers"].items():
-            for name, corr in data["correlations"].items():
-                rho.setdefault(name, {})[results["model"]["id"], q] = corr["spearman"]
-            for budget in results["config"]["budgets"]:
-                rows = cell_rows(results, q, budget)
+    for result in runs.values():
+        for q, data in result.quantizers.items():
+            for name, corr in data.correlations.items():
+                if corr.spearman is not None:
+                    rho.setdefault(name, {})[result.model["id"], q] = corr.spearman
+            for budget in result.config.budgets:
+                rows = result.rows(q, budget)
                 for label in data_free_best(rows)[1]:
                     winners[label] = winners.get(label, 0) + 1
-                nsds = rows["nsds"]["ppl"]
+                nsds = rows["nsds"].ppl
                 cells += 1
-                over_uniform += nsds < rows["uniform"]["ppl"]
-                over_llama += nsds < rows["llama.cpp"]["ppl"]
-                over_random += nsds < rows["random"]["ppl"]
+                over_uniform += nsds < rows["uniform"].ppl
+                over_llama += nsds < rows["llama.cpp"].ppl
+                over_random += nsds < rows["random"].ppl
     ranked = sorted(winners.items(), key=lambda item: -item[1])
     oracles = len(next(iter(rho.values())))
     correlations = sorted(((sum(v.values()) / len(v), name) for name, v in rho.items()), reverse=True)
@@ -98,34 +100,34 @@ def tally(runs: dict[str, dict]) -> list[str]:
     ]
 
 
-def model_section(results: dict, folder: str) -> str:
-    model = results["model"]["id"]
-    config = results["config"]
-    widths = ",".join(str(w) for w in config["widths"])
-    command = COMMAND.format(model=model, widths=widths, group_size=config["group_size"], out=f"docs/results/{folder}")
+def model_section(result: CompareResult, folder: str) -> str:
+    model = result.model["id"]
+    config = result.config
+    widths = ",".join(str(w) for w in config.widths)
+    command = COMMAND.format(model=model, widths=widths, group_size=config.group_size, out=f"docs/results/{folder}")
     parts = [
-        f"## {model}, widths {'/'.join(str(w) for w in config['widths'])} ({config['allocator']} allocator)",
+        f"## {model}, widths {'/'.join(str(w) for w in config.widths)} ({result.allocator} allocator)",
         "",
-        f"`{command}` ({config['tokens']} tokens, {config['seeds']} random seeds); reference PPL "
-        f"{results['reference_ppl']:.2f} (dequantized 4-bit GGUF weights). Last "
-        f"invocation: {results['counts']['evaluated']} evaluations in {results['timing']['total_s'] / 60:.1f} min "
+        f"`{command}` ({config.tokens} tokens, {config.seeds} random seeds); reference PPL "
+        f"{result.reference_ppl:.2f} (dequantized 4-bit GGUF weights). Last "
+        f"invocation: {result.counts.evaluated} evaluations in {result.timing['total_s'] / 60:.1f} min "
         f"on the 2-core CPU machine, model load included"
-        + (" (resumed: earlier cells reused)" if results["counts"]["resumed"] else "")
-        + ("; the oracle came from the cache (measured by the 2/4 run)." if _oracle_cached(results) else "."),
+        + (" (resumed: earlier cells reused)" if result.counts.resumed else "")
+        + ("; the oracle came from the cache (measured by the 2/4 run)." if _oracle_cached(result) else "."),
         "",
         "| quantizer | budget | lowest PPL (data-free) | NSDS PPL (rank among data-free) | others |",
         "|---|---|---|---|---|",
-        *_verdicts(results),
+        *_verdicts(result),
     ]
-    for q in results["quantizers"]:
-        parts += ["", quantizer_section(results, q, "###", f"results/{folder}/")]
-    parts += ["", "### Rank correlation of each scorer with the oracle", "", correlation_table(results), ""]
+    for q in result.quantizers:
+        parts += ["", quantizer_section(result, q, "###", f"results/{folder}/")]
+    parts += ["", "### Rank correlation of each scorer with the oracle", "", correlation_table(result), ""]
     return "\n".join(parts)
 
 
-def page(runs: dict[str, dict]) -> str:
+def page(runs: dict[str, CompareResult]) -> str:
     first = next(iter(runs.values()))
-    protocol = first["protocol"]
+    protocol = first.protocol
     parts = [
         "# Results: NSDS against the alternatives, measured the same way",
         "",
@@ -133,7 +135,7 @@ def page(runs: dict[str, dict]) -> str:
         "",
         "## Protocol",
         "",
-        f"- Text: {protocol['description']} (the same windows for every plan of a model).",
+        f"- Text: {protocol.describe()} (the same windows for every plan of a model).",
         "- Reference weights: the models come as 4-bit GGUF files (SmolLM2 Q4_1, Gemma-3 Q4_K_M), loaded by "
         "transformers and dequantized to float32. The 'reference' is those dequantized 4-bit weights, not the "
         "original bf16 checkpoint; every quantized plan re-quantizes them.",
@@ -141,7 +143,7 @@ def page(runs: dict[str, dict]) -> str:
         "is at or just below the budget (achieved bits in each cell). Token embedding and output head keep the "
         "checkpoint's precision.",
         "- Quantizers: RTN (asymmetric min/max, group-wise) and HQQ (its own optimiser, data-free); group size "
-        f"{first['config']['group_size']}. q/k/v and gate/up share a width (fused runtimes need it).",
+        f"{first.config.group_size}. q/k/v and gate/up share a width (fused runtimes need it).",
         "- Scored plans use the paper's top-k rule on layer scores with two widths, and the exact knapsack "
         "(parameter-weighted, error ~ score x 4^-bits) with three; `uniform` is one width everywhere when the "
         "budget is a width (3.0 -> all 3-bit) and otherwise high-width layers spread evenly over depth; `llama.cpp` "
@@ -157,8 +159,8 @@ def page(runs: dict[str, dict]) -> str:
         "",
     ]
     parts += ["## At a glance", "", *tally(runs), ""]
-    for folder, results in runs.items():
-        parts.append(model_section(results, folder))
+    for folder, result in runs.items():
+        parts.append(model_section(result, folder))
     return "\n".join(parts)
 
 
@@ -180,7 +182,7 @@ def main() -> int:
             if not path.exists():
                 print(f"results: no {path}; run without --page-only first", file=sys.stderr)
                 return 2
-            runs[out.name] = json.loads(path.read_text())
+            runs[out.name] = CompareResult.load(path)
             if args.page_only:
                 write_outputs(runs[out.name], out)
     write_bytes(DOCS / "RESULTS.md", page(runs).encode())

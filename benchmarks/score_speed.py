@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from nsds import arch, assets, reference
-from nsds.scorers.nsds import Compute, NsdsParams, RawRole, aggregate, score
+from nsds.compute import Compute
+from nsds.scorers.nsds import NsdsParams, RawRole, aggregate, score
 from nsds.weights import ModuleSource, SafetensorsSource
 
 LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -37,7 +38,8 @@ LLAMA_TINY = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, n
 
 STREAMED = """
 import json, resource, sys, time
-from nsds.scorers.nsds import Compute, score
+from nsds.compute import Compute
+from nsds.scorers.nsds import score
 from nsds.weights import open_source
 start = time.perf_counter()
 report = score(open_source(sys.argv[1]), compute=Compute.choose(sys.argv[2]))

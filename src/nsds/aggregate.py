@@ -1,4 +1,4 @@
-"""Robust aggregation (NSDS.md section 4): MAD-Sigmoid per role and aspect, then Soft-OR fusion.
+"""Robust aggregation (docs/METHOD.md §4): MAD-Sigmoid per role and aspect, then Soft-OR fusion.
 
 These act on a handful of numbers per layer, so they run in float64 NumPy on the host.
 """

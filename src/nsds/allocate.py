@@ -1,4 +1,4 @@
-"""Bit allocation under an average-bit budget (NSDS.md section 5): sensitive layers get more bits.
+"""Bit allocation under an average-bit budget (docs/METHOD.md §5): sensitive layers get more bits.
 
 Allocators that turn per-layer scores into a Plan:
 - `topk`: the paper's rule, two widths, layers ranked by score;
@@ -10,17 +10,19 @@ Allocators that turn per-layer scores into a Plan:
 """
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from nsds.errors import NsdsError
 from nsds.plan import Module, ModulePlan, Plan, quantization_groups
+from nsds.progress import note
+from nsds.quantize.base import Quantizer
 from nsds.scores import ranking
 
-ALLOCATORS = ("topk", "budget", "uniform", "llama.cpp")
 _MAX_CELLS = 200_000  # budget resolution of the knapsack table; coarser costs are rounded up (never over budget)
+BUDGET_MEASURES = ("weights", "storage")
 
 
 @dataclass(frozen=True)
@@ -38,23 +40,71 @@ class Setting:
     grouping: str = "row"  # the quantizer's group layout (see ModulePlan.groups)
 
 
-def check_setting(setting: Setting) -> tuple[int, ...]:
-    """Sorted candidate widths, after checking the budget lies within them (never silently clamped)."""
+def allocation_setting(
+    quantizer: Quantizer, model_id: str, budget: float, widths: Sequence[int], budget_counts: str = "weights"
+) -> Setting:
+    """The allocation setting of a configured quantizer, checked (see check_setting)."""
+    quantizer.check_widths(widths)
+    setting = Setting(
+        budget=budget,
+        widths=tuple(widths),
+        group_size=quantizer.group_size,
+        overhead_bits_per_group=quantizer.overhead_bits_per_group,
+        quantizer=quantizer.name,
+        model=model_id,
+        symmetric=quantizer.symmetric,
+        budget_counts=budget_counts,
+        grouping=quantizer.grouping,
+    )
+    check_setting(setting)
+    return setting
+
+
+def uniform_setting(setting: Setting) -> Setting:
+    """The uniform baseline's widths: the budget itself when it is a candidate width (3.0 -> 3-bit
+    everywhere), else the candidate widths, mixed evenly over depth."""
+    budget = setting.budget
+    if setting.budget_counts == "weights" and budget == int(budget) and int(budget) in setting.widths:
+        return replace(setting, widths=(int(budget),))
+    return setting
+
+
+def check_setting(setting: Setting, modules: Sequence[Module] | None = None) -> tuple[int, ...]:
+    """Sorted candidate widths, after checking the budget lies within what they reach (never silently clamped).
+
+    Counting storage, the reach depends on the modules' shapes (a row's last group may be short): without
+    modules the check uses the overhead's lower bound, overhead / group size; with them it is exact.
+    """
     widths = tuple(sorted(set(setting.widths)))
-    if not widths or any(w < 1 for w in widths):
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
         raise NsdsError(f"widths must be positive integers, got {list(setting.widths)}")
     if setting.group_size < 1:
         raise NsdsError(f"group size must be positive, got {setting.group_size}")
-    if setting.budget_counts not in ("weights", "storage"):
+    if setting.budget_counts not in BUDGET_MEASURES:
         raise NsdsError(f"budget counts 'weights' or 'storage', not '{setting.budget_counts}'")
+    if not math.isfinite(setting.budget):
+        raise NsdsError(f"budget must be a finite number of bits, got {setting.budget}")
     low, high = widths[0], widths[-1]
-    floor = low + (setting.overhead_bits_per_group / setting.group_size if setting.budget_counts == "storage" else 0)
-    if not floor - 1e-9 <= setting.budget <= high + 1e-9:
-        raise NsdsError(
-            f"budget {setting.budget} bits is outside what widths {list(widths)} can reach "
-            f"([{floor:g}, {high}] bits{' with group overhead' if setting.budget_counts == 'storage' else ''})"
-        )
+    if modules:
+        params = sum(m.params for m in modules)
+        floor, ceiling = (sum(_cost(m, w, setting) for m in modules) / params for w in (low, high))
+    else:
+        overhead = setting.overhead_bits_per_group / setting.group_size if setting.budget_counts == "storage" else 0
+        floor, ceiling = low + overhead, high + (setting.overhead_bits_per_group if overhead else 0)
+    if not floor - 1e-9 <= setting.budget <= ceiling + 1e-9:
+        storage = setting.budget_counts == "storage"
+        reach = f"[{floor:.4g}, {ceiling:.4g}] bits{' with group overhead' if storage else ''}"
+        raise NsdsError(f"budget {setting.budget} bits is outside what widths {list(widths)} can reach ({reach})")
     return widths
+
+
+def check_fits(modules: Sequence[Module], quantizer: Quantizer, settings: Sequence[Setting]) -> None:
+    """Against the model's real shapes: every module fits the quantizer's layout and every budget lies within
+    what the widths reach (exactly, group overhead included)."""
+    for m in modules:
+        quantizer.check_shape(m.out_features, m.in_features)
+    for setting in settings:
+        check_setting(setting, modules)
 
 
 def _plan(
@@ -121,7 +171,7 @@ def topk(modules: Sequence[Module], scores: Sequence[float], setting: Setting) -
     With equal-size layers this keeps floor(L (B - b_lo) / (b_hi - b_lo)) layers high; the paper's
     round() can overshoot the budget by half a layer, this never does.
     """
-    widths = check_setting(setting)
+    widths = check_setting(setting, modules)
     if len(widths) != 2:
         raise NsdsError(f"topk takes exactly two widths (low, high), got {list(widths)}; use --allocator budget")
     low, high = widths
@@ -140,7 +190,14 @@ def topk(modules: Sequence[Module], scores: Sequence[float], setting: Setting) -
         for m in layers[layer]:
             bits[m.name] = low if cut else high
             reasons[m.name] = {"allocator": "topk", "layer_score": scores[layer], "rank": rank}
-    return _plan(modules, bits, reasons, setting, "topk", widths)
+    plan = _plan(modules, bits, reasons, setting, "topk", widths)
+    reached = spent / sum(m.params for m in modules)
+    if setting.budget - reached > 0.1 * (high - low):
+        note(
+            f"warning: the top-k rule moves whole layers and reached only {reached:.3f} of {setting.budget} bits "
+            "on this model; --allocator budget fills the budget more closely"
+        )
+    return plan
 
 
 def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Setting) -> Plan:
@@ -156,7 +213,7 @@ def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Settin
     in units of their greatest common divisor, or rounded up to 1/200000 of the budget for odd shapes,
     so the plan never exceeds it). Sensitive, and cheap, groups get bits first.
     """
-    widths = check_setting(setting)
+    widths = check_setting(setting, modules)
     units = _by_group(modules)
     layers = {m.layer for m in modules}
     if len(scores) != len(layers):
@@ -202,9 +259,9 @@ def uniform(modules: Sequence[Module], setting: Setting) -> Plan:
     """The score-free baseline at the same budget: one width everywhere when the budget is a candidate
     width; otherwise the two widths around it, the higher one on layers spread evenly over depth, as
     many as fit the budget (the nearest feasible uniform mix)."""
-    widths = check_setting(setting)
+    widths = check_setting(setting, modules)
     layers = _by_layer(modules)
-    low, high = _bracket(widths, setting.budget)
+    low, high = _bracket(modules, setting, widths)
     limit = setting.budget * sum(m.params for m in modules)
 
     def spend(high_layers: set[int]) -> float:
@@ -224,10 +281,15 @@ def uniform(modules: Sequence[Module], setting: Setting) -> Plan:
     return _plan(modules, bits, reasons, setting, "uniform", widths)
 
 
-def _bracket(widths: tuple[int, ...], budget: float) -> tuple[int, int]:
-    """The candidate widths just below (or at) and just above the budget."""
-    low = max(w for w in widths if w <= budget + 1e-9)
-    return low, min((w for w in widths if w > budget + 1e-9), default=low)
+def _bracket(modules: Sequence[Module], setting: Setting, widths: tuple[int, ...]) -> tuple[int, int]:
+    """The candidate widths whose uniform cost lies just below (or at) and just above the budget."""
+    params = sum(m.params for m in modules)
+
+    def average(width: int) -> float:
+        return sum(_cost(m, width, setting) for m in modules) / params
+
+    low = max(w for w in widths if average(w) <= setting.budget + 1e-9)
+    return low, min((w for w in widths if average(w) > setting.budget + 1e-9), default=low)
 
 
 def use_more_bits(layer: int, layers: int) -> bool:
@@ -246,8 +308,8 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     the chosen layers, then on the other layers, then the rest on the chosen layers, then everything
     else, by layer within a tier.
     """
-    widths = check_setting(setting)
-    low, high = _bracket(widths, setting.budget)
+    widths = check_setting(setting, modules)
+    low, high = _bracket(modules, setting, widths)
     layers = len(_by_layer(modules))
 
     def tier(unit: list[Module]) -> tuple[int, int]:
@@ -281,16 +343,20 @@ def default_allocator(widths: Sequence[int]) -> str:
     return "topk" if len(set(widths)) == 2 else "budget"
 
 
+ScoredAllocator = Callable[[Sequence[Module], Sequence[float], Setting], Plan]
+FixedAllocator = Callable[[Sequence[Module], Setting], Plan]
+
+SCORED: dict[str, ScoredAllocator] = {"topk": topk, "budget": budgeted}  # turn layer scores into a plan
+FIXED: dict[str, FixedAllocator] = {"uniform": uniform, "llama.cpp": llama_cpp}  # need no scores
+ALLOCATORS = (*SCORED, *FIXED)
+
+
 def allocate(kind: str, modules: Sequence[Module], scores: Sequence[float] | None, setting: Setting) -> Plan:
     """Dispatch to an allocator by name."""
-    if kind == "uniform":
-        return uniform(modules, setting)
-    if kind == "llama.cpp":
-        return llama_cpp(modules, setting)
+    if kind in FIXED:
+        return FIXED[kind](modules, setting)
+    if kind not in SCORED:
+        raise NsdsError(f"unknown allocator '{kind}'; choose from {', '.join(ALLOCATORS)}")
     if scores is None:
         raise NsdsError(f"allocator '{kind}' needs layer scores")
-    if kind == "topk":
-        return topk(modules, scores, setting)
-    if kind == "budget":
-        return budgeted(modules, scores, setting)
-    raise NsdsError(f"unknown allocator '{kind}'; choose from {', '.join(ALLOCATORS)}")
+    return SCORED[kind](modules, scores, setting)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nsds.errors import NsdsError
+from nsds.geometry import Geometry
 from nsds.plan import Module
 
 
@@ -123,23 +124,6 @@ FAMILIES: tuple[Family, ...] = (
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """The shape facts NSDS needs from a config."""
-
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tied_embeddings: bool
-
-    def kv_group(self, head: int) -> int:
-        """g(h): the key/value head a query head reads (GQA/MQA)."""
-        return head // (self.num_heads // self.num_kv_heads)
-
-
 @dataclass
 class LayerRoles:
     """One decoder layer's role matrices, nn.Linear layout, in the checkpoint's dtype."""
@@ -174,15 +158,25 @@ def geometry(config) -> Geometry:
     model_type = config.model_type
     family_of(model_type)
     cfg = text_config(config)
+    sizes = {
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+    }
+    for name, value in sizes.items():
+        _check_positive(name, value)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    _check_positive("num_key_value_heads", kv_heads)
+    _check_positive("head_dim", head_dim)
     if heads % kv_heads:
         raise NsdsError(f"config has {heads} attention heads, not a multiple of {kv_heads} key/value heads")
     tied = getattr(config, "tie_word_embeddings", None)
     if tied is None:
         tied = getattr(cfg, "tie_word_embeddings", True)
     return Geometry(
+        family=family_of(model_type).name,
         model_type=model_type,
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
@@ -191,6 +185,17 @@ def geometry(config) -> Geometry:
         head_dim=head_dim,
         tied_embeddings=bool(tied),
     )
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NsdsError(f"config has {name} = {value!r}; it must be a positive integer")
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), when its config states one."""
+    value = getattr(text_config(config), "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def find_body(family: Family, names: set[str]) -> str:
@@ -282,14 +287,25 @@ def linear_modules(model, fuse: bool = True) -> list[Module]:
     With `fuse`, q/k/v and gate/up of a layer form one group that must share a width, as in runtimes
     that fuse them into one matmul (vLLM, llama.cpp's fused kernels).
     """
-    family = family_of(model.config.model_type)
-    geo = geometry(model.config)
-    body = find_body(family, {name for name, _ in model.named_parameters()})
+    names = {name for name, _ in model.named_parameters()}
+    return _modules(model.config, names, lambda name: tuple(model.get_submodule(name).weight.shape), fuse)
+
+
+def source_modules(source, fuse: bool = True) -> list[Module]:
+    """The same modules read from a weight source's header (shapes only, no weights, no model load), so a
+    plan's options can be checked against the real shapes before anything expensive."""
+    return _modules(source.config, source.names(), lambda name: source.shape(f"{name}.weight"), fuse)
+
+
+def _modules(config, names: set[str], shape_of: Callable[[str], tuple[int, ...]], fuse: bool) -> list[Module]:
+    family = family_of(config.model_type)
+    geo = geometry(config)
+    body = find_body(family, names)
     modules = []
     for i in range(geo.num_layers):
         for role, rel in layer_modules(family):
             name = f"{body}{family.layers}.{i}.{rel}"
-            shape = tuple(model.get_submodule(name).weight.shape)
+            shape = shape_of(name)
             out_features, in_features = shape[::-1] if family.conv1d else shape
             group = f"{i}.{FUSED_BY_RUNTIMES.get(role, role) if fuse else role}"
             modules.append(Module(name, i, role, out_features, in_features, group))

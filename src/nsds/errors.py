@@ -6,6 +6,14 @@ class NsdsError(Exception):
 
 
 def first_line(err: BaseException) -> str:
-    """An exception's message cut to one line (or its type when it has none), for one-line errors."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """An exception's message cut to one line (or its type when it has none), for one-line errors.
+
+    A first line that only announces what follows ("Class validation error for validator 'x':", as
+    huggingface_hub's strict dataclasses write) is joined with the next line, which holds the reason.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]

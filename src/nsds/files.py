@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from platformdirs import user_cache_dir
 
-from nsds.errors import NsdsError
+from nsds.errors import NsdsError, first_line
 
 
 def cache_dir() -> Path:
@@ -36,6 +36,32 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """Fail before any work when `path` cannot be written: a folder, under a file, or read-only."""
+    path = Path(path)
+    if path.is_dir():
+        raise NsdsError(f"{option} '{path}' is a folder; give a file name")
+    _check_writable_folder(path.parent, option, path)
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """Fail before any work when the folder `path` cannot be created or written into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NsdsError(f"{option} '{path}' is a file; give a folder")
+    _check_writable_folder(path, option, path)
+
+
+def _check_writable_folder(folder: Path, option: str, target: Path) -> None:
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NsdsError(f"{option} '{target}' lies under '{existing}', which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NsdsError(f"{option} '{target}': no permission to write in '{existing}'")
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Atomically write `data`."""
     atomic_write(path, lambda handle: handle.write(data))
@@ -47,14 +73,16 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_document(path: Path, schema: str, what: str, build: Callable[[dict], Any]) -> Any:
-    """Read a versioned JSON document (plan, scores) and build it, as one clear error if anything is off."""
+    """Read a versioned JSON document (plan, scores, results, caches) and build it, as one clear error if
+    anything is off: unreadable, not JSON, another schema, or content of the wrong shape (documents.build)."""
     try:
         data = json.loads(Path(path).read_text())
-        if data.get("schema") != schema:
-            raise ValueError(f"schema {data.get('schema')!r}, expected {schema!r}")
+        if not isinstance(data, dict) or data.get("schema") != schema:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"schema {found!r}, expected {schema!r}")
         return build(data)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise NsdsError(f"cannot read {what} file '{path}': {err}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, NsdsError) as err:
+        raise NsdsError(f"cannot read {what} file '{path}': {first_line(err)}") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from nsds import __version__
+from nsds.documents import build
+from nsds.errors import NsdsError
 from nsds.files import read_document, write_json
 
 SCHEMA = "nsds.plan/1"
+GROUPINGS = ("row", "flat")
 OUTSIDE_BUDGET = "token embedding and output head keep the checkpoint's precision and are outside the budget"
 
 
@@ -45,6 +48,10 @@ class ModulePlan:
     bits: int
     group_size: int
     reason: dict[str, Any]  # why this width: allocator, layer score, rank
+
+    def __post_init__(self) -> None:
+        if min(self.bits, self.group_size, self.out_features, self.in_features) < 1 or self.layer < 0:
+            raise NsdsError(f"module '{self.name}': bits, group size and features must be positive, layer >= 0")
 
     @property
     def params(self) -> int:
@@ -80,6 +87,14 @@ class Plan:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
 
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise NsdsError("a plan must hold at least one module")
+        if self.grouping not in GROUPINGS:
+            raise NsdsError(f"grouping must be one of {list(GROUPINGS)}, got '{self.grouping}'")
+        if self.overhead_bits_per_group < 0:
+            raise NsdsError(f"overhead bits per group must not be negative, got {self.overhead_bits_per_group}")
+
     @property
     def params(self) -> int:
         return sum(m.params for m in self.modules)
@@ -114,8 +129,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        fields = {k: v for k, v in data.items() if k != "summary"}
-        return cls(**(fields | {"modules": [ModulePlan(**m) for m in data["modules"]]}))
+        return build(cls, {k: v for k, v in data.items() if k != "summary"})
 
     @classmethod
     def load(cls, path: Path) -> "Plan":

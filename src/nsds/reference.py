@@ -1,4 +1,4 @@
-"""A plain, slow restatement of NSDS.md sections 1-3, to check the fast path against (tests, benchmark).
+"""A plain, slow restatement of docs/METHOD.md sections 1-3, to check the fast path against (tests, benchmark).
 
 Every head circuit is formed as a full d x d matrix and decomposed by a full SVD; every kurtosis is the
 textbook formula in float64 NumPy; W_U is decomposed by a full SVD. No shortcut is shared with

@@ -1,10 +1,13 @@
 """The score report: every intermediate of a scorer's run, as versioned JSON (schema in the README)."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nsds.documents import build, plain
+from nsds.errors import NsdsError
 from nsds.files import read_document, write_json
+from nsds.geometry import Geometry
 
 SCHEMA = "nsds.scores/1"
 
@@ -35,7 +38,7 @@ class ScoreReport:
 
     scorer: str
     model: dict[str, Any]
-    geometry: dict[str, Any]
+    geometry: Geometry
     parameters: dict[str, Any]
     compute: dict[str, Any]
     roles: list[str]
@@ -47,23 +50,25 @@ class ScoreReport:
     unembedding_rank: int | None = None
     schema: str = SCHEMA
 
+    def __post_init__(self) -> None:
+        if not self.layers or [layer.index for layer in self.layers] != list(range(len(self.layers))):
+            raise NsdsError("a score report holds layers 0, 1, ... in order")
+        if sorted(self.ranking) != list(range(len(self.layers))):
+            raise NsdsError("a score report's ranking must list every layer once")
+
     @property
     def scores(self) -> list[float]:
         return [layer.score for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": self.schema} | {k: v for k, v in asdict(self).items() if k != "schema"}
+        return {"schema": self.schema} | {k: v for k, v in plain(self).items() if k != "schema"}
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScoreReport":
-        layers = [
-            LayerScore(**(layer | {"roles": {r: RoleScore(**v) for r, v in layer["roles"].items()}}))
-            for layer in data["layers"]
-        ]
-        return cls(**(data | {"layers": layers}))
+        return build(cls, data)
 
     @classmethod
     def load(cls, path: Path) -> "ScoreReport":

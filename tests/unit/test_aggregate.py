@@ -46,7 +46,7 @@ def test_soft_or_forms():
 
 
 def test_aggregate_is_per_layer_and_skips_uninformative_roles():
-    """The authors' Soft-OR averaged over all layers at once (NSDS.md defect 2): scores must differ."""
+    """The authors' Soft-OR averaged over all layers at once (docs/METHOD.md §6, defect 2): scores must differ."""
     raw = [
         {"qk": RawRole(nv=nv, se=se, kept=4), "ov": RawRole(nv=1.0, se=0.0, kept=4)}
         for nv, se in [(1.0, 3.0), (2.0, 1.0), (9.0, 2.0), (1.5, 8.0)]
@@ -64,5 +64,5 @@ def test_aggregate_is_per_layer_and_skips_uninformative_roles():
 
 
 def test_ranking_is_descending_and_stable():
-    """Most sensitive first (the authors' script sorted ascending: NSDS.md defect 4); ties by index."""
+    """Most sensitive first (the authors' script sorted ascending: docs/METHOD.md §6, defect 4); ties by index."""
     assert ranking([0.1, 0.9, 0.5, 0.9]) == [1, 3, 2, 0]

@@ -9,11 +9,13 @@ import torch
 import transformers as tf
 
 from nsds.errors import NsdsError
-from nsds.quantize import get_quantizer
+from nsds.quantize import make_quantizer
 from nsds.quantize.rtn import rtn
-from nsds.scorers import MATRICES, Subject, ablations, ewq, get_scorers, kurtboost, layer_matrices, lieq, mse, zd
+from nsds.scorers import ablations, ewq, kurtboost, lieq, mse, zd
 from nsds.scorers import nsds as nsds_scorer
 from nsds.scorers.nsds import NsdsParams
+from nsds.scorers.specs import get_scorers
+from nsds.scorers.subject import MATRICES, Subject, layer_matrices
 from nsds.weights import ModuleSource
 
 from tiny_models import save_tiny_tokenizer, tiny_model
@@ -41,7 +43,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def subject(llama, tokenizer):
-    return Subject(ModuleSource(llama), model=llama, tokenizer=tokenizer, quantizer=get_quantizer("rtn"), group_size=32)
+    return Subject(ModuleSource(llama), model=llama, tokenizer=tokenizer, quantizer=make_quantizer("rtn", 32))
 
 
 def weights(model) -> list[dict[str, np.ndarray]]:
@@ -115,17 +117,25 @@ def test_layer_matrices_are_the_modules_weights(llama):
             assert np.array_equal(got[role].double().numpy(), expected[role])
 
 
+def names(specs) -> list[str]:
+    return [spec.name for spec in specs]
+
+
 def test_get_scorers_groups_and_unknown_name():
     baselines = ["zd", "mse", "ewq", "kurtboost", "lieq"]
     ablation_names = ["nsds-nv", "nsds-se", "nsds-mad1", "nsds-product", "nsds-collapsed"]
-    assert list(get_scorers(["all"])) == ["nsds", *baselines, *ablation_names]
-    assert list(get_scorers(["baselines"])) == baselines
-    assert list(get_scorers(["ablations"])) == ablation_names
-    assert list(get_scorers(["lieq", "baselines", "nsds"])) == ["lieq", "zd", "mse", "ewq", "kurtboost", "nsds"]
-    assert get_scorers(["zd"])["zd"] is zd.score
+    assert names(get_scorers(["all"])) == ["nsds", *baselines, *ablation_names]
+    assert names(get_scorers(["baselines"])) == baselines
+    assert names(get_scorers(["ablations"])) == ablation_names
+    assert names(get_scorers(["lieq", "baselines", "nsds"])) == ["lieq", "zd", "mse", "ewq", "kurtboost", "nsds"]
+    assert get_scorers(["zd"])[0].load() is zd.score
+    assert [s.name for s in get_scorers(["all"]) if s.quantizer_dependent] == ["mse"]
+    assert [s.name for s in get_scorers(["all"]) if s.needs_model] == ["lieq"]
     with pytest.raises(NsdsError, match="unknown scorer 'bogus'") as caught:
         get_scorers(["zd", "bogus"])
     assert "\n" not in str(caught.value)
+    with pytest.raises(NsdsError, match="at least one scorer"):
+        get_scorers([])
 
 
 # --- ZD ---
@@ -261,8 +271,22 @@ def test_mse_score_with_rtn(llama, subject):
     assert got.shape == (4,)
     assert np.allclose(got, expected, rtol=1e-12, atol=0)
     assert np.all(got > 0)
-    finer = mse.score(Subject(subject.source, quantizer=subject.quantizer, low_width=4, group_size=32))
+    finer = mse.score(Subject(subject.source, quantizer=subject.quantizer, low_width=4))
     assert np.all(finer < got)
+
+
+def test_mse_measures_the_quantizer_as_configured(llama, subject):
+    """`nsds compare --symmetric` must rank by the symmetric grid's error, the one its plans are evaluated with
+    (it used to measure the asymmetric error whatever the setting)."""
+    symmetric = Subject(subject.source, quantizer=make_quantizer("rtn", 32, symmetric=True))
+    expected = []
+    for layer in weights(llama):
+        error = sum(((rtn(torch.from_numpy(w).float(), 2, 32, True).double().numpy() - w) ** 2).sum()
+                    for w in layer.values())  # fmt: skip
+        expected.append(error / sum(w.size for w in layer.values()))
+    got = mse.score(symmetric)
+    assert np.allclose(got, expected, rtol=1e-12, atol=0)
+    assert not np.allclose(got, mse.score(subject), rtol=1e-3, atol=0)
 
 
 def test_mse_needs_a_quantizer(subject):
@@ -351,8 +375,8 @@ def nsds_report(subject):
 
 
 def test_single_aspect_ablations_are_the_report_fields(subject, nsds_report):
-    nv = ablations.ABLATIONS["nsds-nv"](subject)
-    se = ablations.ABLATIONS["nsds-se"](subject)
+    nv = ablations.nv_only(subject)
+    se = ablations.se_only(subject)
     assert np.allclose(nv, [layer.nv for layer in nsds_report.layers], rtol=1e-12, atol=0)
     assert np.allclose(se, [layer.se for layer in nsds_report.layers], rtol=1e-12, atol=0)
     assert "nsds" in subject.memo  # one NSDS run, shared
@@ -360,15 +384,15 @@ def test_single_aspect_ablations_are_the_report_fields(subject, nsds_report):
 
 def test_reaggregated_ablations_match_rescoring(subject):
     mad1 = nsds_scorer.score(subject.source, NsdsParams(mad_constant=1.0))
-    assert np.allclose(ablations.ABLATIONS["nsds-mad1"](subject), mad1.scores, rtol=1e-12, atol=0)
+    assert np.allclose(ablations.mad1(subject), mad1.scores, rtol=1e-12, atol=0)
     product = nsds_scorer.score(subject.source, NsdsParams(soft_or="product"))
-    assert np.allclose(ablations.ABLATIONS["nsds-product"](subject), product.scores, rtol=1e-12, atol=0)
+    assert np.allclose(ablations.product(subject), product.scores, rtol=1e-12, atol=0)
 
 
 def test_ablations_differ_from_nsds(subject, nsds_report):
     default = np.array(nsds_report.scores)
-    assert not np.allclose(ablations.ABLATIONS["nsds-mad1"](subject), default, rtol=1e-6, atol=0)
-    assert not np.allclose(ablations.ABLATIONS["nsds-product"](subject), default, rtol=1e-6, atol=0)
+    assert not np.allclose(ablations.mad1(subject), default, rtol=1e-6, atol=0)
+    assert not np.allclose(ablations.product(subject), default, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(9, 5), (5, 9), (6, 6)])
@@ -424,6 +448,6 @@ def test_collapsed_matches_numpy(llama, subject):
             per_role.append(mad_sigmoid(r))
         aspects[aspect] = soft_or(np.array(per_role), 1e-12)
     expected = soft_or(np.array([aspects["nv"], aspects["se"]]), 0.0)
-    got = ablations.ABLATIONS["nsds-collapsed"](subject)
+    got = ablations.collapsed(subject)
     assert got.shape == (4,)
     assert np.allclose(got, expected, rtol=1e-9, atol=1e-12)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nsds.cli import main
 from nsds.scores import SCHEMA, ScoreReport
@@ -52,7 +53,11 @@ def test_options_reach_the_scorer(tiny_llama_folder, tmp_path):
     [
         (["score", "/no/such/model"], "does not exist"),
         (["score", "{folder}", "--energy", "1.5"], "energy threshold must be in (0, 1]"),
-        (["score", "{folder}", "--device", "cuda"], "no CUDA GPU"),
+        pytest.param(
+            ["score", "{folder}", "--device", "cuda"],
+            "no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
+        ),
         (["score", "{folder}", "--precision", "float16"], "invalid choice"),
         (["score", "{bert}"], "unsupported architecture 'bert'"),
         (["score", "{folder}", "--gguf-file", "x.gguf"], "no GGUF file 'x.gguf'"),

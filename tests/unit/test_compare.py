@@ -1,6 +1,7 @@
 """`nsds compare` end to end on a tiny real model: outputs, equal budgets, the oracle, resuming, bad input."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -8,11 +9,13 @@ import pytest
 import torch
 
 from nsds import arch
-from nsds.compare import CompareConfig, best_allocators, compare
+from nsds.compare import compare, write_outputs
+from nsds.config import CompareConfig
+from nsds.evaluate.loading import load_model, load_tokenizer
 from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import token_windows
-from nsds.pipeline import load_model, load_tokenizer
 from nsds.quantize.rtn import rtn
+from nsds.results import CompareResult
 
 from tiny_models import save_tiny_tokenizer, tiny_model
 
@@ -43,7 +46,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_compare_writes_every_output_at_equal_budgets(tiny, tmp_path, cache):
     out = tmp_path / "out"
-    results = compare(config(tiny, out, quantizers=("rtn", "hqq")))
+    result = compare(config(tiny, out, quantizers=("rtn", "hqq")))
     assert {p.name for p in out.iterdir()} == {"compare.json", "compare.md", "cells.json", "ppl-vs-budget-rtn.png",
         "ppl-vs-budget-hqq.png", "oracle-scatter-rtn.png", "oracle-scatter-hqq.png"}  # fmt: skip
     saved = json.loads((out / "compare.json").read_text())
@@ -57,17 +60,41 @@ def test_compare_writes_every_output_at_equal_budgets(tiny, tmp_path, cache):
     labels = {c["label"] for c in saved["cells"]}
     assert labels == set(scorers) | {"uniform", "llama.cpp", "oracle", "random-0", "random-1", "random-2"}
     assert len(saved["cells"]) == 2 * 2 * len(labels)
+    ppl_of_plan = {}
     for cell in saved["cells"]:
-        assert cell["weight_bits"] <= cell["budget"] + 1e-9 and cell["ppl"] > 0
+        assert cell["weight_bits"] <= cell["budget"] + 1e-9 and math.isfinite(cell["ppl"])
+        assert ppl_of_plan.setdefault((cell["quantizer"], cell["plan"]), cell["ppl"]) == cell["ppl"]
     random = [r for r in saved["summary"] if r["label"] == "random"]
     assert len(random) == 4 and all(r["n"] == 3 and r["ppl_std"] is not None for r in random)
-    assert set(best_allocators(results)["rtn"]) == {"2.5", "3"}
+    for r in random:
+        seeds = [c["ppl"] for c in saved["cells"] if c["kind"] == "random" and c["quantizer"] == r["quantizer"]
+                 and c["budget"] == r["budget"]]  # fmt: skip
+        assert r["ppl"] == pytest.approx(sum(seeds) / 3) and r["ppl_min"] == min(seeds)
+    best = result.best_allocators()["rtn"]
+    assert set(best) == {2.5, 3.0}
+    for budget, labels in best.items():
+        rows = result.rows("rtn", budget)
+        lowest = min(r.ppl for label, r in rows.items() if label != "oracle")
+        assert labels == [label for label, r in rows.items() if label != "oracle" and r.ppl == lowest]
     markdown = (out / "compare.md").read_text()
     assert "| nsds | scorer |" in markdown and "Spearman" in markdown and "ppl-vs-budget-rtn.png" in markdown
+    assert CompareResult.load(out / "compare.json").to_dict() == saved  # the typed result round-trips
+
+
+def test_saved_results_render_the_same_outputs(tiny, tmp_path, cache):
+    out = tmp_path / "out"
+    compare(config(tiny, out, scorers=("zd",), seeds=0, budgets=(3.0,)))
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".json")}
+    again = tmp_path / "again"
+    again.mkdir()
+    write_outputs(CompareResult.load(out / "compare.json"), again)
+    assert {p.name: p.read_bytes() for p in again.iterdir() if p.suffix in (".md", ".json")} == {
+        k: v for k, v in first.items() if k != "cells.json"
+    }
 
 
 def test_oracle_is_the_ppl_with_one_layer_quantized(tiny, tmp_path, cache):
-    results = compare(config(tiny, tmp_path / "out", scorers=("zd",), seeds=0, budgets=(3.0,)))
+    result = compare(config(tiny, tmp_path / "out", scorers=("zd",), seeds=0, budgets=(3.0,)))
     folder, text = tiny
     tokenizer = load_tokenizer(folder)
     windows, _ = token_windows(tokenizer, text.read_text(), str(text), 32, 150)
@@ -77,21 +104,24 @@ def test_oracle_is_the_ppl_with_one_layer_quantized(tiny, tmp_path, cache):
             if m.layer == 5:
                 weight = model.get_submodule(m.name).weight
                 weight.copy_(rtn(weight, 2, 32))
-    assert results["quantizers"]["rtn"]["oracle"]["ppl"][5] == pytest.approx(perplexity(model, windows), rel=1e-6)
-    assert results["reference_ppl"] == pytest.approx(perplexity(load_model(folder, "cpu"), windows), rel=1e-6)
+    assert result.quantizers["rtn"].oracle.ppl[5] == pytest.approx(perplexity(model, windows), rel=1e-6)
+    assert result.reference_ppl == pytest.approx(perplexity(load_model(folder, "cpu"), windows), rel=1e-6)
 
 
 def test_rerun_skips_finished_cells_and_a_changed_setting_starts_afresh(tiny, tmp_path, cache):
     out = tmp_path / "out"
     first = compare(config(tiny, out, scorers=("nsds", "zd")))
-    assert first["counts"]["evaluated"] > 8  # reference + oracle + plans
+    distinct = len({c.plan for c in first.cells})
+    assert first.counts.evaluated == 1 + 8 + distinct  # reference + oracle layers + each distinct plan once
+    assert first.counts.reused == len(first.cells) - distinct
     again = compare(config(tiny, out, scorers=("nsds", "zd")))
-    assert again["counts"] == {"evaluated": 0, "reused": len(again["cells"]), "resumed": True}
-    assert [c["ppl"] for c in again["cells"]] == [c["ppl"] for c in first["cells"]]
+    assert again.counts.evaluated == 0 and again.counts.resumed and again.counts.reused == len(again.cells)
+    assert [c.ppl for c in again.cells] == [c.ppl for c in first.cells]
     extended = compare(config(tiny, out, scorers=("nsds", "zd", "ewq")))  # only ewq's new plans are evaluated
-    assert extended["counts"]["evaluated"] <= 2
+    new_plans = {c.plan for c in extended.cells} - {c.plan for c in first.cells}
+    assert extended.counts.evaluated == len(new_plans)
     changed = compare(config(tiny, out, scorers=("zd",), tokens=120))
-    assert changed["counts"]["resumed"] is False and changed["counts"]["evaluated"] > 8
+    assert changed.counts.resumed is False and changed.counts.evaluated == 1 + 8 + len({c.plan for c in changed.cells})
 
 
 def run_cli(*args):

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from nsds.arch import Geometry, LayerRoles
+from nsds.arch import LayerRoles
+from nsds.compute import Compute
+from nsds.geometry import Geometry
 from nsds.metrics.spectra import gram_of_columns, readout_complement
 from nsds.reference import layer_metrics, readout_basis
-from nsds.scorers.nsds import Compute, measure_layer
+from nsds.scorers.nsds import measure_layer
 
 
 def random_layer(geo: Geometry, mlp: int, seed: int, low_rank: bool, gated: bool = True) -> LayerRoles:
@@ -34,7 +36,7 @@ def random_layer(geo: Geometry, mlp: int, seed: int, low_rank: bool, gated: bool
 @pytest.mark.parametrize("low_rank", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
 def test_fast_path_matches_full_svd_reference(low_rank, gated):
-    geo = Geometry("test", num_layers=1, hidden_size=48, num_heads=6, num_kv_heads=2, head_dim=12,
+    geo = Geometry("llama", "test", num_layers=1, hidden_size=48, num_heads=6, num_kv_heads=2, head_dim=12,
                    tied_embeddings=True)  # fmt: skip
     unembedding = torch.from_numpy(np.random.default_rng(9).standard_t(3.0, size=(200, 48))).float()
     energy = 0.99
@@ -53,8 +55,8 @@ def test_fast_path_matches_full_svd_reference(low_rank, gated):
 
 
 def test_writer_density_when_k_differs_from_k_u():
-    """The authors' script crashed whenever k != k_U (NSDS.md defect 1); ours must not."""
-    geo = Geometry("test", 1, hidden_size=32, num_heads=4, num_kv_heads=4, head_dim=8, tied_embeddings=True)
+    """The authors' script crashed whenever k != k_U (docs/METHOD.md §6, defect 1); ours must not."""
+    geo = Geometry("llama", "test", 1, hidden_size=32, num_heads=4, num_kv_heads=4, head_dim=8, tied_embeddings=True)
     unembedding = torch.from_numpy(np.random.default_rng(0).normal(size=(64, 32)) * np.logspace(0, -3, 32))
     complement, k_u = readout_complement(gram_of_columns(unembedding, torch.float64), 0.99)
     roles = random_layer(geo, mlp=64, seed=5, low_rank=True)

@@ -6,7 +6,7 @@ import torch
 from nsds import arch
 from nsds.allocate import Setting, topk
 from nsds.errors import NsdsError
-from nsds.quantize import Pristine, apply_plan, get_quantizer
+from nsds.quantize import WeightBank, make_quantizer
 from nsds.quantize.rtn import rtn
 
 from tiny_models import tiny_model
@@ -57,7 +57,7 @@ def test_hqq_fake_quant_is_what_hqqlinear_stores():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 48, bias=False)
     for bits in (2, 3, 4):
-        fake = get_quantizer("hqq").fake_quantize(linear.weight.detach(), bits, 32, symmetric=False)
+        fake = make_quantizer("hqq", 32).fake_quantize(linear.weight.detach(), bits)
         stored = HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=32, axis=1), compute_dtype=torch.float32,
                            device="cpu", del_orig=False).dequantize()  # fmt: skip
         assert torch.allclose(fake, stored.reshape(48, 96), atol=1e-6), bits
@@ -68,13 +68,19 @@ def test_hqq_fake_quant_is_what_hqqlinear_stores():
 
 def test_quantizer_checks():
     with pytest.raises(NsdsError, match="unknown quantizer 'gptq'"):
-        get_quantizer("gptq")
+        make_quantizer("gptq")
     with pytest.raises(NsdsError, match=r"does not support width\(s\) \[7\]"):
-        get_quantizer("hqq").check([2, 7], symmetric=False)
+        make_quantizer("hqq").check_widths([2, 7])
     with pytest.raises(NsdsError, match="asymmetric by construction"):
-        get_quantizer("hqq").check([2, 4], symmetric=True)
+        make_quantizer("hqq", 64, symmetric=True)
     with pytest.raises(NsdsError, match="multiple of 8"):
-        get_quantizer("hqq").fake_quantize(torch.randn(4, 20), 2, 20, symmetric=False)
+        make_quantizer("hqq", 20)
+    with pytest.raises(NsdsError, match="must divide every module's weight count"):
+        make_quantizer("hqq", 16).fake_quantize(torch.randn(3, 6), 2)
+    with pytest.raises(NsdsError, match="group size must be a positive integer"):
+        make_quantizer("rtn", 0)
+    assert make_quantizer("rtn", 64).overhead_bits_per_group == 32
+    assert make_quantizer("rtn", 64, symmetric=True).overhead_bits_per_group == 16
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -83,13 +89,32 @@ def test_apply_plan_and_restore(model_type):
     modules = arch.linear_modules(model)
     before = {m.name: model.get_submodule(m.name).weight.detach().clone() for m in modules}
     plan = topk(modules, [0.9, 0.1, 0.5, 0.2], Setting(3.0, (2, 4), 16, 32, "rtn", "tiny"))
-    pristine = Pristine(model, [m.name for m in modules])
-    apply_plan(model, plan, pristine, get_quantizer("rtn"))
+    bank = WeightBank(model, [m.name for m in modules], make_quantizer("rtn", 16), keep=False)
+    bank.load_plan(plan)
     conv1d = model_type == "gpt2"
     for m in plan.modules:
         weight = model.get_submodule(m.name).weight.detach()
         original = before[m.name].T if conv1d else before[m.name]
         expected = rtn(original, m.bits, 16)
         assert torch.equal(weight.T if conv1d else weight, expected), m.name
-    pristine.restore(model)
+    assert bank.variants == {}  # keep=False holds nothing but the pristine copy
+    bank.restore()
     assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in before.items())
+    with pytest.raises(NsdsError, match="other settings"):
+        WeightBank(model, [m.name for m in modules], make_quantizer("rtn", 32)).load_plan(plan)
+
+
+def test_weight_bank_keeps_each_variant_once_and_loads_partial_widths():
+    model = tiny_model("llama")
+    modules = arch.linear_modules(model)
+    before = {m.name: model.get_submodule(m.name).weight.detach().clone() for m in modules}
+    bank = WeightBank(model, [m.name for m in modules], make_quantizer("rtn", 16))
+    first = [m.name for m in modules if m.layer == 0]
+    bank.load(dict.fromkeys(first, 2))
+    for m in modules:
+        weight = model.get_submodule(m.name).weight
+        expected = rtn(before[m.name], 2, 16) if m.layer == 0 else before[m.name]
+        assert torch.equal(weight, expected), m.name
+    held = bank.variants[first[0], 2]
+    bank.load(dict.fromkeys(first, 2))
+    assert bank.variants[first[0], 2] is held and len(bank.variants) == len(first)

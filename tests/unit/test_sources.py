@@ -8,6 +8,7 @@ import torch
 
 from nsds import arch
 from nsds.errors import NsdsError
+from nsds.geometry import Geometry
 from nsds.scorers.nsds import score
 from nsds.weights import GGUFSource, ModuleSource, open_source
 
@@ -112,7 +113,7 @@ def test_geometry_rejects_bad_gqa():
 
 def test_unembedding_must_exist():
     family = arch.family_of("llama")
-    geo = arch.Geometry("llama", 1, 8, 2, 2, 4, tied_embeddings=False)
+    geo = Geometry("llama", "llama", 1, 8, 2, 2, 4, tied_embeddings=False)
     with pytest.raises(NsdsError, match=r"lm_head\.weight"):
         arch.unembedding_name(family, geo, "model.", {"model.embed_tokens.weight"})
 

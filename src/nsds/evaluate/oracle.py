@@ -8,14 +8,16 @@ size and token windows, and written after every layer (an interrupted run resume
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nsds.errors import NsdsError, first_line
 from nsds.files import cache_dir, read_document, write_json
-from nsds.progress import progress
+from nsds.progress import note, progress
 
 SCHEMA = "nsds.oracle/1"
 
@@ -30,20 +32,56 @@ def single_layer_sensitivity(
     layers: int, measure: Callable[[int], float], key: dict[str, Any], path: Path | None = None
 ) -> list[float]:
     """measure(l) for every layer l, reusing the layers already cached under `key` (a file whose key
-    differs, or that cannot be read, is started afresh)."""
+    differs is started afresh; one that cannot be read or holds anything but layer -> perplexity is
+    reported as damaged and measured again)."""
     path = path or cache_path(key)
     done: dict[str, float] = {}
     if path.exists():
         try:
-            cached = read_document(path, SCHEMA, "oracle", lambda data: data)
-            done = cached["ppl"] if cached["key"] == key else {}
-        except Exception:  # a damaged cache is only lost work: measure again
-            done = {}
+            done = _cached_ppl(path, key, layers)
+        except NsdsError as err:  # a damaged cache is only lost work: measure again
+            note(f"{err}; measuring the oracle again")
     for layer in progress(range(layers), desc="oracle (one layer at a time)", unit="layer"):
         if str(layer) not in done:
             done[str(layer)] = float(measure(layer))
-            write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
+            try:
+                write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
+            except OSError as err:
+                raise NsdsError(
+                    f"cannot write the oracle cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
+                ) from None
     return [done[str(layer)] for layer in range(layers)]
+
+
+def _cached_ppl(path: Path, key: dict[str, Any], layers: int) -> dict[str, float]:
+    """The cached perplexities under `key` ({} when the file is for another key); NsdsError when damaged."""
+    cached = read_document(path, SCHEMA, "oracle cache", lambda data: data)
+    if "key" not in cached or "ppl" not in cached:
+        raise NsdsError(f"oracle cache file '{path}' lacks its key or ppl")
+    if cached["key"] != key:
+        return {}
+    ppl = cached["ppl"]
+    if not isinstance(ppl, dict):
+        raise NsdsError(f"oracle cache file '{path}': ppl is a {type(ppl).__name__}, not layer -> perplexity")
+    done = {}
+    for layer, value in ppl.items():
+        if not (layer.isdigit() and str(int(layer)) == layer and int(layer) < layers):
+            raise NsdsError(f"oracle cache file '{path}': {layer!r} is not a layer index below {layers}")
+        if not _positive_finite(value):
+            raise NsdsError(
+                f"oracle cache file '{path}': layer {layer} has perplexity {value!r}, not a positive number"
+            )
+        done[layer] = float(value)
+    return done
+
+
+def _positive_finite(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:

@@ -1,26 +1,25 @@
 """HQQ (Half-Quadratic Quantization, Badri & Shaji 2023) through the `hqq` package: data-free, it
-optimises each group's zero point (and scale) to minimise an l_p<1 error of the weights."""
+optimises each group's zero point (and scale) to minimise an l_p<1 error of the weights. Also saves a
+planned model in HQQ's own format."""
+
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+from hqq.core.quantize import Quantizer as HQQQuantizer
+from hqq.models.hf.base import AutoHQQHFModel
 
 from nsds.errors import NsdsError
-from nsds.quantize import Quantizer
+from nsds.plan import Plan
+from nsds.quantize.base import Quantizer
 
 
 def hqq_params(bits: int, group_size: int) -> dict:
     """HQQ's own defaults for a width (BaseQuantizeConfig: optimised zero, rounded zero at 4 bits), so
     the fake-quantized weights are exactly those an HQQLinear built from the same config holds."""
-    from hqq.core.quantize import BaseQuantizeConfig
-
     return BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)["weight_quant_params"]
-
-
-def _hqq():
-    try:
-        from hqq.core.quantize import Quantizer as HQQQuantizer
-    except ImportError:
-        raise NsdsError("the HQQ quantizer needs the `hqq` package: pip install hqq") from None
-    return HQQQuantizer
 
 
 class HQQ(Quantizer):
@@ -28,24 +27,55 @@ class HQQ(Quantizer):
     widths = frozenset({1, 2, 3, 4, 5, 6, 8})
     grouping = "flat"
 
-    def overhead_bits_per_group(self, symmetric: bool) -> int:
-        return 32  # fp16 scale and fp16 zero point
-
-    def check(self, widths: list[int], symmetric: bool) -> None:
-        super().check(widths, symmetric)
+    def __init__(self, group_size: int = 128, symmetric: bool = False) -> None:
+        super().__init__(group_size, symmetric)
         if symmetric:
             raise NsdsError("HQQ is asymmetric by construction (it optimises the zero point); drop --symmetric")
+        if group_size % 8:
+            raise NsdsError(f"HQQ needs a group size that is a multiple of 8, got {group_size}")
 
-    def fake_quantize(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    @property
+    def overhead_bits_per_group(self) -> int:
+        return 32  # fp16 scale and fp16 zero point
+
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        if (out_features * in_features) % self.group_size:
+            raise NsdsError(
+                f"HQQ's group size must divide every module's weight count; {self.group_size} does not divide "
+                f"a {out_features} x {in_features} weight (try --group-size 64 or 32)"
+            )
+
+    def fake_quantize(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
         """HQQ's own layout: groups of `group_size` consecutive weights in row-major order (a group may
         span two rows when in_features is not a multiple of it), exactly what HQQLinear stores."""
-        if group_size % 8 or weight.numel() % group_size:
-            raise NsdsError(
-                f"HQQ needs a group size that is a multiple of 8 and divides every module's weight count; "
-                f"{group_size} does not fit a {tuple(weight.shape)} weight"
-            )
-        quantizer, params = _hqq(), hqq_params(bits, group_size)
-        packed, meta = quantizer.quantize(
-            weight.float(), compute_dtype=torch.float32, device=str(weight.device), **params
+        self.check_shape(*weight.shape)
+        packed, meta = HQQQuantizer.quantize(
+            weight.float(), compute_dtype=torch.float32, device=str(weight.device), **hqq_params(bits, self.group_size)
         )
-        return quantizer.dequantize(packed, meta).reshape(weight.shape).to(weight.dtype)
+        return HQQQuantizer.dequantize(packed, meta).reshape(weight.shape).to(weight.dtype)
+
+
+def save_hqq_model(model: torch.nn.Module, plan: Plan, target: Path) -> None:
+    """Quantize the (unquantized) model with HQQ by the plan and save it in HQQ's format (reload with
+    hqq.models.hf.base.AutoHQQHFModel.from_quantized). The model's planned Linear modules become
+    HQQLinear. Written to a temporary folder, then renamed, so `target` is never half-written."""
+    device = str(next(model.parameters()).device)
+    for module in plan.modules:
+        parent, _, child = module.name.rpartition(".")
+        config = BaseQuantizeConfig(nbits=module.bits, group_size=module.group_size, axis=1)
+        linear = model.get_submodule(module.name)
+        setattr(
+            model.get_submodule(parent), child, HQQLinear(linear, config, compute_dtype=torch.float32, device=device)
+        )
+    model.hqq_quantized = True
+    model.base_class = AutoHQQHFModel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        AutoHQQHFModel.save_quantized(model, str(staging))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -2,7 +2,7 @@
 
 import torch
 
-from nsds.quantize import Quantizer
+from nsds.quantize.base import Quantizer
 
 
 def _groups(weight: torch.Tensor, group_size: int) -> list[torch.Tensor]:
@@ -43,8 +43,9 @@ class RTN(Quantizer):
     name = "rtn"
     widths = frozenset(range(1, 9))
 
-    def overhead_bits_per_group(self, symmetric: bool) -> int:
-        return 16 if symmetric else 32  # fp16 scale (+ fp16 zero point)
+    @property
+    def overhead_bits_per_group(self) -> int:
+        return 16 if self.symmetric else 32  # fp16 scale (+ fp16 zero point)
 
-    def fake_quantize(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-        return rtn(weight, bits, group_size, symmetric)
+    def fake_quantize(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        return rtn(weight, bits, self.group_size, self.symmetric)

@@ -16,17 +16,31 @@ import torch
 
 from nsds.metrics.moments import kurtosis
 from nsds.metrics.spectra import capacity, energy_rank, gram_of_columns
-from nsds.scorers import Scorer, Subject, as_float64, layer_matrices
 from nsds.scorers.nsds import NsdsParams, RawRole, aggregate, raw_roles, report_of
+from nsds.scorers.subject import Subject, as_float64, layer_matrices
 
 
-def _reaggregated(aspect: str = "score", **changes) -> Scorer:
-    def scorer(subject: Subject) -> np.ndarray:
-        report = report_of(subject)
-        params = replace(NsdsParams(**report.parameters), **changes)
-        return np.array([getattr(layer, aspect) for layer in aggregate(raw_roles(report), params)])
+def _reaggregated(subject: Subject, aspect: str = "score", **changes) -> np.ndarray:
+    """The memoized NSDS run's raw measurements aggregated again with changed parameters."""
+    report = report_of(subject)
+    params = replace(NsdsParams(**report.parameters), **changes)
+    return np.array([getattr(layer, aspect) for layer in aggregate(raw_roles(report), params)])
 
-    return scorer
+
+def nv_only(subject: Subject) -> np.ndarray:
+    return _reaggregated(subject, "nv")
+
+
+def se_only(subject: Subject) -> np.ndarray:
+    return _reaggregated(subject, "se")
+
+
+def mad1(subject: Subject) -> np.ndarray:
+    return _reaggregated(subject, mad_constant=1.0)
+
+
+def product(subject: Subject) -> np.ndarray:
+    return _reaggregated(subject, soft_or="product")
 
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
@@ -49,12 +63,3 @@ def collapsed(subject: Subject) -> np.ndarray:
         {name: matrix_raw(w, params.energy) for name, w in layer.items()} for layer in layer_matrices(subject.source)
     ]
     return np.array([layer.score for layer in aggregate(raw, params)])
-
-
-ABLATIONS: dict[str, Scorer] = {
-    "nsds-nv": _reaggregated("nv"),
-    "nsds-se": _reaggregated("se"),
-    "nsds-mad1": _reaggregated(mad_constant=1.0),
-    "nsds-product": _reaggregated(soft_or="product"),
-    "nsds-collapsed": collapsed,
-}

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from nsds.scorers import Subject, as_float64, layer_matrices
+from nsds.scorers.subject import Subject, as_float64, layer_matrices
 
 
 def normalized_entropy(w: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ raised to 0 instead, so a boost never lowers a layer).
 import numpy as np
 
 from nsds.metrics.moments import kurtosis
-from nsds.scorers import Subject, as_float64, layer_matrices
+from nsds.scorers.subject import Subject, as_float64, layer_matrices
 
 JUMP_SIGMAS = 2.0
 

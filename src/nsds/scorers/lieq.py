@@ -15,7 +15,7 @@ import torch
 
 from nsds import arch
 from nsds.errors import NsdsError
-from nsds.scorers import Subject
+from nsds.scorers.subject import Subject
 
 SENTENCE = (
     "The committee met on Tuesday morning to discuss the new budget, and after a long debate about schools, "

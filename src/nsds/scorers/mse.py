@@ -3,15 +3,15 @@
 which leaves ||W - Q(W)||^2).
 
 A layer's score is the mean squared error between its linear weights and their quantized-dequantized
-values, over all the layer's weights, with the quantizer being evaluated (RTN: asymmetric min/max per
-group; HQQ: its optimizer) at the plan's low width and group size.
+values, over all the layer's weights, with the quantizer being evaluated, as configured (RTN: min/max or
+abs-max per group; HQQ: its optimizer), at the plan's low width and group size.
 """
 
 import numpy as np
 import torch
 
 from nsds.errors import NsdsError
-from nsds.scorers import Subject, as_float64, layer_matrices
+from nsds.scorers.subject import Subject, as_float64, layer_matrices
 
 
 def layer_mse(matrices: list[torch.Tensor], quantize) -> float:
@@ -21,10 +21,12 @@ def layer_mse(matrices: list[torch.Tensor], quantize) -> float:
 
 
 def score(subject: Subject) -> np.ndarray:
-    if subject.quantizer is None:
+    """The error of the quantizer the plans are evaluated with, as configured (group size, symmetry)."""
+    quantizer = subject.quantizer
+    if quantizer is None:
         raise NsdsError("the MSE scorer needs a quantizer (the one the plans are evaluated with)")
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        return subject.quantizer.fake_quantize(w, subject.low_width, subject.group_size, False)
+        return quantizer.fake_quantize(w, subject.low_width)
 
     return np.array([layer_mse(list(layer.values()), quantize) for layer in layer_matrices(subject.source)])

@@ -1,24 +1,26 @@
-"""The NSDS scorer (NSDS.md sections 1-4): roles -> NV and SE per role -> MAD-Sigmoid -> Soft-OR.
+"""The NSDS scorer, top to bottom (docs/METHOD.md §1-§4).
 
-Weights stream from the source one layer at a time; the unembedding is read once, for the readout
-subspace of the writers' Writing Density. Nothing here knows tensor names: arch.py does.
+For every decoder layer: split it into its five operational roles (arch.py), measure each role's
+Numerical Vulnerability (kurtosis) and Structural Expressiveness (role-reweighted spectral capacity),
+then over all layers: MAD-Sigmoid each role's raw values, Soft-OR them over roles per aspect, and Soft-OR
+the two aspects into one score per layer. Weights stream from the source one layer at a time; W_U is
+read once, for the readout subspace the writers' Writing Density needs. Nothing here knows tensor names
+(arch.py does) or threads (streaming.py does).
 """
 
 import math
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from functools import partial
 
 import numpy as np
 import torch
 
 from nsds import __version__, arch
 from nsds.aggregate import SoftOrForm, mad_sigmoid, soft_or
+from nsds.compute import Compute
 from nsds.errors import NsdsError
 from nsds.metrics.moments import kurtosis, product_kurtosis
 from nsds.metrics.spectra import (
@@ -32,19 +34,17 @@ from nsds.metrics.spectra import (
     triplets,
     writing_density,
 )
-from nsds.progress import progress
+from nsds.scorers.streaming import TimedReader, Workers, measure_layers
+from nsds.scorers.subject import Subject
 from nsds.scores import LayerScore, RoleScore, ScoreReport, ranking
 from nsds.weights.base import WeightSource
-
-if TYPE_CHECKING:
-    from nsds.scorers import Subject
 
 ROLES = ("qk", "ov", "up", "gate", "down")
 
 
 @dataclass(frozen=True)
 class NsdsParams:
-    """The method's constants; the defaults are the paper's (NSDS.md)."""
+    """The method's constants; the defaults are the paper's (docs/METHOD.md §4)."""
 
     mad_constant: float = 1.4826
     temperature: float = 1.0
@@ -53,31 +53,14 @@ class NsdsParams:
     eps: float = 1e-12
 
     def __post_init__(self) -> None:
-        if not 0 < self.energy <= 1:
+        if not 0 < self.energy <= 1:  # also false for NaN
             raise NsdsError(f"energy threshold must be in (0, 1], got {self.energy}")
-        if self.temperature <= 0 or self.mad_constant <= 0:
-            raise NsdsError("temperature and MAD constant must be positive")
+        for name in ("temperature", "mad_constant"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise NsdsError(f"{name.replace('_', ' ')} must be a positive finite number, got {value}")
         if self.soft_or not in ("geometric", "product"):
             raise NsdsError(f"unknown Soft-OR form '{self.soft_or}' (use geometric or product)")
-
-
-@dataclass(frozen=True)
-class Compute:
-    """Where and in what precision the metrics run (float64 is exact to ~1e-12; float32 is for GPUs)."""
-
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float64
-
-    @classmethod
-    def choose(cls, device: str = "auto", precision: str = "float64") -> "Compute":
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise NsdsError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-        dtypes = {"float64": torch.float64, "float32": torch.float32}
-        if precision not in dtypes:
-            raise NsdsError(f"unknown precision '{precision}' (use float64 or float32)")
-        return cls(device=device, dtype=dtypes[precision])
 
 
 @dataclass
@@ -88,6 +71,7 @@ class RawRole:
 
 
 def _matrix_role(w: torch.Tensor, side: str, weights, energy: float, compute: Compute) -> RawRole:
+    """An up/gate/down role: kurtosis of its entries (§2), role-weighted capacity of its spectrum (§3, §8.3)."""
     w = w.to(device=compute.device, dtype=compute.dtype)
     sigma, vectors = triplets(w, side)
     kept = energy_rank(sigma, energy)
@@ -98,7 +82,9 @@ def _matrix_role(w: torch.Tensor, side: str, weights, energy: float, compute: Co
 def _circuit_role(
     a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, weights, energy: float, right: bool
 ) -> RawRole:
-    """A circuit role; `weights` takes (U, V) when `right`, else U alone (writers: V is never formed)."""
+    """A QK or OV circuit role, per head (§1): NV from power sums of the low-rank product (§2, §8.2), SE from
+    the thin-QR core SVD (§3, §8.1); `weights` takes (U, V) when `right`, else U alone (writers: V is never
+    formed)."""
     sigma, left, right_vectors = product_triplets(a, b, group, right=right)
     kept = energy_rank(sigma, energy)
     se = capacity(sigma, weights(left, right_vectors) if right else weights(left), kept)
@@ -164,7 +150,7 @@ def _readout(unembedding: torch.Tensor, energy: float, compute: Compute) -> tupl
 
 
 def aggregate(raw: list[dict[str, RawRole]], params: NsdsParams) -> list[LayerScore]:
-    """MAD-Sigmoid each role's NV and SE over layers, Soft-OR over roles, then Soft-OR the two aspects.
+    """MAD-Sigmoid each role's NV and SE over layers, Soft-OR over roles, then Soft-OR the two aspects (§4).
 
     The roles are whatever `raw` holds (the five NSDS roles, or plain matrices for the ablation that
     collapses roles), listed in NSDS order first.
@@ -213,62 +199,17 @@ def aggregate(raw: list[dict[str, RawRole]], params: NsdsParams) -> list[LayerSc
     ]
 
 
-def _cpu_workers(geo: arch.Geometry, compute: Compute, budget_bytes: int = 2 << 30) -> tuple[int, int]:
-    """How many layers to measure at once, and to hold at once.
-
-    On a CPU, one single-threaded layer per core beats one multi-threaded layer (LAPACK's eigh scales
-    poorly across threads), as long as the layers in flight fit the memory budget; a GPU runs one.
-    """
-    d, mlp = geo.hidden_size, 4 * geo.hidden_size
-    layer_bytes = (3 * mlp * d + 4 * d * d) * torch.finfo(compute.dtype).bits // 8
-    fits = max(1, budget_bytes // layer_bytes)
-    workers = 1 if compute.device != "cpu" else max(1, min(torch.get_num_threads(), fits))
-    return workers, max(workers + 1, fits)
-
-
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class _TimedReader:
-    """Reads tensors from a source, timing the I/O (and GGUF dequantization) apart from the maths."""
-
-    def __init__(self, source: WeightSource) -> None:
-        self.source = source
-        self.names = source.names()
-        self.seconds = 0.0
-
-    def __call__(self, name: str) -> torch.Tensor:
-        if name not in self.names:
-            raise NsdsError(f"the weights hold no tensor '{name}': the checkpoint is incomplete")
-        start = time.perf_counter()
-        tensor = self.source.tensor(name)
-        if not tensor.is_floating_point():
-            raise NsdsError(f"tensor '{name}' has dtype {tensor.dtype}; nsds scores floating-point weights")
-        self.seconds += time.perf_counter() - start
-        return tensor
-
-
-def _reject_non_finite(read: _TimedReader, names: list[str]) -> None:
-    """Name the tensor holding NaN/Inf. Called only once a result came out non-finite: a NaN or Inf
-    weight always poisons the power sums, so checking results instead of inputs costs nothing."""
-    for name in names:
-        if not bool(torch.isfinite(read(name)).all()):
-            raise NsdsError(f"tensor '{name}' holds NaN or Inf values: the checkpoint is corrupt")
-
-
 def _finite(raw: dict[str, RawRole]) -> bool:
     return all(math.isfinite(value) for role in raw.values() for value in (role.nv, role.se))
 
 
 def score(source: WeightSource, params: NsdsParams | None = None, compute: Compute | None = None) -> ScoreReport:
-    """Score every decoder layer of the model behind `source`."""
+    """Score every decoder layer of the model behind `source` (docs/METHOD.md §1-§4).
+
+    W_U's readout basis is computed once, alongside the first layers' detector roles; each layer's
+    writer roles need it. The scheduling is streaming.measure_layers; the method is the three measure_*
+    functions and `aggregate`.
+    """
     params = params or NsdsParams()
     compute = compute or Compute()
     start = time.perf_counter()
@@ -276,16 +217,10 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
     geo = arch.geometry(source.config)
     names = source.names()
     body = arch.find_body(family, names)
-    read = _TimedReader(source)
-
+    read = TimedReader(source)
     unembedding_names = [arch.unembedding_name(family, geo, body, names)]
-    unembedding = read(unembedding_names[0])
     projection = arch.unembedding_projection_name(family, body, names)
-    if projection is not None:
-        unembedding_names.append(projection)
-        unembedding = unembedding.to(compute.dtype) @ read(projection).to(compute.dtype)
-    if unembedding.shape[-1] != geo.hidden_size:
-        raise NsdsError(f"unembedding has width {unembedding.shape[-1]}, expected hidden size {geo.hidden_size}")
+    unembedding_names += [projection] if projection is not None else []
 
     def layer_names(i: int) -> list[str]:
         return [f"{body}{family.layers}.{i}.{rel}" for rel in family.layer_tensors()]
@@ -294,7 +229,12 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
         prefix = f"{body}{family.layers}.{i}."
         return arch.layer_roles(family, geo, lambda rel: read(prefix + rel))
 
-    def finished(i: int, parts: list[Future]) -> dict[str, RawRole]:
+    def accept_readout(readout: tuple[torch.Tensor, int] | None) -> None:
+        if readout is None:
+            _reject_non_finite(read, unembedding_names)
+            raise NsdsError("the unembedding gave a non-finite Gram matrix (values too large?)")
+
+    def merge(i: int, parts: list[Future]) -> dict[str, RawRole]:
         try:
             raw = {role: metrics for part in parts for role, metrics in part.result().items()}
         except torch.linalg.LinAlgError:  # eigh/svd do not converge on NaN input
@@ -305,48 +245,23 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
             raise NsdsError(f"layer {i} gave non-finite metrics from finite weights (values too large?)")
         return raw
 
-    workers, max_layers = _cpu_workers(geo, compute)
-    with _torch_threads(1 if workers > 1 else torch.get_num_threads()), ThreadPoolExecutor(workers) as pool:
-        # W_U's readout basis is computed on a worker while the others measure the detector roles of the
-        # first layers; each layer's writer roles are queued once the basis exists. The main thread reads
-        # the next layer meanwhile; at most `max_layers` layers are held at once.
-        readout_task = pool.submit(_readout, unembedding, params.energy, compute)
-        del unembedding
-        readout: tuple[torch.Tensor, int] | None = None
-        parts: dict[int, list[Future]] = {}
-        waiting: deque[tuple[int, arch.LayerRoles]] = deque()  # layers whose writers need the readout
-
-        def queue_writers(block: bool) -> None:
-            nonlocal readout
-            if not waiting or not (block or readout_task.done()):
-                return
-            if readout is None:
-                readout = readout_task.result()
-                if readout is None:
-                    _reject_non_finite(read, unembedding_names)
-                    raise NsdsError("the unembedding gave a non-finite Gram matrix (values too large?)")
-            while waiting:
-                j, roles = waiting.popleft()
-                parts[j].append(pool.submit(measure_writers, roles, geo, readout[0], params.energy, compute))
-
-        raw: list[dict[str, RawRole]] = []
-        for i in progress(range(geo.num_layers), desc="scoring layers", unit="layer"):
-            while i - len(raw) >= max_layers:
-                queue_writers(block=True)
-                raw.append(finished(len(raw), parts.pop(len(raw))))
-            roles = layer(i)
-            parts[i] = [pool.submit(measure_detectors, roles, geo, params.energy, compute)]
-            waiting.append((i, roles))
-            queue_writers(block=False)
-        queue_writers(block=True)
-        raw.extend(finished(i, parts.pop(i)) for i in range(len(raw), geo.num_layers))
-    unembedding_rank = readout[1]
+    d = geo.hidden_size
+    layer_bytes = (3 * 4 * d * d + 4 * d * d) * torch.finfo(compute.dtype).bits // 8  # 4d MLP, q/k/v/o
+    raw, readout = measure_layers(
+        geo.num_layers,
+        read=layer,
+        first=lambda roles: measure_detectors(roles, geo, params.energy, compute),
+        shared=partial(_readout, _unembedding(read, unembedding_names, geo, compute), params.energy, compute),
+        accept=accept_readout,
+        second=lambda roles, readout: measure_writers(roles, geo, readout[0], params.energy, compute),
+        merge=merge,
+        workers=Workers.for_layers(layer_bytes, compute),
+    )
     layers = aggregate(raw, params)
-    total = time.perf_counter() - start
     return ScoreReport(
         scorer="nsds",
         model=source.provenance(),
-        geometry={"family": family.name} | asdict(geo),
+        geometry=geo,
         parameters=asdict(params),
         compute={
             "device": compute.device,
@@ -359,19 +274,37 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
         ranking=ranking([layer.score for layer in layers]),
         nsds_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        timing={"read_s": read.seconds, "total_s": total},
-        unembedding_rank=unembedding_rank,
+        timing={"read_s": read.seconds, "total_s": time.perf_counter() - start},
+        unembedding_rank=readout[1],
     )
 
 
-def report_of(subject: "Subject") -> ScoreReport:
+def _unembedding(read: TimedReader, names: list[str], geo: arch.Geometry, compute: Compute) -> torch.Tensor:
+    """W_U (d columns): the output head or tied embedding, through OPT's project_out when it has one."""
+    unembedding = read(names[0])
+    if len(names) > 1:
+        unembedding = unembedding.to(compute.dtype) @ read(names[1]).to(compute.dtype)
+    if unembedding.shape[-1] != geo.hidden_size:
+        raise NsdsError(f"unembedding has width {unembedding.shape[-1]}, expected hidden size {geo.hidden_size}")
+    return unembedding
+
+
+def _reject_non_finite(read: TimedReader, names: list[str]) -> None:
+    """Name the tensor holding NaN/Inf. Called only once a result came out non-finite: a NaN or Inf
+    weight always poisons the power sums, so checking results instead of inputs costs nothing."""
+    for name in names:
+        if not bool(torch.isfinite(read(name)).all()):
+            raise NsdsError(f"tensor '{name}' holds NaN or Inf values: the checkpoint is corrupt")
+
+
+def report_of(subject: Subject) -> ScoreReport:
     """The NSDS report of a Subject, computed once and shared with the ablations."""
     if "nsds" not in subject.memo:
-        subject.memo["nsds"] = score(subject.source, compute=Compute.choose(subject.device))
+        subject.memo["nsds"] = score(subject.source, compute=subject.compute)
     return subject.memo["nsds"]
 
 
-def layer_scores(subject: "Subject") -> np.ndarray:
+def layer_scores(subject: Subject) -> np.ndarray:
     """NSDS behind the common scorer interface (paper defaults, float64)."""
     return np.array(report_of(subject).scores)
 

@@ -9,7 +9,7 @@ fraction as more important (their weights spread wider around the mean).
 import numpy as np
 import torch
 
-from nsds.scorers import Subject, as_float64, layer_matrices
+from nsds.scorers.subject import Subject, as_float64, layer_matrices
 
 
 def outlier_fraction(w: torch.Tensor) -> float:

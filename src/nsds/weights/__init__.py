@@ -19,12 +19,22 @@ def resolve(model: str, gguf_file: str | None = None) -> Path:
     """The local folder or GGUF file that `model` names (a path, an nsds asset name, or a hub id)."""
     path = Path(model).expanduser()
     if path.exists():
-        if path.is_dir() and gguf_file:
+        if gguf_file and not path.is_dir():
+            raise NsdsError(
+                f"--gguf-file picks a file inside a model folder or hub repo, but '{model}' is already a file; "
+                "drop --gguf-file"
+            )
+        if gguf_file:
             path = path / gguf_file
             if not path.is_file():
                 raise NsdsError(f"no GGUF file '{gguf_file}' in '{model}'")
         return path
     if model in assets.MODELS:
+        if gguf_file:
+            raise NsdsError(
+                f"--gguf-file picks a file inside a model folder or hub repo, but '{model}' is an nsds asset "
+                f"(one GGUF file, {assets.MODELS[model].file}); drop --gguf-file"
+            )
         return assets.path(model)
     if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
         from nsds.weights.hub import download

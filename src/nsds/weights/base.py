@@ -1,11 +1,13 @@
 """The weight-source interface: named tensors, read one at a time, in Hugging Face names and layouts."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nsds.errors import NsdsError, first_line
 from nsds.files import sha256_file
 
 
@@ -29,6 +31,10 @@ class WeightSource(ABC):
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor in nn.Module layout and the checkpoint's floating dtype (GGUF: dequantized float32)."""
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in nn.Module layout; sources that have a header read it without the data."""
+        return tuple(self.tensor(name).shape)
+
     def provenance(self) -> dict[str, Any]:
         """Where the weights came from, with a SHA-256 per file, for the score report."""
         return {
@@ -45,3 +51,16 @@ class WeightSource(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def build_config(build: Callable[[], Any], where: str) -> Any:
+    """Run `build` (a transformers config constructor) with whatever it raises as one line.
+
+    transformers validates configs with strict dataclasses and per-model validators, which raise
+    StrictDataclass*Error, ValueError, TypeError or even ZeroDivisionError for a bad value: any of them
+    means the config is unusable.
+    """
+    try:
+        return build()
+    except Exception as err:  # see above: no narrower type covers what the validators raise
+        raise NsdsError(f"transformers rejects the config {where}: {first_line(err)}") from None

@@ -9,6 +9,7 @@ NumPy objects (8 s and ~500 MB for Gemma-3's 262k-token vocabulary) although sco
 dozen scalars and the tensor table. The config is built from those scalars.
 """
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from nsds.arch import family_of
-from nsds.errors import NsdsError
-from nsds.weights.base import WeightSource
+from nsds.arch import family_of, geometry
+from nsds.errors import NsdsError, first_line
+from nsds.weights.base import WeightSource, build_config
 
 _ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 # GGUF architectures whose llama.cpp layout nsds knows how to undo, and their transformers model_type.
@@ -67,6 +68,8 @@ class _Header:
     """Scalar metadata (arrays are skipped) and the tensor table of a little-endian GGUF v2/v3 file."""
 
     def __init__(self, path: Path) -> None:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
         self.data = np.memmap(path, mode="r")
         self._buffer = memoryview(self.data)
         magic, version, tensor_count, kv_count = self._unpack("<IIQQ", 0)
@@ -88,14 +91,16 @@ class _Header:
             qtype, relative = self._unpack("<IQ", offset + 4 + 8 * dims)
             offset += 4 + 8 * dims + 12
             table.append((name, gguf.GGMLQuantizationType(qtype), tuple(reversed(shape)), relative))
-        alignment = int(self.metadata.get("general.alignment") or 32)
+        alignment = self.metadata.get("general.alignment") or 32
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+            raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
         data_start = -(-offset // alignment) * alignment
         self.tensors: dict[str, _Tensor] = {}
         for name, qtype, shape, relative in table:
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            nbytes = int(np.prod(shape)) * type_size // block
+            nbytes = math.prod(shape) * type_size // block
             if data_start + relative + nbytes > len(self.data):
-                raise ValueError(f"tensor '{name}' runs past the end of the file (truncated download?)")
+                raise ValueError(f"tensor '{name}' runs past the end of the file")
             self.tensors[name] = _Tensor(qtype, shape, data_start + relative, nbytes)
 
     def _unpack(self, fmt: str, offset: int) -> tuple:
@@ -162,11 +167,16 @@ class GGUFSource(WeightSource):
         self.files = [self.path]
         try:
             self._header = _Header(self.path)
-        except (ValueError, struct.error, UnicodeDecodeError, KeyError) as err:
-            raise NsdsError(f"cannot read GGUF file '{self.path}': {err} (corrupt or truncated?)") from None
+        except (OSError, ValueError, struct.error, KeyError, OverflowError, MemoryError) as err:
+            # ValueError covers UnicodeDecodeError and unknown enum values
+            raise NsdsError(f"cannot read GGUF file '{self.path}': {first_line(err)} (corrupt or truncated?)") from None
         self.arch = str(self._header.metadata.get("general.architecture"))
         self.config = self._config()
         self.family = family_of(self.config.model_type)
+        try:
+            geometry(self.config)
+        except NsdsError as err:
+            raise NsdsError(f"{err} (in the metadata of '{self.path}')") from None
         self.model_id = model_id or str(self._header.metadata.get("general.name") or self.path.name)
         self._gguf_name = self._name_map()
 
@@ -192,13 +202,23 @@ class GGUFSource(WeightSource):
             "head_dim": meta("attention.key_length") or hidden // heads,
             "intermediate_size": meta("feed_forward_length"),
             "vocab_size": meta("vocab_size") or (embedding.shape[0] if embedding else None),
+            "max_position_embeddings": meta("context_length"),
             "tie_word_embeddings": "output.weight" not in self._header.tensors,
         }
-        return AutoConfig.for_model(MODEL_TYPES[self.arch], **{k: v for k, v in settings.items() if v is not None})
+        settings = {k: v for k, v in settings.items() if v is not None}
+        return build_config(
+            lambda: AutoConfig.for_model(MODEL_TYPES[self.arch], **settings),
+            f"built from the metadata of '{self.path}'",
+        )
 
     def _name_map(self) -> dict[str, str]:
         """HF name -> GGUF name, for every tensor nsds may ask for."""
         fam, layers = self.family, self.config.num_hidden_layers
+        if layers > len(self._header.tensors):  # gguf's name table has entries for every block: bound it
+            raise NsdsError(
+                f"'{self.path}' states {layers} blocks but holds only {len(self._header.tensors)} tensors "
+                "(corrupt metadata?)"
+            )
         table = gguf.get_tensor_name_map(_ARCH_BY_NAME[self.arch], layers)
         wanted = [fam.body + fam.embedding, fam.unembedding] + [
             f"{fam.body}{fam.layers}.{i}.{rel}" for i in range(layers) for rel in fam.layer_tensors()
@@ -213,6 +233,11 @@ class GGUFSource(WeightSource):
     def names(self) -> set[str]:
         return set(self._gguf_name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        gguf_name = self._gguf_name[name]
+        shape = self._header.tensors[gguf_name].shape
+        return shape[::-1] if self.arch == "gpt2" and gguf_name.endswith(_GPT2_CONV1D) else shape
+
     def tensor(self, name: str) -> torch.Tensor:
         gguf_name = self._gguf_name[name]
         entry = self._header.tensors[gguf_name]
@@ -222,7 +247,13 @@ class GGUFSource(WeightSource):
             raise NsdsError(f"cannot dequantize '{gguf_name}' ({entry.qtype.name}): {err}") from None
         if self.arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             key = "num_attention_heads" if "attn_q" in gguf_name else "num_key_value_heads"
-            weights = _reverse_rotary_permutation(weights, getattr(self.config, key))
+            heads = getattr(self.config, key)
+            if weights.shape[0] % (2 * heads):
+                raise NsdsError(
+                    f"'{gguf_name}' in '{self.path}' has {weights.shape[0]} rows, which do not split into the "
+                    f"{heads} heads its metadata states (corrupt file?)"
+                )
+            weights = _reverse_rotary_permutation(weights, heads)
         if self.arch == "gpt2" and gguf_name.endswith(_GPT2_CONV1D):
             weights = weights.T
         return torch.from_numpy(np.ascontiguousarray(weights))

@@ -1,0 +1,36 @@
+"""Where and in what precision the scorers' linear algebra runs."""
+
+from dataclasses import dataclass
+
+import torch
+
+from nsds.errors import NsdsError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A torch device and dtype (float64 is exact to ~1e-12; float32 is meant for GPUs)."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float64
+
+    @classmethod
+    def choose(cls, device: str = "auto", precision: str = "float64") -> "Compute":
+        """Check the user's device and precision names before any work starts; 'auto' takes a CUDA GPU if
+        torch sees one. `cuda:N` names one GPU."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise NsdsError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise NsdsError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+            if index and int(index) >= torch.cuda.device_count():
+                raise NsdsError(f"no GPU '{device}': torch sees {torch.cuda.device_count()} CUDA device(s)")
+        if precision not in PRECISIONS:
+            raise NsdsError(f"unknown precision '{precision}' (use float64 or float32)")
+        return cls(device=device, dtype=PRECISIONS[precision])

@@ -1,0 +1,61 @@
+"""The settings of `nsds run` and `nsds compare`: one typed object per command, passed everywhere and
+stored in its results."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nsds.documents import build, plain
+
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    budget: float = 3.0
+    widths: tuple[int, ...] = (2, 4)
+    quantizer: str = "rtn"
+    group_size: int = 128
+    allocator: str = "auto"  # topk for two widths, budget otherwise; results store the one used
+    symmetric: bool = False
+    fuse: bool = True  # q/k/v and gate/up share a width, as fused runtimes need
+    budget_counts: str = "weights"
+    text: str = "brown"
+    tokens: int = 8192
+    window: int | None = None
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+    out: Path = Path("nsds-run")
+    save: Path | None = None
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return build(cls, data)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    model: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    budgets: tuple[float, ...] = (2.5, 3.0, 3.5)
+    widths: tuple[int, ...] = (2, 4)
+    quantizers: tuple[str, ...] = ("rtn", "hqq")
+    scorers: tuple[str, ...] = ("all",)
+    seeds: int = 5
+    group_size: int = 128
+    symmetric: bool = False
+    fuse: bool = True
+    text: str = "brown"
+    tokens: int = 2048
+    window: int | None = None
+    out: Path = Path("nsds-compare")
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(self)
