@@ -13,12 +13,16 @@ Two sources, in this order:
 """
 
 import contextlib
+import functools
 import hashlib
 import json
+import math
+import mmap
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -504,3 +508,372 @@ def _remove_stale(tools_dir: Path, older_than_s: float = 24 * 3600) -> None:
         with contextlib.suppress(OSError):
             if now - leftover.stat().st_mtime > older_than_s:
                 shutil.rmtree(leftover)
+
+
+# ----------------------------------------------------------------------------------------------- runners
+#
+# What the GGUF backend runs: llama-quantize (a base preset plus per-tensor overrides) and llama-perplexity,
+# with typed results and one-line NsdsErrors. Both are checked against the pinned source (0.3.36's vendored
+# tools/quantize/quantize.cpp, src/llama-quant.cpp, tools/perplexity/perplexity.cpp):
+#
+# - presets: llama-quantize's `--help` lists them ("  15  or  Q4_K_M  : ..."), matched case-insensitively.
+# - per-tensor overrides (`--tensor-type-file`): whitespace-separated `pattern=type` words; the pattern is
+#   lowercased and compiled as a std::regex (ECMAScript) that is SEARCHED in the tensor name (first match wins),
+#   so an exact name needs `^...$` and escaped dots; the type is a ggml type name (q6_K, q8_0), any case.
+#   Overrides apply only when the preset's default type is quantized (not F32/F16/BF16/COPY), and only to
+#   tensors llama.cpp quantizes at all (2-D or more, named *weight, not *_norm.weight, ...).
+# - a k-quant on a tensor whose row length (ne[0], the GGUF shape's first number) is not a multiple of 256
+#   falls back: q2_K/q3_K -> q4_0, q4_K -> q5_0, q5_K -> q5_1, q6_K -> q8_0, iq* (256) -> iq4_nl.
+
+
+@dataclass(frozen=True)
+class LlamaPerplexity:
+    """What llama-perplexity reported: the final PPL, its +/- value, and the chunks it scored."""
+
+    ppl: float
+    stderr: float  # the "+/-" value llama-perplexity prints beside the PPL
+    chunks: int  # chunks scored (its `[i]value,` progress)
+    context: int  # tokens per chunk (-c)
+    seconds: float  # wall time of the run, tokenization and model load included
+
+
+TENSOR_TYPES_SUFFIX = ".tensor-types.txt"
+_UNQUANTIZED_PRESETS = frozenset({"F32", "F16", "BF16", "COPY"})  # default type not quantized: overrides ignored
+
+
+def preset_types() -> tuple[str, ...]:
+    """The base types (presets) llama-quantize accepts, in the order its `--help` lists them (Q4_K_M, Q8_0...)."""
+    return _presets(tools().quantize)
+
+
+def _presets(binary: Path) -> tuple[str, ...]:
+    stat = binary.stat()
+    return _parse_presets_cached(str(binary), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _parse_presets_cached(binary: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    try:
+        result = subprocess.run(
+            [binary, "--help"], capture_output=True, text=True, errors="replace", timeout=30,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as err:
+        raise NsdsError(f"cannot run llama-quantize --help ('{binary}'): {first_line(err)}") from None
+    names = parse_quantize_help(result.stdout + result.stderr)
+    if not names:
+        raise NsdsError(f"llama-quantize --help ('{binary}') lists no quantization types: {_failure(result)}")
+    return names
+
+
+def parse_quantize_help(text: str) -> tuple[str, ...]:
+    """The type names in llama-quantize's usage, after its "allowed quantization types" heading."""
+    _, found, listing = text.partition("allowed quantization types")
+    if not found:
+        return ()
+    names = re.findall(r"^\s*(?:\d+\s+or\s+)?([A-Z][A-Z0-9_]*)\s*:", listing, re.M)
+    return tuple(dict.fromkeys(names))
+
+
+def _ggml_type_names() -> dict[str, str]:
+    """Upper-case name -> canonical name of the ggml types the gguf package knows (Q6_K, IQ4_NL, F16...)."""
+    import gguf  # numpy behind it: imported only when needed
+
+    return {t.name.upper(): t.name for t in gguf.GGMLQuantizationType}
+
+
+def _check_types(
+    binary: Path, base_type: str, tensor_types: dict[str, str], source: Path
+) -> tuple[str, dict[str, str]]:
+    """The canonical base type and overrides, or an NsdsError naming what is unknown and what is valid."""
+    presets = _presets(binary)
+    by_upper = {name.upper(): name for name in presets}
+    base = by_upper.get(str(base_type).upper())
+    if base is None:
+        raise NsdsError(f"unknown llama-quantize type '{base_type}': valid types are {', '.join(presets)}")
+    if not tensor_types:
+        return base, {}
+    if base in _UNQUANTIZED_PRESETS:
+        raise NsdsError(
+            f"per-tensor types need a quantized base type: llama-quantize ignores them with '{base}' "
+            f"(use one of {', '.join(p for p in presets if p not in _UNQUANTIZED_PRESETS)})"
+        )
+    # an override is a ggml type name: the ones llama-quantize also offers as a preset (Q6_K, Q8_0, IQ4_NL, F16;
+    # not the mixtures Q4_K_M, Q3_K_S)
+    ggml = _ggml_type_names()
+    allowed = {upper: ggml[upper] for upper in by_upper if upper in ggml}
+    infos = {info[0]: info for info in gguf_tensor_infos(source)}
+    chosen: dict[str, str] = {}
+    for name, type_ in tensor_types.items():
+        canonical = allowed.get(str(type_).upper())
+        if canonical is None:
+            raise NsdsError(
+                f"unknown tensor type '{type_}' for '{name}': valid types are {', '.join(allowed.values())}"
+            )
+        if name not in infos:
+            some = ", ".join(list(infos)[:4])
+            raise NsdsError(f"'{source.name}' has no tensor named '{name}' (its tensors are named like {some})")
+        if not re.fullmatch(r"[^\sA-Z=]+", name):  # llama-quantize splits on whitespace and '=' and lowercases
+            raise NsdsError(f"tensor name '{name}' cannot be given to llama-quantize (whitespace, '=' or capitals)")
+        _, shape, _ = infos[name]
+        if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+            raise NsdsError(f"llama-quantize never quantizes '{name}' (shape {list(shape)}): it keeps its type")
+        chosen[name] = canonical
+    return base, chosen
+
+
+def tensor_type_lines(tensor_types: dict[str, str]) -> str:
+    """A `--tensor-type-file` for exact tensor names: one `^escaped-name$=type` word per line.
+
+    Only ECMAScript's syntax characters are escaped (Python's re.escape also escapes `-`, `#`, `&`..., which
+    std::regex need not accept): blk.0.ffn_down.weight -> `^blk\\.0\\.ffn_down\\.weight$`.
+    """
+    return "".join(f"^{_ecmascript_escape(name)}$={type_}\n" for name, type_ in tensor_types.items())
+
+
+def _ecmascript_escape(text: str) -> str:
+    return re.sub(r"[\\^$.|?*+()\[\]{}]", lambda m: "\\" + m[0], text)
+
+
+def quantize_gguf(
+    source: Path,
+    target: Path,
+    base_type: str,
+    tensor_types: dict[str, str] | None = None,
+    allow_requantize: bool = True,
+    threads: int | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Quantize GGUF `source` into `target` with llama-quantize: preset `base_type`, per-tensor overrides.
+
+    `tensor_types` maps exact tensor names (blk.0.ffn_down.weight) to ggml types (q6_K); it is written beside the
+    target as `<target stem>.tensor-types.txt` (the file llama-quantize read) and kept as its record. llama.cpp's
+    own rules still apply: norms stay F32, and a k-quant on rows that are not a multiple of 256 falls back
+    (see above): read the result with tensor_types_of(). The target is written to a temporary sibling and
+    renamed, so it is never half-written; any failure is one NsdsError line and leaves no new target.
+    """
+    llama = tools()
+    source, target = Path(source).absolute(), Path(target).absolute()  # absolute: never read as a type number
+    if not source.is_file():
+        raise NsdsError(f"GGUF file '{source}' does not exist")
+    if target == source:
+        raise NsdsError(f"llama-quantize cannot write over its source '{source}': choose another target")
+    if threads is not None and threads < 1:
+        raise NsdsError(f"threads must be at least 1, got {threads}")
+    base, overrides = _check_types(llama.quantize, base_type, tensor_types or {}, source)
+    types_file = target.with_suffix(TENSOR_TYPES_SUFFIX)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporaries: list[Path] = []
+    try:
+        out = _temporary_sibling(target, temporaries)
+        args: list[str | Path] = ["--allow-requantize"] if allow_requantize else []
+        if overrides:
+            staged_types = _temporary_sibling(types_file, temporaries)
+            staged_types.write_text(tensor_type_lines(overrides))
+            args += ["--tensor-type-file", staged_types]
+        args += [source, out, base]
+        if threads is not None:
+            args.append(str(threads))
+        _run_streams(llama.quantize, args, "llama-quantize", timeout, explain=_quantize_failure)
+        if not out.is_file() or out.stat().st_size == 0:
+            raise NsdsError(f"llama-quantize reported success but wrote nothing to '{out}'")
+        if overrides:
+            os.replace(staged_types, types_file)
+        else:
+            types_file.unlink(missing_ok=True)  # a record from an earlier run would describe another file
+        os.replace(out, target)
+    finally:
+        for path in temporaries:
+            path.unlink(missing_ok=True)
+
+
+def _quantize_failure(result: subprocess.CompletedProcess) -> str | None:
+    """llama-quantize's own reason ("failed to quantize: <reason>"), not its closing "failed to quantize model"."""
+    reasons = re.findall(r"failed to quantize: (.+)", result.stderr + result.stdout)
+    if not reasons:
+        return None
+    reason = reasons[-1].strip()
+    if re.search(r"requantizing from type \S+ is disabled", reason):
+        reason += " (pass allow_requantize=True)"
+    return reason
+
+
+def _temporary_sibling(path: Path, temporaries: list[Path]) -> Path:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    temporaries.append(Path(name))
+    return Path(name)
+
+
+def tensor_types_of(path: Path) -> dict[str, str]:
+    """Every tensor's ggml type name (gguf's GGMLQuantizationType names: Q8_0, Q6_K, F32), in file order."""
+    import gguf  # numpy behind it: imported only when needed
+
+    by_id = {t.value: t.name for t in gguf.GGMLQuantizationType}
+    types: dict[str, str] = {}
+    for name, _, type_id in gguf_tensor_infos(Path(path)):
+        if type_id not in by_id:
+            raise NsdsError(f"'{path}': tensor '{name}' has ggml type {type_id}, which the gguf package does not know")
+        types[name] = by_id[type_id]
+    return types
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, shape as ne[0], ne[1]..., ggml type id) of each tensor, from a GGUF file's header only.
+
+    gguf.GGUFReader parses every metadata value into numpy views (2.6 s for SmolLM2's 49k-token vocabulary);
+    this skips the metadata, reading the same header in ~0.1 s.
+    """
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse_tensor_infos(data)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as err:
+        raise NsdsError(f"cannot read the tensors of GGUF file '{path}': {first_line(err)}") from None
+
+
+def _parse_tensor_infos(data) -> list[tuple[str, tuple[int, ...], int]]:
+    if data[:4] != b"GGUF":
+        raise ValueError("not a GGUF file (no GGUF magic)")
+    order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"  # version 2 or 3, either byte order
+    version = struct.unpack_from(order + "I", data, 4)[0]
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    n_tensors, n_kv = struct.unpack_from(order + "QQ", data, 8)
+    pos = 24
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from(order + fmt, data, pos)
+        pos += struct.calcsize(order + fmt)
+        return values if len(values) > 1 else values[0]
+
+    def skip_string() -> None:
+        nonlocal pos
+        length = take("Q")  # (never `pos += take(...)`: that adds to pos as it was before take moved it)
+        pos += length
+
+    def skip_value(kind: int) -> None:
+        nonlocal pos
+        if kind in _GGUF_SCALARS:
+            pos += struct.calcsize(_GGUF_SCALARS[kind])
+        elif kind == 8:
+            skip_string()
+        elif kind == 9:
+            item, count = take("I"), take("Q")
+            if item in _GGUF_SCALARS:
+                pos += count * struct.calcsize(_GGUF_SCALARS[item])
+            else:
+                for _ in range(count):
+                    skip_value(item)
+        else:
+            raise ValueError(f"unknown metadata value type {kind}")
+        if pos > len(data):
+            raise ValueError("the file ends inside its metadata")
+
+    for _ in range(n_kv):
+        skip_string()
+        skip_value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        length = take("Q")
+        name = bytes(data[pos : pos + length]).decode()
+        pos += length
+        dims = take("I")
+        shape = tuple(int(d) for d in struct.unpack_from(order + "Q" * dims, data, pos))
+        pos += 8 * dims
+        type_id, _offset = take("IQ")
+        infos.append((name, shape, type_id))
+    return infos
+
+
+_FINAL_ESTIMATE = re.compile(r"Final estimate: PPL = ([0-9.]+|[-+]?(?:nan|inf)) \+/- ([0-9.]+|[-+]?(?:nan|inf))")
+_CHUNK_SCORE = re.compile(r"\[(\d+)\]([-+]?(?:[0-9.]+|nan|inf)),")
+
+
+def perplexity_gguf(
+    model: Path,
+    text: Path,
+    context: int,
+    chunks: int | None = None,
+    threads: int | None = None,
+    max_chars: int | None = None,
+    timeout: float | None = None,
+) -> LlamaPerplexity:
+    """llama-perplexity's PPL of `model` on `text`, in chunks of `context` tokens (all of them, or `chunks`).
+
+    llama-perplexity tokenizes the whole file every run (~3 s for Brown): `max_chars` scores only the text's
+    first characters (written to a temporary file), which must hold the chunks asked for (an NsdsError if not).
+    It needs at least 2 * context tokens whatever `chunks` is.
+    """
+    llama = tools()
+    model, text = Path(model), Path(text)
+    for path, what in ((model, "GGUF file"), (text, "text file")):
+        if not path.is_file():
+            raise NsdsError(f"{what} '{path}' does not exist")
+    for value, what in ((context, "context"), (chunks, "chunks"), (threads, "threads"), (max_chars, "max_chars")):
+        if (value is not None or what == "context") and (not isinstance(value, int) or value < 1):
+            raise NsdsError(f"{what} must be a positive whole number, got {value!r}")
+    with tempfile.TemporaryDirectory(prefix="nsds-perplexity-") as tmp:
+        truncated = False
+        if max_chars is not None:
+            with text.open(encoding="utf-8", errors="replace") as source:
+                prefix = source.read(max_chars)
+                truncated = bool(source.read(1))
+            if truncated:
+                text = Path(tmp) / text.name
+                text.write_text(prefix, encoding="utf-8")
+        args: list[str | Path] = ["-m", model, "-f", text, "-c", str(context), "--no-warmup"]
+        if chunks is not None:
+            args += ["--chunks", str(chunks)]
+        if threads is not None:
+            args += ["-t", str(threads)]
+        started = time.perf_counter()
+        result = _run_streams(llama.perplexity, args, "llama-perplexity", timeout)
+        seconds = time.perf_counter() - started
+    final = _FINAL_ESTIMATE.search(result.stderr) or _FINAL_ESTIMATE.search(result.stdout)
+    if final is None:
+        reason = _strip_log_prefix(_meaningful_line(result.stderr) or _meaningful_line(result.stdout) or "no output")
+        if truncated and re.search(r"tokenizes to only \d+ tokens", reason):
+            reason += f" (max_chars={max_chars} kept too little of '{text.name}': raise max_chars)"
+        raise NsdsError(f"llama-perplexity printed no final estimate: {reason}")
+    ppl, plus_minus = float(final[1]), float(final[2])
+    if not (math.isfinite(ppl) and math.isfinite(plus_minus)):
+        raise NsdsError(f"llama-perplexity's PPL is not finite ({final[1]} +/- {final[2]}) for '{model.name}'")
+    scored = max((int(i) for i, _ in _CHUNK_SCORE.findall(result.stdout)), default=0)
+    if scored == 0:
+        raise NsdsError("llama-perplexity printed a final estimate but no chunk scores")
+    if truncated and chunks is not None and scored < chunks:
+        raise NsdsError(
+            f"max_chars={max_chars} holds only {scored} of the {chunks} chunks of {context} tokens asked for: "
+            "raise max_chars"
+        )
+    return LlamaPerplexity(ppl=ppl, stderr=plus_minus, chunks=scored, context=context, seconds=seconds)
+
+
+def _run_streams(path: Path, args: list, what: str, timeout: float | None, explain=None) -> subprocess.CompletedProcess:
+    """run_tool, keeping stdout and stderr apart (llama-perplexity's scores go to stdout, its log to stderr).
+
+    A failure names `explain(result)` when it finds the reason, else the tool's last error line, without the
+    timestamp and level llama.cpp's log puts before it.
+    """
+    try:
+        result = subprocess.run(
+            [str(path), *map(str, args)], capture_output=True, text=True, errors="replace", timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise NsdsError(f"{what} did not finish in {timeout:g} s ({path.name})") from None
+    except OSError as err:
+        raise NsdsError(f"cannot run {what} ('{path}'): {first_line(err)}") from None
+    if result.returncode != 0:
+        reason = (explain and explain(result)) or _failure(result)
+        raise NsdsError(f"{what} failed: {_strip_log_prefix(reason)}")
+    return result
+
+
+def _strip_log_prefix(line: str) -> str:
+    """A line without llama.cpp's log timestamp and level: `0.00.407.843 E perplexity: ...` -> `perplexity: ...`."""
+    return re.sub(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ", "", line)
