@@ -60,7 +60,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     run.add_argument("--gguf-file", help=gguf_help)
     run.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
-    run.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths, comma-separated")
+    run.add_argument("--widths", type=_int_list, default="2,4", help="candidate widths, comma-separated")
     run.add_argument("--quantizer", default="rtn", help="rtn or hqq")
     run.add_argument("--group-size", type=int, default=128, help="weights per quantization group")
     run.add_argument("--allocator", default="auto", choices=["auto", "topk", "budget"],
@@ -73,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text", default="brown", help=text_help)
     run.add_argument("--tokens", type=int, default=8192, help="scored tokens for perplexity")
     run.add_argument("--window", type=int, help=window_help)
-    run.add_argument("--tasks", type=_str_list, default=(), help="lm-eval zero-shot tasks, e.g. arc_easy,piqa")
+    run.add_argument("--tasks", type=_str_list, default="", help="lm-eval zero-shot tasks, e.g. arc_easy,piqa")
     run.add_argument("--task-limit", type=int, help="examples per task (lm-eval --limit)")
     run.add_argument("--out", type=Path, default=Path("nsds-run"), help="output folder")
     run.add_argument("--save", type=Path, help="also save the HQQ-quantized model in HQQ's format here")
@@ -85,12 +85,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        "Resumable: finished evaluations are kept in OUT/cells.json.")  # fmt: skip
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     compare.add_argument("--gguf-file", help=gguf_help)
-    compare.add_argument("--budgets", type=_float_list, nargs="+", default=[(2.5, 3.0, 3.5)],
-                         help="average bits per weight to compare, comma-separated (2.5,3,3.5)")  # fmt: skip
-    compare.add_argument("--widths", type=_int_list, default=(2, 4), help="candidate widths, comma-separated")
-    compare.add_argument("--quantizer", dest="quantizers", type=_str_list, default=("rtn", "hqq"),
+    compare.add_argument("--budgets", type=_float_list, nargs="+", default="2.5,3,3.5",
+                         help="average bits per weight to compare, comma-separated")  # fmt: skip
+    compare.add_argument("--widths", type=_int_list, default="2,4", help="candidate widths, comma-separated")
+    compare.add_argument("--quantizer", dest="quantizers", type=_str_list, default="rtn,hqq",
                          help="quantizers, comma-separated")  # fmt: skip
-    compare.add_argument("--scorers", type=_str_list, default=("all",),
+    compare.add_argument("--scorers", type=_str_list, default="all",
                          help="scorers, comma-separated, or all / baselines / ablations")  # fmt: skip
     compare.add_argument("--seeds", type=int, default=5, help="random allocations to average")
     compare.add_argument("--group-size", type=int, default=128, help="weights per quantization group")
@@ -161,7 +161,8 @@ def _run(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from nsds.compare import compare
 
-    budgets = tuple(b for group in args.budgets for b in group)
+    groups = args.budgets if isinstance(args.budgets, list) else [args.budgets]  # the default is one group
+    budgets = tuple(b for group in groups for b in group)
     result = compare(_config(CompareConfig, args, fuse=not args.no_fuse, budgets=budgets))
     print(result.protocol.describe())
     print(f"reference PPL {result.reference_ppl:.2f}; lowest PPL per quantizer and budget (data-free):")

@@ -263,6 +263,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
             cells.append(store.data.cells[cell_id])
         timing[f"plans_{q}_s"] = time.perf_counter() - start
         bank.restore()
+        del bank, measure  # its pristine copy and quantized variants, before the next quantizer makes its own
 
     timing["total_s"] = time.perf_counter() - started
     result = CompareResult(
