@@ -6,7 +6,6 @@ import torch
 
 from nsds.errors import NsdsError
 
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 

@@ -143,6 +143,10 @@ class Cell:
     plan: str  # digest of the plan's widths: identical plans are evaluated once
     ppl: float
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"cell kind '{self.kind}' is not one of {list(KINDS)}")
+
 
 @dataclass(frozen=True)
 class SummaryRow:

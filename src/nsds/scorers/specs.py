@@ -24,6 +24,10 @@ class ScorerSpec:
     needs_model: bool = False  # runs the loaded model (needs its checkpoint weights in place)
     quantizer_dependent: bool = False  # its scores change with the quantizer the plans use
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"scorer kind '{self.kind}' is not one of {list(KINDS)}")
+
     def load(self) -> Callable[[Any], Any]:
         module, _, function = self.entry.partition(":")
         return getattr(importlib.import_module(module), function)
