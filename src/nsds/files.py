@@ -95,8 +95,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
         known = {}
-    if key in known:
-        return known[key]
+    if not isinstance(known, dict):  # a hand-edited memo is only lost work
+        known = {}
+    cached = known.get(key)
+    if isinstance(cached, str) and len(cached) == 64 and all(c in "0123456789abcdef" for c in cached):
+        return cached
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(chunk):

@@ -196,3 +196,19 @@ def test_damaged_cells_store_starts_afresh(tiny, tmp_path, monkeypatch):
     (out / "cells.json").write_text(json.dumps(cells))
     again = compare(replace(config))
     assert again.counts.resumed is False and [c.ppl for c in again.cells] == [c.ppl for c in first.cells]
+
+
+@pytest.mark.parametrize("memo", ["[1, 2]", '{"KEY": 42}', '{"KEY": "not-a-digest"}', "{broken"])
+def test_damaged_digest_memo_is_recomputed(tmp_path, monkeypatch, memo):
+    import hashlib
+
+    from nsds.files import sha256_file
+
+    monkeypatch.setenv("NSDS_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"weights")
+    stat = target.resolve().stat()
+    key = f"{target.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "sha256.json").write_text(memo.replace("KEY", key))
+    assert sha256_file(target) == hashlib.sha256(b"weights").hexdigest()
