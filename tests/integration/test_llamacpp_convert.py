@@ -1,0 +1,146 @@
+"""nsds.llamacpp.convert_hf_to_gguf: llama.cpp's own converter on a tiny random Llama, read back by nsds.
+
+Skipped, with the reason, when llama.cpp's tools (and the converter beside them) are not built. The pinned
+converter imports `sentencepiece` for every Llama folder, so the round trip is skipped without it (and the
+one-line install hint is checked instead). About 15 s: each converter run starts torch (3-6 s).
+
+The tiny model gets a Llama-2 style tokenizer.json (BPE with byte fallback, "▁" for spaces): the converter
+reads that through gguf-py's LlamaHfVocab without a check. tests/tiny_models.save_tiny_tokenizer's byte-level
+BPE would be refused, since the converter identifies byte-level pre-tokenizers by a hash of how they tokenize
+a fixed text, and a freshly trained tokenizer has no known hash (that refusal is tested too).
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsds import llamacpp
+from nsds.errors import NsdsError
+from nsds.weights import GGUFSource, SafetensorsSource
+
+from tiny_models import save_tiny_tokenizer, tiny_model
+
+pytestmark = pytest.mark.integration
+
+TEXT = "The quick brown fox jumps over the lazy dog. A lazy dog sleeps while the quick fox runs. "
+HAS_SENTENCEPIECE = importlib.util.find_spec("sentencepiece") is not None
+NEEDS_SENTENCEPIECE = pytest.mark.skipif(
+    not HAS_SENTENCEPIECE,
+    reason="llama.cpp's converter imports sentencepiece for every Llama model: `pip install sentencepiece`",
+)
+
+
+@pytest.fixture(scope="module")
+def script() -> Path:
+    try:
+        found = llamacpp.tools()
+    except NsdsError as err:
+        pytest.skip(f"GGUF conversion test needs llama.cpp's tools: {err}")
+    if found.convert_script is None:
+        pytest.skip(f"GGUF conversion test needs {llamacpp.CONVERT_SCRIPT} beside llama.cpp's tools ({found.source})")
+    return found.convert_script
+
+
+def save_llama_tokenizer(folder: Path, text: str, vocab_size: int = 300) -> int:
+    """A Llama-2 style tokenizer.json (BPE, byte fallback, Metaspace-like normalizer); its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    tokenizer.train_from_iterator([text * 20], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return tokenizer.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    vocab = save_llama_tokenizer(folder, TEXT)
+    tiny_model("llama", vocab_size=vocab).save_pretrained(folder)
+    return folder
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_converter_imports_its_own_gguf_py(script, monkeypatch):
+    monkeypatch.setenv("NO_LOCAL_GGUF", "1")  # would make the converter fall back to the venv's gguf
+    env = llamacpp.converter_env(script)
+    assert "NO_LOCAL_GGUF" not in env
+    found = subprocess.run(
+        [sys.executable, "-c", "import gguf; print(gguf.__file__)"], env=env, capture_output=True, text=True,
+        check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    assert Path(found).resolve().is_relative_to((script.parent / "gguf-py").resolve()), found
+
+
+@NEEDS_SENTENCEPIECE
+def test_f32_conversion_streams_the_safetensors_tensors_exactly(script, tiny_llama, tmp_path):
+    target = tmp_path / "out" / "tiny-f32.gguf"
+    llamacpp.convert_hf_to_gguf(tiny_llama, target, "F32", timeout=300)
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary left
+    original = SafetensorsSource(tiny_llama)
+    with GGUFSource(target) as converted:
+        assert converted.arch == "llama"
+        names = converted.names()
+        assert len(names) >= 2 + 4 * 7  # embedding, lm_head, and q/k/v/o/gate/up/down of each of 4 layers
+        assert names <= original.names()
+        for name in sorted(names):
+            got, want = converted.tensor(name), original.tensor(name)
+            assert got.dtype == want.dtype == torch.float32, name
+            assert torch.equal(got, want), name  # f32: exact, q/k un-permuted by nsds
+    types = llamacpp.tensor_types_of(target)
+    matrices = [name for name, shape, _ in llamacpp.gguf_tensor_infos(target) if len(shape) == 2]
+    assert len(matrices) >= 2 + 4 * 7
+    assert {types[name] for name in matrices} == {"F32"}
+
+
+@NEEDS_SENTENCEPIECE
+def test_unknown_byte_level_pre_tokenizer_is_one_line(script, tmp_path):
+    folder = tmp_path / "byte-level"
+    tiny_model("llama", vocab_size=300).save_pretrained(folder)
+    save_tiny_tokenizer(folder, TEXT)
+    target = tmp_path / "out" / "tiny.gguf"
+    with pytest.raises(NsdsError) as err:
+        llamacpp.convert_hf_to_gguf(folder, target, timeout=300)
+    assert "pre-tokenizer was not recognized" in one_line(err) and "chkhsh" in one_line(err)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_unsupported_architecture_is_one_line_and_leaves_no_target(script, tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["NoSuchModelForCausalLM"]}')
+    target = tmp_path / "out" / "x.gguf"
+    with pytest.raises(NsdsError) as err:
+        llamacpp.convert_hf_to_gguf(folder, target, timeout=300)
+    assert "NoSuchModelForCausalLM is not supported" in one_line(err)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_folder_without_config_fails_before_running(script, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    target = tmp_path / "x.gguf"
+    with pytest.raises(NsdsError, match=r"no config\.json") as err:
+        llamacpp.convert_hf_to_gguf(tmp_path, target)
+    one_line(err)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("outtype", ["q4_k_m", "auto", "tq1_0"])
+def test_unknown_outtype_is_refused_up_front(outtype, tmp_path):
+    with pytest.raises(NsdsError, match="valid types are f32, f16, bf16, q8_0"):
+        llamacpp.convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf", outtype)
