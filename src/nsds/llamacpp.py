@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import math
-import mmap
 import os
 import re
 import shutil
@@ -32,8 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
+import gguf
+
 from nsds.errors import NsdsError, first_line
 from nsds.files import cache_dir, sha256_file, write_json
+from nsds.gguf_header import GGUFHeader
 from nsds.progress import byte_bar, note
 
 ENV_VAR = "NSDS_LLAMA_CPP"
@@ -232,17 +234,7 @@ def run_tool(path: Path, args: list[str], what: str, timeout: float | None = Non
 
     A failure is one NsdsError line naming `what` and the tool's last meaningful error line.
     """
-    command = [str(path), *map(str, args)]
-    try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, errors="replace", timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except subprocess.TimeoutExpired:
-        raise NsdsError(f"{what} did not finish in {timeout:g} s ({path.name})") from None
-    except OSError as err:
-        raise NsdsError(f"cannot run {what} ('{path}'): {first_line(err)}") from None
-    if result.returncode != 0:
-        raise NsdsError(f"{what} failed: {_failure(result)}")
+    result = _run_streams(path, args, what, timeout)
     return result.stdout + result.stderr
 
 
@@ -577,8 +569,6 @@ def parse_quantize_help(text: str) -> tuple[str, ...]:
 
 def _ggml_type_names() -> dict[str, str]:
     """Upper-case name -> canonical name of the ggml types the gguf package knows (Q6_K, IQ4_NL, F16...)."""
-    import gguf  # numpy behind it: imported only when needed
-
     return {t.name.upper(): t.name for t in gguf.GGMLQuantizationType}
 
 
@@ -707,86 +697,17 @@ def _temporary_sibling(path: Path, temporaries: list[Path]) -> Path:
 
 def tensor_types_of(path: Path) -> dict[str, str]:
     """Every tensor's ggml type name (gguf's GGMLQuantizationType names: Q8_0, Q6_K, F32), in file order."""
-    import gguf  # numpy behind it: imported only when needed
-
-    by_id = {t.value: t.name for t in gguf.GGMLQuantizationType}
-    types: dict[str, str] = {}
-    for name, _, type_id in gguf_tensor_infos(Path(path)):
-        if type_id not in by_id:
-            raise NsdsError(f"'{path}': tensor '{name}' has ggml type {type_id}, which the gguf package does not know")
-        types[name] = by_id[type_id]
-    return types
-
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    return {name: gguf.GGMLQuantizationType(type_id).name for name, _, type_id in gguf_tensor_infos(path)}
 
 
 def gguf_tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...], int]]:
-    """(name, shape as ne[0], ne[1]..., ggml type id) of each tensor, from a GGUF file's header only.
-
-    gguf.GGUFReader parses every metadata value into numpy views (2.6 s for SmolLM2's 49k-token vocabulary);
-    this skips the metadata, reading the same header in ~0.1 s.
-    """
+    """(name, shape as ne[0], ne[1]..., ggml type id) of each tensor, from a GGUF file's header only
+    (nsds.gguf_header: ~0.1 s, where gguf.GGUFReader takes 2.6 s on SmolLM2's vocabulary)."""
     try:
-        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse_tensor_infos(data)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as err:
+        header = GGUFHeader(Path(path))
+    except (OSError, ValueError, struct.error, KeyError, OverflowError) as err:
         raise NsdsError(f"cannot read the tensors of GGUF file '{path}': {first_line(err)}") from None
-
-
-def _parse_tensor_infos(data) -> list[tuple[str, tuple[int, ...], int]]:
-    if data[:4] != b"GGUF":
-        raise ValueError("not a GGUF file (no GGUF magic)")
-    order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"  # version 2 or 3, either byte order
-    version = struct.unpack_from(order + "I", data, 4)[0]
-    if version < 2:
-        raise ValueError(f"GGUF version {version} is not supported")
-    n_tensors, n_kv = struct.unpack_from(order + "QQ", data, 8)
-    pos = 24
-
-    def take(fmt: str):
-        nonlocal pos
-        values = struct.unpack_from(order + fmt, data, pos)
-        pos += struct.calcsize(order + fmt)
-        return values if len(values) > 1 else values[0]
-
-    def skip_string() -> None:
-        nonlocal pos
-        length = take("Q")  # (never `pos += take(...)`: that adds to pos as it was before take moved it)
-        pos += length
-
-    def skip_value(kind: int) -> None:
-        nonlocal pos
-        if kind in _GGUF_SCALARS:
-            pos += struct.calcsize(_GGUF_SCALARS[kind])
-        elif kind == 8:
-            skip_string()
-        elif kind == 9:
-            item, count = take("I"), take("Q")
-            if item in _GGUF_SCALARS:
-                pos += count * struct.calcsize(_GGUF_SCALARS[item])
-            else:
-                for _ in range(count):
-                    skip_value(item)
-        else:
-            raise ValueError(f"unknown metadata value type {kind}")
-        if pos > len(data):
-            raise ValueError("the file ends inside its metadata")
-
-    for _ in range(n_kv):
-        skip_string()
-        skip_value(take("I"))
-    infos = []
-    for _ in range(n_tensors):
-        length = take("Q")
-        name = bytes(data[pos : pos + length]).decode()
-        pos += length
-        dims = take("I")
-        shape = tuple(int(d) for d in struct.unpack_from(order + "Q" * dims, data, pos))
-        pos += 8 * dims
-        type_id, _offset = take("IQ")
-        infos.append((name, shape, type_id))
-    return infos
+    return [(name, t.shape[::-1], t.qtype.value) for name, t in header.tensors.items()]
 
 
 _FINAL_ESTIMATE = re.compile(r"Final estimate: PPL = ([0-9.]+|[-+]?(?:nan|inf)) \+/- ([0-9.]+|[-+]?(?:nan|inf))")
@@ -854,7 +775,7 @@ def perplexity_gguf(
 
 
 def _run_streams(path: Path, args: list, what: str, timeout: float | None, explain=None) -> subprocess.CompletedProcess:
-    """run_tool, keeping stdout and stderr apart (llama-perplexity's scores go to stdout, its log to stderr).
+    """Run a tool with stdout and stderr kept apart (llama-perplexity's scores go to stdout, its log to stderr).
 
     A failure names `explain(result)` when it finds the reason, else the tool's last error line, without the
     timestamp and level llama.cpp's log puts before it.

@@ -4,14 +4,11 @@ GGUF names are mapped to the Hugging Face names of the architecture with gguf-py
 and the two layout changes llama.cpp's converter makes are undone exactly as transformers undoes them
 when it loads a GGUF: Llama's rotary permutation of q/k rows, and GPT-2's Conv1D transposes.
 
-The header is read by a small parser of our own: gguf.GGUFReader turns every tokenizer entry into
-NumPy objects (8 s and ~500 MB for Gemma-3's 262k-token vocabulary) although scoring needs only a
-dozen scalars and the tensor table. The config is built from those scalars.
+The header is read by nsds.gguf_header (gguf.GGUFReader is far slower on big vocabularies); the config
+is built from its scalars.
 """
 
-import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -21,6 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nsds.arch import family_of, geometry
 from nsds.errors import NsdsError, first_line
+from nsds.gguf_header import GGUFHeader
 from nsds.weights.base import WeightSource, build_config
 
 _ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
@@ -35,106 +33,6 @@ MODEL_TYPES = {
     "gpt2": "gpt2",
 }
 _GPT2_CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
-_V = gguf.GGUFValueType
-_SCALARS = {
-    _V.UINT8: "B",
-    _V.INT8: "b",
-    _V.UINT16: "H",
-    _V.INT16: "h",
-    _V.UINT32: "I",
-    _V.INT32: "i",
-    _V.FLOAT32: "f",
-    _V.BOOL: "?",
-    _V.UINT64: "Q",
-    _V.INT64: "q",
-    _V.FLOAT64: "d",
-}
-_PLAIN = {
-    gguf.GGMLQuantizationType.F32: np.float32,
-    gguf.GGMLQuantizationType.F16: np.float16,
-    gguf.GGMLQuantizationType.F64: np.float64,
-}
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    qtype: gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # NumPy order: (rows, columns)
-    start: int
-    nbytes: int
-
-
-class _Header:
-    """Scalar metadata (arrays are skipped) and the tensor table of a little-endian GGUF v2/v3 file."""
-
-    def __init__(self, path: Path) -> None:
-        if path.stat().st_size == 0:
-            raise ValueError("the file is empty")
-        self.data = np.memmap(path, mode="r")
-        self._buffer = memoryview(self.data)
-        magic, version, tensor_count, kv_count = self._unpack("<IIQQ", 0)
-        if magic != gguf.GGUF_MAGIC:
-            raise ValueError("bad magic number, not a GGUF file")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} (big-endian or unknown) is not supported")
-        offset = 24
-        self.metadata: dict[str, object] = {}
-        for _ in range(kv_count):
-            key, offset = self._string(offset)
-            (value_type,) = self._unpack("<I", offset)
-            self.metadata[key], offset = self._value(_V(value_type), offset + 4)
-        table = []
-        for _ in range(tensor_count):
-            name, offset = self._string(offset)
-            (dims,) = self._unpack("<I", offset)
-            shape = self._unpack(f"<{dims}Q", offset + 4)
-            qtype, relative = self._unpack("<IQ", offset + 4 + 8 * dims)
-            offset += 4 + 8 * dims + 12
-            table.append((name, gguf.GGMLQuantizationType(qtype), tuple(reversed(shape)), relative))
-        alignment = self.metadata.get("general.alignment") or 32
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
-            raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
-        data_start = -(-offset // alignment) * alignment
-        self.tensors: dict[str, _Tensor] = {}
-        for name, qtype, shape, relative in table:
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            nbytes = math.prod(shape) * type_size // block
-            if data_start + relative + nbytes > len(self.data):
-                raise ValueError(f"tensor '{name}' runs past the end of the file")
-            self.tensors[name] = _Tensor(qtype, shape, data_start + relative, nbytes)
-
-    def _unpack(self, fmt: str, offset: int) -> tuple:
-        return struct.unpack_from(fmt, self._buffer, offset)
-
-    def _string(self, offset: int) -> tuple[str, int]:
-        (length,) = self._unpack("<Q", offset)
-        end = offset + 8 + length
-        if end > len(self.data):
-            raise ValueError("header runs past the end of the file")
-        return bytes(self._buffer[offset + 8 : end]).decode("utf-8"), end
-
-    def _value(self, value_type: _V, offset: int) -> tuple[object, int]:
-        if value_type in _SCALARS:
-            fmt = "<" + _SCALARS[value_type]
-            return self._unpack(fmt, offset)[0], offset + struct.calcsize(fmt)
-        if value_type == _V.STRING:
-            return self._string(offset)
-        if value_type == _V.ARRAY:  # skipped: nsds needs no array metadata (tokenizer tables)
-            item_type, count = self._unpack("<IQ", offset)
-            offset += 12
-            if _V(item_type) in _SCALARS:
-                return None, offset + count * struct.calcsize("<" + _SCALARS[_V(item_type)])
-            for _ in range(count):
-                _, offset = self._value(_V(item_type), offset)
-            return None, offset
-        raise ValueError(f"unknown metadata value type {value_type}")
-
-    def array(self, tensor: _Tensor) -> np.ndarray:
-        """The tensor's raw data as gguf.quants.dequantize expects it (quantized rows as bytes)."""
-        raw = self.data[tensor.start : tensor.start + tensor.nbytes]
-        if tensor.qtype in _PLAIN:
-            return raw.view(_PLAIN[tensor.qtype]).reshape(tensor.shape)
-        return raw.reshape(gguf.quant_shape_to_byte_shape(tensor.shape, tensor.qtype))
 
 
 def _reverse_rotary_permutation(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -166,7 +64,7 @@ class GGUFSource(WeightSource):
         self.path = self.location = Path(path)
         self.files = [self.path]
         try:
-            self._header = _Header(self.path)
+            self._header = GGUFHeader(self.path)
         except (OSError, ValueError, struct.error, KeyError, OverflowError, MemoryError) as err:
             # ValueError covers UnicodeDecodeError and unknown enum values
             raise NsdsError(f"cannot read GGUF file '{self.path}': {first_line(err)} (corrupt or truncated?)") from None
