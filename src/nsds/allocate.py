@@ -10,15 +10,15 @@ Allocators that turn per-layer scores into a Plan:
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from nsds.errors import NsdsError
-from nsds.plan import Module, ModulePlan, Plan, quantization_groups
+from nsds.plan import Module, ModulePlan, Plan
 from nsds.progress import note
-from nsds.quantize.base import Quantizer
+from nsds.quantize.base import Quantizer, Storage
 from nsds.scores import ranking
 
 _MAX_CELLS = 200_000  # budget resolution of the knapsack table; coarser costs are rounded up (never over budget)
@@ -31,31 +31,22 @@ class Setting:
 
     budget: float
     widths: tuple[int, ...]
-    group_size: int
-    overhead_bits_per_group: int  # scale + zero storage of one quantization group
-    quantizer: str
+    quantizer: Quantizer  # configured: its storage() prices every module at every width
     model: str
-    symmetric: bool = False
-    budget_counts: str = "weights"  # "weights": the paper's bits per weight; "storage": with scales/zeros
-    grouping: str = "row"  # the quantizer's group layout (see ModulePlan.groups)
+    budget_counts: str = "weights"  # "weights": the paper's bits per weight; "storage": with every scale/zero
 
 
 def allocation_setting(
-    quantizer: Quantizer, model_id: str, budget: float, widths: Sequence[int], budget_counts: str = "weights"
+    quantizer: Quantizer, model_id: str, budget: float, widths: Sequence[int], budget_counts: str | None = None
 ) -> Setting:
-    """The allocation setting of a configured quantizer, checked (see check_setting)."""
+    """The allocation setting of a configured quantizer, checked (see check_setting); budget_counts None
+    is the quantizer's default (weights for RTN/HQQ as in the paper, storage for GGUF types)."""
     quantizer.check_widths(widths)
-    setting = Setting(
-        budget=budget,
-        widths=tuple(widths),
-        group_size=quantizer.group_size,
-        overhead_bits_per_group=quantizer.overhead_bits_per_group,
-        quantizer=quantizer.name,
-        model=model_id,
-        symmetric=quantizer.symmetric,
-        budget_counts=budget_counts,
-        grouping=quantizer.grouping,
-    )
+    counts = quantizer.budget_counts[0] if budget_counts is None else budget_counts
+    if counts in BUDGET_MEASURES and counts not in quantizer.budget_counts:
+        raise NsdsError(f"quantizer '{quantizer.name}' budgets count {' or '.join(quantizer.budget_counts)} only, "
+                        f"not '{counts}'")  # fmt: skip
+    setting = Setting(budget=budget, widths=tuple(widths), quantizer=quantizer, model=model_id, budget_counts=counts)
     check_setting(setting)
     return setting
 
@@ -72,14 +63,13 @@ def uniform_setting(setting: Setting) -> Setting:
 def check_setting(setting: Setting, modules: Sequence[Module] | None = None) -> tuple[int, ...]:
     """Sorted candidate widths, after checking the budget lies within what they reach (never silently clamped).
 
-    Counting storage, the reach depends on the modules' shapes (a row's last group may be short): without
-    modules the check uses the overhead's lower bound, overhead / group size; with them it is exact.
+    Counting storage, the reach depends on the modules' shapes (scales per group or block, a row's short last
+    group, a GGUF type's fallback): without modules only the weights' lower bound is checked; with them the
+    check is exact.
     """
     widths = tuple(sorted(set(setting.widths)))
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
         raise NsdsError(f"widths must be positive integers, got {list(setting.widths)}")
-    if setting.group_size < 1:
-        raise NsdsError(f"group size must be positive, got {setting.group_size}")
     if setting.budget_counts not in BUDGET_MEASURES:
         raise NsdsError(f"budget counts 'weights' or 'storage', not '{setting.budget_counts}'")
     if not math.isfinite(setting.budget):
@@ -89,8 +79,7 @@ def check_setting(setting: Setting, modules: Sequence[Module] | None = None) -> 
         params = sum(m.params for m in modules)
         floor, ceiling = (sum(_cost(m, w, setting) for m in modules) / params for w in (low, high))
     else:
-        overhead = setting.overhead_bits_per_group / setting.group_size if setting.budget_counts == "storage" else 0
-        floor, ceiling = low + overhead, high + (setting.overhead_bits_per_group if overhead else 0)
+        floor, ceiling = low, high if setting.budget_counts == "weights" else math.inf
     if not floor - 1e-9 <= setting.budget <= ceiling + 1e-9:
         storage = setting.budget_counts == "storage"
         reach = f"[{floor:.4g}, {ceiling:.4g}] bits{' with group overhead' if storage else ''}"
@@ -115,38 +104,36 @@ def _plan(
     allocator: str,
     widths: tuple[int, ...],
 ) -> Plan:
-    return Plan(
-        model=setting.model,
-        quantizer=setting.quantizer,
-        allocator=allocator,
-        budget=setting.budget,
-        widths=list(widths),
-        modules=[
-            ModulePlan(
-                m.name,
-                m.layer,
-                m.role,
-                m.out_features,
-                m.in_features,
-                bits[m.name],
-                setting.group_size,
-                reasons[m.name],
-            )
-            for m in modules
-        ],
-        overhead_bits_per_group=setting.overhead_bits_per_group,
-        grouping=setting.grouping,
-        symmetric=setting.symmetric,
-    )
+    return plan_of(modules, bits, reasons, setting.quantizer, setting.model, allocator, setting.budget, widths)
+
+
+def plan_of(
+    modules: Sequence[Module],
+    bits: dict[str, int],
+    reasons: dict[str, dict],
+    quantizer: Quantizer,
+    model: str,
+    allocator: str,
+    budget: float | None,
+    widths: Sequence[int],
+    storage: Mapping[str, Storage] | None = None,
+) -> Plan:
+    """A Plan for these widths, each module's storage priced by the quantizer (or given: a preset's types,
+    read from its file)."""
+    planned = []
+    for m in modules:
+        stored = storage[m.name] if storage else quantizer.storage(m.out_features, m.in_features, bits[m.name])
+        planned.append(ModulePlan(m.name, m.layer, m.role, m.out_features, m.in_features, bits[m.name],
+                                  stored.group_size, stored.format, stored.bits, reasons[m.name]))  # fmt: skip
+    return Plan(model=model, quantizer=quantizer.name, allocator=allocator, budget=budget, widths=list(widths),
+                modules=planned, symmetric=quantizer.symmetric)  # fmt: skip
 
 
 def _cost(module: Module, width: int, setting: Setting) -> int:
     """Bits a module costs at `width` under the setting's budget measure."""
-    bits = module.params * width
     if setting.budget_counts == "storage":
-        groups = quantization_groups(module.out_features, module.in_features, setting.group_size, setting.grouping)
-        bits += groups * setting.overhead_bits_per_group
-    return bits
+        return setting.quantizer.storage(module.out_features, module.in_features, width).bits
+    return module.params * width
 
 
 def _by_layer(modules: Sequence[Module]) -> dict[int, list[Module]]:

@@ -59,17 +59,25 @@ def _build_parser() -> argparse.ArgumentParser:
                    "are written only once everything has succeeded.")  # fmt: skip
     run.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     run.add_argument("--gguf-file", help=gguf_help)
-    run.add_argument("--budget", type=float, required=True, help="average bits per weight, e.g. 3.5")
-    run.add_argument("--widths", type=_int_list, default="2,4", help="candidate widths, comma-separated")
-    run.add_argument("--quantizer", default="rtn", help="rtn or hqq")
-    run.add_argument("--group-size", type=int, default=128, help="weights per quantization group")
+    run.add_argument("--budget", type=_budget, required=True,
+                     help="average bits per weight, e.g. 3.5; with --quantizer gguf also a llama.cpp preset "
+                     "(Q4_K_M...): no larger than that preset's file")  # fmt: skip
+    run.add_argument(
+        "--widths",
+        type=_int_list,
+        default="2,4",
+        help="candidate widths, comma-separated (gguf: 2=Q2_K 3=Q3_K 4=Q4_K 5=Q5_K 6=Q6_K 8=Q8_0)",
+    )
+    run.add_argument("--quantizer", default="rtn", help="rtn, hqq or gguf (llama.cpp's types and numerics)")
+    run.add_argument("--group-size", type=int, help="weights per quantization group (rtn/hqq; default 128)")
     run.add_argument("--allocator", default="auto", choices=["auto", "topk", "budget"],
                      help="topk: the paper's rule (two widths); budget: any widths, exact knapsack; auto: topk for "
                      "two widths, else budget")  # fmt: skip
     run.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
     run.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
-    run.add_argument("--budget-counts", default="weights", choices=["weights", "storage"],
-                     help="what the budget counts: weight bits (paper) or storage with scales/zeros")  # fmt: skip
+    run.add_argument("--budget-counts", choices=["weights", "storage"],
+                     help="what the budget counts: weight bits (the paper's; default for rtn/hqq) or storage with "
+                     "every scale and zero point (gguf's only measure)")  # fmt: skip
     run.add_argument("--text", default="brown", help=text_help)
     run.add_argument("--tokens", type=int, default=8192, help="scored tokens for perplexity")
     run.add_argument("--window", type=int, help=window_help)
@@ -77,6 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task-limit", type=int, help="examples per task (lm-eval --limit)")
     run.add_argument("--out", type=Path, default=Path("nsds-run"), help="output folder")
     run.add_argument("--save", type=Path, help="also save the HQQ-quantized model in HQQ's format here")
+    run.add_argument("--export", action="store_true",
+                     help="with --quantizer gguf: also write OUT/model.gguf and the OUT/tensor-types.txt it was "
+                     "quantized with")  # fmt: skip
     run.add_argument("--device", default="auto", help=device_help)
 
     compare = _command(commands, "compare", "evaluate NSDS against every baseline scorer and allocator",
@@ -93,7 +104,7 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--scorers", type=_str_list, default="all",
                          help="scorers, comma-separated, or all / baselines / ablations")  # fmt: skip
     compare.add_argument("--seeds", type=int, default=5, help="random allocations to average")
-    compare.add_argument("--group-size", type=int, default=128, help="weights per quantization group")
+    compare.add_argument("--group-size", type=int, help="weights per quantization group (default 128)")
     compare.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
     compare.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
     compare.add_argument("--text", default="brown", help=text_help)
@@ -125,6 +136,16 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
+def _budget(text: str) -> float | str:
+    """Bits per weight, or a name (a llama.cpp preset, checked once the quantizer is known)."""
+    try:
+        return float(text)
+    except ValueError:
+        if not text.strip() or not text.replace("_", "").isalnum():
+            raise argparse.ArgumentTypeError(f"expected bits per weight or a llama.cpp preset, got '{text}'") from None
+        return text
+
+
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
@@ -143,17 +164,23 @@ def _config(cls, args: argparse.Namespace, **resolved):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from nsds.pipeline import OUTPUTS, run
+    from nsds.pipeline import EXPORTS, OUTPUTS, run
 
     result = run(_config(RunConfig, args, fuse=not args.no_fuse))
     print(result.protocol.describe())
-    print(f"{'plan':<10} {'allocator':<9} {'bits':>6} {'storage':>8} {'PPL':>9} {'time':>7}")
+    runtime = any(e.runtime for e in result.evaluations)
+    extra = f" {'llama.cpp':>10} {'file MB':>8}" if runtime else ""
+    print(f"{'plan':<10} {'allocator':<16} {'bits':>6} {'storage':>8} {'PPL':>9}{extra} {'time':>7}")
     for e in result.evaluations:
         bits = f"{'-':>6} {'-':>8}" if e.weight_bits is None else f"{e.weight_bits:>6.3f} {e.storage_bits:>8.3f}"
-        print(f"{e.label:<10} {e.allocator or '-':<9} {bits} {e.ppl:>9.3f} {e.seconds:>6.1f}s")
+        extra = f" {e.runtime.ppl:>10.3f} {e.runtime.file_bytes / 1e6:>8.2f}" if e.runtime else ""
+        print(f"{e.label:<10} {e.allocator or '-':<16} {bits} {e.ppl:>9.3f}{extra} {e.seconds:>6.1f}s")
         for task, metrics in e.zero_shot.items():
             print(f"{'':<10} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print(f"wrote {args.out}/: {', '.join(OUTPUTS)}")
+    if runtime:
+        print("llama.cpp: llama-perplexity on each plan's GGUF file (chunks of the same text; it scores the second "
+              "half of each chunk, so compare ratios, not values, with nsds's PPL)")  # fmt: skip
+    print(f"wrote {args.out}/: {', '.join(OUTPUTS + (EXPORTS if args.export else ()))}")
     if args.save:
         print(f"saved the HQQ model to {args.save}")
 

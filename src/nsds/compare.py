@@ -175,7 +175,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
     fingerprint = {
         "model": [f["sha256"] for f in provenance["files"]] or provenance["id"],
         "widths": sorted(cfg.widths),
-        "group_size": cfg.group_size,
+        "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
         "symmetric": cfg.symmetric,
         "fuse": cfg.fuse,
         "windows": _windows_digest(windows),

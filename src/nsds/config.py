@@ -14,14 +14,14 @@ DEFAULT_MODEL = "smollm2"
 class RunConfig:
     model: str = DEFAULT_MODEL
     gguf_file: str | None = None
-    budget: float = 3.0
+    budget: float | str = 3.0  # bits per weight, or (quantizer gguf) a llama.cpp preset whose size to match
     widths: tuple[int, ...] = (2, 4)
     quantizer: str = "rtn"
-    group_size: int = 128
+    group_size: int | None = None  # None: the quantizer's default (128; GGUF types fix their own blocks)
     allocator: str = "auto"  # topk for two widths, budget otherwise; results store the one used
     symmetric: bool = False
     fuse: bool = True  # q/k/v and gate/up share a width, as fused runtimes need
-    budget_counts: str = "weights"
+    budget_counts: str | None = None  # None: the quantizer's default (weights for rtn/hqq, storage for gguf)
     text: str = "brown"
     tokens: int = 8192
     window: int | None = None
@@ -29,6 +29,7 @@ class RunConfig:
     task_limit: int | None = None
     out: Path = Path("nsds-run")
     save: Path | None = None
+    export: bool = False  # quantizer gguf: also write OUT/model.gguf and OUT/tensor-types.txt
     device: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +49,7 @@ class CompareConfig:
     quantizers: tuple[str, ...] = ("rtn", "hqq")
     scorers: tuple[str, ...] = ("all",)
     seeds: int = 5
-    group_size: int = 128
+    group_size: int | None = None
     symmetric: bool = False
     fuse: bool = True
     text: str = "brown"

@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy `source` to `target` atomically (large files too: streamed through a temporary sibling)."""
+    with open(source, "rb") as data:
+        atomic_write(target, lambda handle: shutil.copyfileobj(data, handle, 1 << 22))
 
 
 def check_output_file(path: Path, option: str) -> None:

@@ -73,6 +73,7 @@ class GGUFHeader:
         if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
             raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
         data_start = -(-offset // alignment) * alignment
+        self.alignment, self.data_start = alignment, data_start
         self.tensors: dict[str, GGUFTensor] = {}
         for name, qtype, shape, relative in table:
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]

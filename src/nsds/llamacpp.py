@@ -40,6 +40,10 @@ from nsds.progress import byte_bar, note
 
 ENV_VAR = "NSDS_LLAMA_CPP"
 BINARIES = ("llama-quantize", "llama-perplexity")
+# ggml's type table, quantizers and dequantizers as one shared library (ctypes: nsds.ggml): the exact numerics
+# llama-quantize writes, for fake-quantizing in process. A user's shared build has them in libggml-base.so.
+GGML_LIBRARY = "libggml-quants.so"
+GGML_LIBRARY_NAMES = (GGML_LIBRARY, "libggml-base.so")
 CONVERT_SCRIPT = "convert_hf_to_gguf.py"
 STAMP = "nsds-build.json"
 STAMP_SCHEMA = "nsds.llama-cpp-build/1"
@@ -77,6 +81,7 @@ LLAMA_CPP = LlamaCppAsset(
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
+    "-DCMAKE_POSITION_INDEPENDENT_CODE=ON",  # ggml-base's archive is linked into GGML_LIBRARY too
     "-DGGML_NATIVE=OFF",
     "-DLLAMA_OPENSSL=OFF",  # no HTTPS model downloads: these tools read local files
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -99,6 +104,7 @@ class LlamaCpp:
     convert_script: Path | None
     source: Literal["env", "cache"]
     version: str
+    ggml_library: Path | None = None  # ggml's quantizers (GGML_LIBRARY_NAMES), when the build has them
 
 
 def install_dir(root: Path | None = None) -> Path:
@@ -139,6 +145,7 @@ def installed(root: Path | None = None) -> LlamaCpp | None:
             and stamp["cmake_flags"] == list(CMAKE_FLAGS)
             and set(stamp["binaries"]) == set(BINARIES)
             and all(sha256_file(folder / "bin" / name) == digest for name, digest in stamp["binaries"].items())
+            and stamp["ggml_library"] == sha256_file(folder / "lib" / GGML_LIBRARY)
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -151,6 +158,7 @@ def installed(root: Path | None = None) -> LlamaCpp | None:
         convert_script=script if script.is_file() else None,
         source="cache",
         version=LLAMA_CPP.version,
+        ggml_library=folder / "lib" / GGML_LIBRARY,
     )
 
 
@@ -164,6 +172,7 @@ def write_stamp(folder: Path, seconds: float | None = None) -> None:
             "sdist_sha256": LLAMA_CPP.sha256,
             "cmake_flags": list(CMAKE_FLAGS),
             "binaries": {name: sha256_file(folder / "bin" / name) for name in BINARIES},
+            "ggml_library": sha256_file(folder / "lib" / GGML_LIBRARY),
             "build_seconds": None if seconds is None else round(seconds, 1),
         },
     )
@@ -181,12 +190,14 @@ def _from_env(folder: Path) -> LlamaCpp:
             "`nsds assets fetch llama.cpp`"
         )
     scripts = [d / CONVERT_SCRIPT for d in dict.fromkeys((bin_dir, folder, folder.parent, bin_dir.parent.parent))]
+    libraries = [d / name for d in dict.fromkeys((bin_dir, folder, folder / "lib")) for name in GGML_LIBRARY_NAMES]
     return LlamaCpp(
         quantize=bin_dir / "llama-quantize",
         perplexity=bin_dir / "llama-perplexity",
         convert_script=next((s for s in scripts if s.is_file()), None),
         source="env",
         version=_reported_version(bin_dir / "llama-perplexity"),
+        ggml_library=next((lib for lib in libraries if lib.is_file()), None),
     )
 
 
@@ -287,6 +298,8 @@ def install(root: Path | None = None) -> Path:
         for name in BINARIES:
             shutil.copy2(build / "bin" / name, staged / "bin" / name)
             check_runs(staged / "bin" / name, name)
+        (staged / "lib").mkdir()
+        _link_ggml_library(build, staged / "lib" / GGML_LIBRARY)
         for part in _CONVERTER_PARTS:
             _copy(source / part, staged / part)
         write_stamp(staged, time.perf_counter() - started)
@@ -304,6 +317,12 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cxx() -> str | None:
+    """The C++ compiler cmake would find first ($CXX, then the usual names), or None."""
+    found = (shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c)
+    return next((path for path in found if path), None)
+
+
 def _require_toolchain() -> str:
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -311,8 +330,7 @@ def _require_toolchain() -> str:
             f"building llama.cpp needs cmake, which is not installed: install {INSTALL_HINT}, or set {ENV_VAR} to "
             "a folder with your own llama-quantize and llama-perplexity"
         )
-    compilers = [os.environ.get("CXX"), "c++", "g++", "clang++"]
-    if not any(c and shutil.which(c) for c in compilers):
+    if _cxx() is None:
         raise NsdsError(
             f"building llama.cpp needs a C++ compiler, and none was found (c++, g++, clang++, $CXX): install "
             f"{INSTALL_HINT}, or set {ENV_VAR} to a folder with your own llama-quantize and llama-perplexity"
@@ -411,7 +429,7 @@ def _build(cmake: str, source: Path, build: Path, log: Path) -> None:
     cores = _cores()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = [cmake, "-S", str(source), "-B", str(build), *generator, *CMAKE_FLAGS]
-    compile_ = [cmake, "--build", str(build), "--target", *BINARIES, "-j", str(cores)]
+    compile_ = [cmake, "--build", str(build), "--target", *BINARIES, "ggml-base", "-j", str(cores)]
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(source.parent)}  # build info: never a parent's repo
     note(
         f"building llama.cpp's llama-quantize and llama-perplexity with cmake (about {build_minutes(cores)} minutes "
@@ -427,6 +445,19 @@ def _build(cmake: str, source: Path, build: Path, log: Path) -> None:
     except OSError as err:
         raise NsdsError(f"cannot run cmake to build llama.cpp: {first_line(err)}") from None
     log.unlink(missing_ok=True)
+
+
+def _link_ggml_library(build: Path, target: Path) -> None:
+    """ggml-base's static archive (type traits, quantize and dequantize kernels) as one shared library."""
+    archive = next(build.rglob("libggml-base.a"), None)
+    compiler = _cxx()
+    if archive is None or compiler is None:
+        raise NsdsError(f"llama.cpp's build left no libggml-base.a to link {GGML_LIBRARY} from (or no C++ compiler)")
+    command = [compiler, "-shared", "-o", str(target), "-Wl,--whole-archive", str(archive), "-Wl,--no-whole-archive",
+               "-fopenmp", "-lpthread", "-lm", "-Wl,--no-undefined"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise NsdsError(f"linking {GGML_LIBRARY} failed: {_failure(result)}")
 
 
 def _stream(command: list[str], env: dict, lines: list[str], step: str) -> int:

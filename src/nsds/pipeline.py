@@ -1,17 +1,22 @@
 """The main job, `nsds run`: check -> load once -> score -> allocate -> quantize -> evaluate -> outputs.
 
-Every option is checked before the model is loaded. The model is loaded once; its planned modules'
+Every option is checked before the model is loaded (a llama.cpp preset budget is resolved then, from the
+preset's own file). With the GGUF quantizer every plan is also written as a GGUF file and measured by
+llama-perplexity (nsds.runtime). The model is loaded once; its planned modules'
 weights are kept pristine and every plan (the NSDS plan, the uniform baseline at the same budget) is put
 into it from those (quantize.WeightBank), so comparing plans costs one load. Outputs are written only
 once everything has succeeded, each file atomically.
 """
 
+import contextlib
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from nsds import arch
+from nsds import arch, runtime
 from nsds.allocate import (
     SCORED,
     Setting,
@@ -28,18 +33,21 @@ from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.lmeval import zero_shot
 from nsds.evaluate.loading import load_for_evaluation
 from nsds.evaluate.perplexity import perplexity
-from nsds.evaluate.text import check_protocol
-from nsds.files import check_output_folder, write_bytes
+from nsds.evaluate.text import check_protocol, load_text
+from nsds.files import check_output_folder, copy_file, write_bytes
+from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Plan
 from nsds.progress import stage
 from nsds.quantize import Quantizer, WeightBank, make_quantizer
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
 from nsds.results import Evaluation, RunResult
+from nsds.runtime import GGUFTarget
 from nsds.scorers.nsds import score
 from nsds.weights import open_source
 
 OUTPUTS = ("plan.json", "plan-uniform.json", "scores.json", "results.json", "report.md", "scores.png", "ppl.png")
+EXPORTS = ("model.gguf", "tensor-types.txt")  # with --export (quantizer gguf)
 
 
 @dataclass(frozen=True)
@@ -51,12 +59,22 @@ class Prepared:
     allocator: str
     compute: Compute
     window: int  # tokens per evaluation window (the text's default when none was given)
+    gguf: GGUFTarget | None  # quantizer gguf: the base file, tensor names and the matched preset
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Check every option (one NsdsError naming the first bad one) and resolve `auto`s."""
+def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
+    """Check every option (one NsdsError naming the first bad one) and resolve `auto`s and a preset budget
+    (its file is quantized into `work`, or a temporary folder)."""
     quantizer = make_quantizer(cfg.quantizer, cfg.group_size, cfg.symmetric)
-    setting = allocation_setting(quantizer, cfg.model, cfg.budget, cfg.widths, cfg.budget_counts)
+    quantizer.check_widths(cfg.widths)
+    preset = None
+    if isinstance(cfg.budget, str):
+        if cfg.quantizer != "gguf":
+            raise NsdsError(f"budget '{cfg.budget}' is not a number of bits; llama.cpp presets as budgets need "
+                            "--quantizer gguf")  # fmt: skip
+        preset = runtime.preset_name(cfg.budget)
+    else:
+        allocation_setting(quantizer, cfg.model, cfg.budget, cfg.widths, cfg.budget_counts)  # fails fast
     allocator = default_allocator(cfg.widths) if cfg.allocator == "auto" else cfg.allocator
     if allocator not in SCORED:
         raise NsdsError(f"unknown allocator '{allocator}'; choose from auto, {', '.join(SCORED)}")
@@ -65,6 +83,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     window = check_protocol(cfg.text, cfg.window, cfg.tokens)
     if cfg.save is not None and cfg.quantizer != "hqq":
         raise NsdsError("--save writes HQQ's format; use it with --quantizer hqq")
+    if cfg.export and cfg.quantizer != "gguf":
+        raise NsdsError("--export writes a GGUF file for llama.cpp; use it with --quantizer gguf")
     if cfg.tasks:
         require_lm_eval()
     check_output_folder(cfg.out, "--out")
@@ -72,15 +92,28 @@ def prepare(cfg: RunConfig) -> Prepared:
         check_output_folder(cfg.save, "--save")
     compute = Compute.choose(cfg.device)
     with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
-        check_fits(arch.source_modules(source, fuse=cfg.fuse), quantizer, [setting])
-    return Prepared(quantizer, setting, allocator, compute, window)
+        modules = arch.source_modules(source, fuse=cfg.fuse)
+        target = None
+        if cfg.quantizer == "gguf":
+            with contextlib.ExitStack() as stack:
+                folder = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsds-gguf-")))
+                target = runtime.gguf_target(source, modules, preset, folder)
+    budget = target.budget if target and target.preset else cfg.budget
+    setting = allocation_setting(quantizer, cfg.model, budget, cfg.widths, cfg.budget_counts)
+    check_fits(modules, quantizer, [setting])
+    return Prepared(quantizer, setting, allocator, compute, window, target)
 
 
 def run(cfg: RunConfig) -> RunResult:
     """Score, allocate, quantize and evaluate; write OUTPUTS into cfg.out (and the HQQ model into
-    cfg.save), only once everything has succeeded."""
+    cfg.save, the GGUF into cfg.out with --export), only once everything has succeeded."""
+    with tempfile.TemporaryDirectory(prefix="nsds-gguf-") as work:
+        return _run(cfg, Path(work))
+
+
+def _run(cfg: RunConfig, work: Path) -> RunResult:
     started = time.perf_counter()
-    ready = prepare(cfg)
+    ready = prepare(cfg, work)
     loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
     model = loaded.model
     stage("scoring (NSDS)")
@@ -90,16 +123,29 @@ def run(cfg: RunConfig) -> RunResult:
         "nsds": allocate(ready.allocator, modules, scores.scores, ready.setting),
         "uniform": allocate("uniform", modules, None, uniform_setting(ready.setting)),
     }
+    target = ready.gguf
+    if target is not None:
+        plans = {label: replace(plan, embeddings=target.embeddings) for label, plan in plans.items()}
+        if target.preset is not None:
+            plans[target.preset] = runtime.preset_plan(target, modules, ready.quantizer, scores.model["id"])
     bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
     evaluations = [_evaluate(model, loaded.tokenizer, loaded.windows, "reference", None, cfg)]
     for label, plan in plans.items():
         bank.load_plan(plan)
         evaluations.append(_evaluate(model, loaded.tokenizer, loaded.windows, label, plan, cfg))
     bank.restore()
+    files: dict[str, Path] = {}
+    if target is not None:
+        files = runtime.write_files(target, {k: v for k, v in plans.items() if k != target.preset}, work)
+        text = runtime.text_file(load_text(cfg.text), cfg.tokens, work)
+        measured = {e.label: runtime.measure(files[e.label], text, ready.window, cfg.tokens) for e in evaluations}
+        evaluations = [replace(e, runtime=measured[e.label]) for e in evaluations]
 
+    used = replace(cfg, allocator=ready.allocator, budget_counts=ready.setting.budget_counts,
+                   group_size=None if cfg.quantizer == "gguf" else ready.quantizer.group_size)  # fmt: skip
     result = RunResult(
         model=scores.model,
-        config=replace(cfg, allocator=ready.allocator),
+        config=used,
         protocol=loaded.protocol,
         evaluations=evaluations,
         timing={
@@ -112,6 +158,10 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.save is not None:
         stage(f"saving the HQQ model to {cfg.save}")
         save_hqq_model(model, plans["nsds"], cfg.save)
+    if cfg.export:
+        stage(f"writing {cfg.out / 'model.gguf'}")
+        copy_file(files["nsds"], cfg.out / "model.gguf")
+        copy_file(files["nsds"].with_suffix(TENSOR_TYPES_SUFFIX), cfg.out / "tensor-types.txt")
     for name, png in figures.items():
         write_bytes(cfg.out / name, png)
     plans["nsds"].save(cfg.out / "plan.json")

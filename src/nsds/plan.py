@@ -1,12 +1,12 @@
 """The quantization plan: one typed, serialisable object passed from the allocator to every later stage.
 
-It says, for every quantizable linear module, its width, group size and quantizer and why it got that
-width; and it accounts for the average bits per weight two ways: weight bits only, and true storage
-including each group's scale and zero point. Token embedding and output head are outside the budget
-(they keep the checkpoint's precision) and the plan says so.
+It says, for every quantizable linear module, its width, group size, the format it is stored in and what
+that storage costs (as the quantizer counts it: for GGUF the ggml type llama.cpp writes after its
+fallbacks), and why it got that width; and it accounts for the average bits per weight two ways: weight
+bits only, and true storage including every scale and zero point. Token embedding and output head are
+outside the budget and the plan says how they are stored.
 """
 
-import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,8 +17,7 @@ from nsds.documents import build
 from nsds.errors import NsdsError
 from nsds.files import read_document, write_json
 
-SCHEMA = "nsds.plan/1"
-GROUPINGS = ("row", "flat")
+SCHEMA = "nsds.plan/2"
 OUTSIDE_BUDGET = "token embedding and output head keep the checkpoint's precision and are outside the budget"
 
 
@@ -45,28 +44,19 @@ class ModulePlan:
     role: str
     out_features: int
     in_features: int
-    bits: int
-    group_size: int
+    bits: int  # the width the allocator chose (nominal bits)
+    group_size: int  # weights per quantization group (for GGUF: per block of the written type)
+    format: str  # how it is stored, e.g. "int4 g128" or the ggml type "Q5_0"
+    storage: int  # bits it takes stored, every scale and zero point included
     reason: dict[str, Any]  # why this width: allocator, layer score, rank
 
     def __post_init__(self) -> None:
-        if min(self.bits, self.group_size, self.out_features, self.in_features) < 1 or self.layer < 0:
-            raise NsdsError(f"module '{self.name}': bits, group size and features must be positive, layer >= 0")
+        if min(self.bits, self.group_size, self.out_features, self.in_features, self.storage) < 1 or self.layer < 0:
+            raise NsdsError(f"module '{self.name}': bits, group size, features and storage must be positive")
 
     @property
     def params(self) -> int:
         return self.out_features * self.in_features
-
-    def groups(self, grouping: str = "row") -> int:
-        """Quantization groups. "row": each row's in_features in runs of group_size (the last may be short);
-        "flat": runs of group_size over the row-major weights (HQQ's layout; rows may share a group)."""
-        return quantization_groups(self.out_features, self.in_features, self.group_size, grouping)
-
-
-def quantization_groups(out_features: int, in_features: int, group_size: int, grouping: str) -> int:
-    if grouping == "flat":
-        return math.ceil(out_features * in_features / group_size)
-    return out_features * math.ceil(in_features / group_size)
 
 
 @dataclass
@@ -79,8 +69,6 @@ class Plan:
     budget: float | None  # average weight bits asked for (None for a fixed uniform width)
     widths: list[int]
     modules: list[ModulePlan]
-    overhead_bits_per_group: int  # storage of one group's scale and zero point (e.g. 16 + 16)
-    grouping: str = "row"  # how groups are laid out (see ModulePlan.groups)
     symmetric: bool = False
     embeddings: str = OUTSIDE_BUDGET
     nsds_version: str = __version__
@@ -90,10 +78,6 @@ class Plan:
     def __post_init__(self) -> None:
         if not self.modules:
             raise NsdsError("a plan must hold at least one module")
-        if self.grouping not in GROUPINGS:
-            raise NsdsError(f"grouping must be one of {list(GROUPINGS)}, got '{self.grouping}'")
-        if self.overhead_bits_per_group < 0:
-            raise NsdsError(f"overhead bits per group must not be negative, got {self.overhead_bits_per_group}")
 
     @property
     def params(self) -> int:
@@ -106,9 +90,12 @@ class Plan:
 
     @property
     def storage_bits(self) -> float:
-        """Average bits per weight including each group's scale and zero point."""
-        overhead = sum(m.groups(self.grouping) * self.overhead_bits_per_group for m in self.modules)
-        return self.weight_bits + overhead / self.params
+        """Average bits per weight as stored, every scale and zero point included."""
+        return sum(m.storage for m in self.modules) / self.params
+
+    def formats(self) -> dict[str, str]:
+        """Module name -> storage format."""
+        return {m.name: m.format for m in self.modules}
 
     def layer_bits(self) -> list[float]:
         """Parameter-weighted average width of each layer."""

@@ -68,6 +68,24 @@ def _bits(e) -> str:
     return f"{e.weight_bits:.3f} | {e.storage_bits:.3f}"
 
 
+def _grid(config) -> str:
+    if config.quantizer == "gguf":
+        return " (llama.cpp's own types and numerics)"
+    group = "default" if config.group_size is None else config.group_size
+    return f" ({'symmetric' if config.symmetric else 'asymmetric'}, group size {group})"
+
+
+def _budget(budget: float | str) -> str:
+    return f"{budget} bits/weight" if isinstance(budget, float) else f"the size of llama.cpp's {budget}"
+
+
+def _formats(plan: Plan) -> str:
+    counts: dict[str, int] = {}
+    for m in plan.modules:
+        counts[m.format] = counts.get(m.format, 0) + 1
+    return ", ".join(f"{name} ({count} modules)" for name, count in sorted(counts.items()))
+
+
 def render(run: RunResult, scores: ScoreReport, plan: Plan) -> tuple[str, dict[str, bytes]]:
     """report.md's text and its figures {file name: PNG bytes}."""
     config = run.config
@@ -77,12 +95,11 @@ def render(run: RunResult, scores: ScoreReport, plan: Plan) -> tuple[str, dict[s
     high = [i for i, b in enumerate(plan.layer_bits()) if b == max(plan.widths)]
     text = f"""# nsds run: {run.model["id"]}
 
-- Quantizer: **{config.quantizer}** ({"symmetric" if config.symmetric else "asymmetric"}), group size \
-{config.group_size}; budget **{config.budget} bits/weight** ({config.budget_counts}) over widths \
-{list(config.widths)}, allocator `{config.allocator}`; {plan.embeddings}.
+- Quantizer: **{config.quantizer}**{_grid(config)}; budget **{_budget(config.budget)}** \
+({config.budget_counts}) over widths {list(config.widths)}, allocator `{config.allocator}`; {plan.embeddings}.
+- The NSDS plan stores its modules as {_formats(plan)}; storage bits count every scale and zero point.
 - Perplexity protocol: {run.protocol.describe()}.
 - {run.reference_note}.
-- Storage bits count each group's scale and zero point ({plan.overhead_bits_per_group} bits per group).
 
 | plan | allocator | weight bits | storage bits | PPL | eval time |
 |---|---|---|---|---|---|
@@ -249,7 +266,7 @@ def compare_markdown(result: CompareResult, heading: str = "#") -> str:
         f"{heading} nsds compare: {result.model['id']}",
         "",
         f"- Widths {list(config.widths)}, allocator for scored plans `{result.allocator}`; group size "
-        f"{config.group_size}, {'symmetric' if config.symmetric else 'asymmetric'}; "
+        f"{config.group_size or 'default (128)'}, {'symmetric' if config.symmetric else 'asymmetric'}; "
         f"{'q/k/v and gate/up share a width' if config.fuse else 'every module free'}; budgets count "
         "weight bits (the small <sub>b</sub> number is each plan's achieved average).",
         f"- Perplexity protocol: {result.protocol.describe()}.",

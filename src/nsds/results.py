@@ -42,6 +42,19 @@ def _now() -> str:
 
 
 @dataclass(frozen=True)
+class RuntimeMeasure:
+    """The same model as a GGUF file, measured by llama.cpp's llama-perplexity (docs/GGUF.md §4)."""
+
+    file: str
+    file_bytes: int
+    ppl: float
+    ppl_stderr: float
+    context: int  # tokens per chunk; llama-perplexity scores the second half of each
+    chunks: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """One evaluated model: the checkpoint as loaded ("reference") or a plan (with its bits)."""
 
@@ -52,11 +65,13 @@ class Evaluation:
     zero_shot: dict[str, dict[str, float]] = field(default_factory=dict)
     weight_bits: float | None = None  # None for the reference
     storage_bits: float | None = None
+    runtime: RuntimeMeasure | None = None  # with --quantizer gguf: the GGUF file, measured by llama.cpp
 
     def to_dict(self) -> dict[str, Any]:
         bits = {} if self.weight_bits is None else {"weight_bits": self.weight_bits, "storage_bits": self.storage_bits}
+        runtime = {} if self.runtime is None else {"runtime": plain(self.runtime)}
         return {"label": self.label, "allocator": self.allocator, **bits, "ppl": self.ppl,
-                "zero_shot": self.zero_shot, "seconds": self.seconds}  # fmt: skip
+                "zero_shot": self.zero_shot, "seconds": self.seconds, **runtime}  # fmt: skip
 
 
 @dataclass(frozen=True)

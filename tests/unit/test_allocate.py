@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from nsds.allocate import Setting, allocate, budgeted, llama_cpp, random_scores, topk, uniform, use_more_bits
 from nsds.errors import NsdsError
 from nsds.plan import Module, Plan
+from nsds.quantize.rtn import RTN
 
 
 def layered(layers: int, sizes=((64, 64),), fuse_all=False) -> list[Module]:
@@ -22,9 +23,9 @@ def layered(layers: int, sizes=((64, 64),), fuse_all=False) -> list[Module]:
     ]
 
 
-def setting(budget, widths=(2, 4), **kw) -> Setting:
-    return Setting(budget=budget, widths=widths, group_size=kw.pop("group_size", 64),
-                   overhead_bits_per_group=kw.pop("overhead", 32), quantizer="rtn", model="test", **kw)  # fmt: skip
+def setting(budget, widths=(2, 4), group_size=64, **kw) -> Setting:
+    """An asymmetric RTN setting: 16-bit scale and 16-bit zero point per group."""
+    return Setting(budget=budget, widths=widths, quantizer=RTN(group_size), model="test", **kw)
 
 
 def test_topk_is_the_papers_rule():
@@ -111,7 +112,7 @@ def test_plan_bits_accounting_and_json_roundtrip(tmp_path):
     assert again.to_dict() == plan.to_dict()
     assert again.embeddings.startswith("token embedding and output head")
     (tmp_path / "other.json").write_text('{"schema": "nsds.scores/1"}')
-    with pytest.raises(NsdsError, match=r"cannot read plan file .*expected 'nsds\.plan/1'"):
+    with pytest.raises(NsdsError, match=r"cannot read plan file .*expected 'nsds\.plan/2'"):
         Plan.load(tmp_path / "other.json")
 
 

@@ -132,22 +132,25 @@ def test_compare_with_undefined_correlations_still_writes_every_output(tmp_path,
 def plan_data(tmp_path) -> dict:
     from nsds.allocate import Setting, topk
     from nsds.plan import Module
+    from nsds.quantize.rtn import RTN
 
     modules = [Module(f"m{i}", i, "q", 4, 8, f"{i}.q") for i in range(2)]
-    return topk(modules, [0.2, 0.9], Setting(3.0, (2, 4), 8, 32, "rtn", "tiny")).to_dict()
+    return topk(modules, [0.2, 0.9], Setting(3.0, (2, 4), RTN(8), "tiny")).to_dict()
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         (lambda d: d["modules"][0].update(bits="four"), "Plan.modules[0].bits: expected an integer, got 'four'"),
-        (lambda d: d["modules"][0].update(bits=-3), "bits, group size and features must be positive"),
+        (lambda d: d["modules"][0].update(bits=-3), "bits, group size, features and storage must be positive"),
+        (lambda d: d["modules"][0].update(storage=0), "bits, group size, features and storage must be positive"),
+        (lambda d: d["modules"][0].pop("format"), "missing field(s) ['format']"),
         (lambda d: d.update(modules=[]), "at least one module"),
         (lambda d: d.update(widths="2,4"), "Plan.widths: expected a list"),
         (lambda d: d.update(budget=math.inf), "expected a finite number"),
         (lambda d: d.pop("quantizer"), "missing field(s) ['quantizer']"),
-        (lambda d: d.update(grouping="diagonal"), "grouping must be one of"),
-        (lambda d: d.update(schema="nsds.plan/2"), "schema 'nsds.plan/2', expected 'nsds.plan/1'"),
+        (lambda d: d.update(grouping="row"), "unexpected field(s) ['grouping']"),
+        (lambda d: d.update(schema="nsds.plan/1"), "schema 'nsds.plan/1', expected 'nsds.plan/2'"),
     ],
 )
 def test_plan_load_refuses_wrong_types_and_values(tmp_path, change, message):

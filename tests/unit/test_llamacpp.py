@@ -50,6 +50,7 @@ def test_own_binaries_from_a_build_folder(monkeypatch, tmp_path):
     source = tmp_path / "llama.cpp"
     build = _own_build(source / "build")
     (source / "convert_hf_to_gguf.py").write_text("# converter\n")
+    (build / "bin" / "libggml-base.so").write_bytes(b"a shared build's ggml")
     monkeypatch.setenv(llamacpp.ENV_VAR, str(build))
     found = llamacpp.tools()
     assert found == llamacpp.LlamaCpp(
@@ -58,6 +59,7 @@ def test_own_binaries_from_a_build_folder(monkeypatch, tmp_path):
         convert_script=source / "convert_hf_to_gguf.py",
         source="env",
         version="4242 (abc1234)",
+        ggml_library=build / "bin" / "libggml-base.so",
     )
     output = llamacpp.run_tool(found.perplexity, ["-m", "x.gguf"], "llama-perplexity")
     assert "Final estimate: PPL = 12.3456" in output
@@ -68,6 +70,7 @@ def test_own_binaries_from_the_bin_folder_itself(monkeypatch, tmp_path):
     monkeypatch.setenv(llamacpp.ENV_VAR, str(bin_dir))
     found = llamacpp.tools()
     assert (found.quantize, found.source, found.convert_script) == (bin_dir / "llama-quantize", "env", None)
+    assert found.ggml_library is None  # a static build: nsds.ggml.library() then says how to get one
 
 
 def test_env_folder_without_the_tools_is_a_clear_error(monkeypatch, tmp_path):
@@ -180,6 +183,8 @@ def _stamped_install(root: Path) -> Path:
     folder = llamacpp.install_dir(root)
     _own_build(folder)
     (folder / "convert_hf_to_gguf.py").write_text("# converter\n")
+    (folder / "lib").mkdir()
+    (folder / "lib" / llamacpp.GGML_LIBRARY).write_bytes(b"a shared library")
     llamacpp.write_stamp(folder, seconds=1.0)
     return folder
 
@@ -191,6 +196,7 @@ def test_a_stamped_build_is_found_and_not_rebuilt(no_env, tmp_path, monkeypatch)
     found = llamacpp.tools()
     assert (found.source, found.version, found.quantize) == ("cache", "0.3.36", folder / "bin" / "llama-quantize")
     assert found.convert_script == folder / "convert_hf_to_gguf.py"
+    assert found.ggml_library == folder / "lib" / llamacpp.GGML_LIBRARY
     assert assets.path("llama.cpp") == folder
 
     def no_download(*args):
@@ -207,6 +213,10 @@ def test_an_unfinished_or_altered_build_is_not_accepted(no_env, tmp_path):
     assert llamacpp.installed(root) is not None
     _script(folder / "bin" / "llama-perplexity", PERPLEXITY + "# changed\n")
     assert llamacpp.installed(root) is None  # a binary that is not the one built
+    llamacpp.write_stamp(folder)
+    assert llamacpp.installed(root) is not None
+    (folder / "lib" / llamacpp.GGML_LIBRARY).write_bytes(b"another library")
+    assert llamacpp.installed(root) is None  # a library that is not the one built
     llamacpp.write_stamp(folder)
     stamp = (folder / llamacpp.STAMP).read_text()
     (folder / llamacpp.STAMP).write_text(stamp.replace('"0.3.36"', '"0.3.35"'))

@@ -7,6 +7,7 @@ from nsds import arch
 from nsds.allocate import Setting, topk
 from nsds.errors import NsdsError
 from nsds.quantize import WeightBank, make_quantizer
+from nsds.quantize.base import Storage
 from nsds.quantize.rtn import rtn
 
 from tiny_models import tiny_model
@@ -81,6 +82,17 @@ def test_quantizer_checks():
         make_quantizer("rtn", 0)
     assert make_quantizer("rtn", 64).overhead_bits_per_group == 32
     assert make_quantizer("rtn", 64, symmetric=True).overhead_bits_per_group == 16
+    assert make_quantizer("rtn").group_size == 128  # None: the quantizer's default
+
+
+def test_storage_counts_every_scale_and_zero():
+    # 576 inputs in groups of 128: 5 groups per row (the last has 64), 16-bit scale + 16-bit zero each.
+    assert make_quantizer("rtn", 128).storage(10, 576, 3) == Storage("int3 g128", 128, 10 * 576 * 3 + 10 * 5 * 32)
+    assert make_quantizer("rtn", 128, symmetric=True).storage(10, 576, 3).bits == 10 * 576 * 3 + 10 * 5 * 16
+    # HQQ's groups run over the row-major weights: 5760 / 128 = 45 groups.
+    assert make_quantizer("hqq", 128).storage(10, 576, 3).bits == 10 * 576 * 3 + 45 * 32
+    with pytest.raises(NsdsError, match="cannot store a 4 x 32 weight as 'int3 g64'"):
+        make_quantizer("rtn", 128).fake_quantize_as(torch.randn(4, 32), "int3 g64")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -88,7 +100,7 @@ def test_apply_plan_and_restore(model_type):
     model = tiny_model(model_type)
     modules = arch.linear_modules(model)
     before = {m.name: model.get_submodule(m.name).weight.detach().clone() for m in modules}
-    plan = topk(modules, [0.9, 0.1, 0.5, 0.2], Setting(3.0, (2, 4), 16, 32, "rtn", "tiny"))
+    plan = topk(modules, [0.9, 0.1, 0.5, 0.2], Setting(3.0, (2, 4), make_quantizer("rtn", 16), "tiny"))
     bank = WeightBank(model, [m.name for m in modules], make_quantizer("rtn", 16), keep=False)
     bank.load_plan(plan)
     conv1d = model_type == "gpt2"
@@ -115,6 +127,6 @@ def test_weight_bank_keeps_each_variant_once_and_loads_partial_widths():
         weight = model.get_submodule(m.name).weight
         expected = rtn(before[m.name], 2, 16) if m.layer == 0 else before[m.name]
         assert torch.equal(weight, expected), m.name
-    held = bank.variants[first[0], 2]
+    held = bank.variants[first[0], "int2 g16"]
     bank.load(dict.fromkeys(first, 2))
-    assert bank.variants[first[0], 2] is held and len(bank.variants) == len(first)
+    assert bank.variants[first[0], "int2 g16"] is held and len(bank.variants) == len(first)

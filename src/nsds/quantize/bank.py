@@ -24,40 +24,48 @@ class WeightBank:
         self.model, self.quantizer, self.keep = model, quantizer, keep
         self.conv1d = family_of(model.config.model_type).conv1d  # GPT-2's Conv1D stores (in, out)
         self.pristine = {name: model.get_submodule(name).weight.detach().clone() for name in names}
-        self.variants: dict[tuple[str, int], torch.Tensor] = {}
+        self.variants: dict[tuple[str, str], torch.Tensor] = {}
 
-    def quantized(self, name: str, bits: int) -> torch.Tensor:
-        """The module's checkpoint weight quantized-dequantized at `bits`, in the module's layout."""
-        if (name, bits) in self.variants:
-            return self.variants[name, bits]
+    def quantized(self, name: str, storage_format: str) -> torch.Tensor:
+        """The module's checkpoint weight quantized-dequantized as `storage_format`, in the module's layout."""
+        if (name, storage_format) in self.variants:
+            return self.variants[name, storage_format]
         weight = self.pristine[name]
-        quantized = self.quantizer.fake_quantize(weight.T if self.conv1d else weight, bits)
+        quantized = self.quantizer.fake_quantize_as(weight.T if self.conv1d else weight, storage_format)
         quantized = quantized.T if self.conv1d else quantized
         if self.keep:
-            self.variants[name, bits] = quantized
+            self.variants[name, storage_format] = quantized
         return quantized
 
     def load(self, widths: Mapping[str, int], desc: str = "quantizing") -> None:
         """Every module quantized at widths[name], or at the checkpoint's weights where absent."""
-        unknown = set(widths) - set(self.pristine)
-        if unknown:
-            raise NsdsError(f"the plan names modules this model does not have: {', '.join(sorted(unknown)[:3])}")
+        self._check_names(widths)
+        formats = {}
+        for name, bits in widths.items():
+            out, features = self.pristine[name].shape[::-1] if self.conv1d else self.pristine[name].shape
+            formats[name] = self.quantizer.storage(out, features, bits).format
+        self.load_formats(formats, desc)
+
+    def load_formats(self, formats: Mapping[str, str], desc: str = "quantizing") -> None:
+        """Every module stored as formats[name] (and read back), or at the checkpoint's weights where absent."""
+        self._check_names(formats)
         with torch.no_grad():
             for name in progress(self.pristine, desc=f"{desc} ({self.quantizer.name})", unit="module"):
-                width = widths.get(name)
-                weight = self.pristine[name] if width is None else self.quantized(name, width)
+                kind = formats.get(name)
+                weight = self.pristine[name] if kind is None else self.quantized(name, kind)
                 self.model.get_submodule(name).weight.copy_(weight)
 
+    def _check_names(self, names: Mapping[str, object]) -> None:
+        unknown = set(names) - set(self.pristine)
+        if unknown:
+            raise NsdsError(f"the plan names modules this model does not have: {', '.join(sorted(unknown)[:3])}")
+
     def load_plan(self, plan: Plan) -> None:
-        """The plan's widths; its quantizer settings must be this bank's."""
+        """The plan's storage formats; it must have been made for this quantizer and its settings."""
         q = self.quantizer
-        if (
-            plan.quantizer != q.name
-            or plan.symmetric != q.symmetric
-            or any(m.group_size != q.group_size for m in plan.modules)
-        ):
+        if plan.quantizer != q.name or plan.symmetric != q.symmetric:
             raise NsdsError(f"the plan was made for {plan.quantizer} with other settings than {q.describe()}")
-        self.load({m.name: m.bits for m in plan.modules})
+        self.load_formats(plan.formats())
 
     def restore(self) -> None:
         """Every module back at the checkpoint's weights."""

@@ -13,7 +13,7 @@ from hqq.models.hf.base import AutoHQQHFModel
 
 from nsds.errors import NsdsError
 from nsds.plan import Plan
-from nsds.quantize.base import Quantizer
+from nsds.quantize.base import GroupQuantizer
 
 
 def hqq_params(bits: int, group_size: int) -> dict:
@@ -22,17 +22,17 @@ def hqq_params(bits: int, group_size: int) -> dict:
     return BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)["weight_quant_params"]
 
 
-class HQQ(Quantizer):
+class HQQ(GroupQuantizer):
     name = "hqq"
     widths = frozenset({1, 2, 3, 4, 5, 6, 8})
     grouping = "flat"
 
-    def __init__(self, group_size: int = 128, symmetric: bool = False) -> None:
+    def __init__(self, group_size: int | None = None, symmetric: bool = False) -> None:
         super().__init__(group_size, symmetric)
         if symmetric:
             raise NsdsError("HQQ is asymmetric by construction (it optimises the zero point); drop --symmetric")
-        if group_size % 8:
-            raise NsdsError(f"HQQ needs a group size that is a multiple of 8, got {group_size}")
+        if self.group_size % 8:
+            raise NsdsError(f"HQQ needs a group size that is a multiple of 8, got {self.group_size}")
 
     @property
     def overhead_bits_per_group(self) -> int:

@@ -2,7 +2,7 @@
 
 import torch
 
-from nsds.quantize.base import Quantizer
+from nsds.quantize.base import GroupQuantizer
 
 
 def _groups(weight: torch.Tensor, group_size: int) -> list[torch.Tensor]:
@@ -39,7 +39,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = Fals
     return torch.cat(outputs, dim=1).to(weight.dtype)
 
 
-class RTN(Quantizer):
+class RTN(GroupQuantizer):
     name = "rtn"
     widths = frozenset(range(1, 9))
 

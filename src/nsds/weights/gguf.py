@@ -131,6 +131,10 @@ class GGUFSource(WeightSource):
     def names(self) -> set[str]:
         return set(self._gguf_name)
 
+    def gguf_name(self, name: str) -> str | None:
+        """The GGUF tensor holding a Hugging Face tensor name, if this file has it."""
+        return self._gguf_name.get(name)
+
     def shape(self, name: str) -> tuple[int, ...]:
         gguf_name = self._gguf_name[name]
         shape = self._header.tensors[gguf_name].shape

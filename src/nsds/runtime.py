@@ -1,0 +1,195 @@
+"""llama.cpp as the runtime of a plan (docs/GGUF.md): the GGUF every file is quantized from, llama.cpp's
+presets as budgets and as plans, the export of a plan, its predicted size, and llama-perplexity.
+
+Every GGUF nsds writes is quantized by llama-quantize from one base file: the input GGUF itself
+(requantized), or a Hugging Face folder converted losslessly (bf16, f16 or f32, as its weights are) by
+llama.cpp's own converter and kept in the cache. Tensors outside the plan (token embedding, output head,
+norms) are stored as the matched preset stores them, or as BASE_TYPE for a budget in bits; only the
+planned modules differ between the files, so a plan no larger than a preset's modules gives a file no
+larger than the preset's.
+"""
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from nsds import ggml, llamacpp
+from nsds.allocate import plan_of
+from nsds.errors import NsdsError
+from nsds.files import cache_dir
+from nsds.gguf_header import GGUFHeader
+from nsds.plan import Module, Plan
+from nsds.progress import stage
+from nsds.quantize.base import Quantizer, Storage
+from nsds.results import RuntimeMeasure
+from nsds.weights.base import WeightSource
+from nsds.weights.gguf import GGUFSource
+
+# llama.cpp's k-quant presets, smallest first (llama-quantize's names).
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+BASE_TYPE = "Q8_0"  # how tensors outside the plan are stored when the budget is a number of bits
+_CONVERT_TYPES = {"bfloat16": "bf16", "float16": "f16"}  # other checkpoints convert to f32
+
+
+def preset_name(budget: str) -> str:
+    """A llama.cpp preset by name (case-insensitive), or a one-line error listing them."""
+    name = budget.strip().upper()
+    if name not in PRESETS:
+        raise NsdsError(f"unknown llama.cpp preset '{budget}'; choose from {', '.join(PRESETS)} or give bits (4.5)")
+    return name
+
+
+def base_gguf(source: WeightSource) -> Path:
+    """The GGUF every file of this model is quantized from: the input GGUF, or the folder converted once."""
+    if isinstance(source, GGUFSource):
+        return source.path
+    if source.location is None or not source.location.is_dir():
+        raise NsdsError(f"'{source.model_id}' is neither a GGUF file nor a model folder llama.cpp can convert")
+    dtype = str(getattr(source.config, "dtype", None) or "float32").removeprefix("torch.")
+    outtype = _CONVERT_TYPES.get(dtype, "f32")
+    digest = hashlib.sha256()
+    for entry in source.provenance()["files"]:
+        digest.update(f"{entry['name']}:{entry['sha256']}\n".encode())
+    target = cache_dir() / "gguf" / f"{digest.hexdigest()[:16]}-{outtype}.gguf"
+    if not target.is_file():
+        llamacpp.convert_hf_to_gguf(source.location, target, outtype)
+    return target
+
+
+def tensor_names(base: Path, modules: Sequence[Module]) -> dict[str, str]:
+    """Module name -> the GGUF tensor that holds its weight (gguf-py's name table, as the weight source uses)."""
+    with GGUFSource(base) as gguf_source:
+        names = {m.name: gguf_source.gguf_name(f"{m.name}.weight") for m in modules}
+    missing = [name for name, tensor in names.items() if tensor is None]
+    if missing:
+        raise NsdsError(f"'{base.name}' holds no tensor for {', '.join(missing[:3])}: llama.cpp stores this model "
+                        "differently (fused or renamed tensors), which nsds cannot plan yet")  # fmt: skip
+    return {name: tensor for name, tensor in names.items() if tensor is not None}
+
+
+def file_formats(path: Path, names: Mapping[str, str]) -> dict[str, str]:
+    """Module name -> the ggml type its tensor has in the GGUF file at `path`."""
+    tensors = GGUFHeader(path).tensors
+    return {module: tensors[tensor].qtype.name for module, tensor in names.items()}
+
+
+def preset_file(base: Path, preset: str, folder: Path) -> Path:
+    """llama.cpp's own preset of the base file, quantized by llama-quantize into `folder`."""
+    target = folder / f"{preset}.gguf"
+    llamacpp.quantize_gguf(base, target, preset)
+    return target
+
+
+def preset_budget(path: Path, names: Mapping[str, str], modules: Sequence[Module]) -> float:
+    """The storage bits per weight the preset file at `path` spends on the planned modules."""
+    tensors = GGUFHeader(path).tensors
+    return sum(8 * tensors[names[m.name]].nbytes for m in modules) / sum(m.params for m in modules)
+
+
+def preset_plan(target: "GGUFTarget", modules: Sequence[Module], quantizer: Quantizer, model: str) -> Plan:
+    """llama.cpp's preset as a plan: the type its rules gave every planned module, read from its file."""
+    assert target.preset is not None and target.preset_path is not None
+    preset, names = target.preset, target.names
+    tensors = GGUFHeader(target.preset_path).tensors
+    storage, bits = {}, {}
+    for m in modules:
+        tensor = tensors[names[m.name]]
+        kind = ggml.ggml_type(tensor.qtype.name)
+        storage[m.name] = Storage(kind.name, kind.block_size, 8 * tensor.nbytes)
+        bits[m.name] = kind.nominal_bits
+    reasons = {m.name: {"allocator": "llama.cpp preset", "preset": preset} for m in modules}
+    widths = sorted(set(bits.values()))
+    plan = plan_of(modules, bits, reasons, quantizer, model, f"llama.cpp {preset}", None, widths, storage)
+    return replace(plan, embeddings=target.embeddings)
+
+
+def export(plan: Plan, base: Path, base_type: str, names: Mapping[str, str], target: Path) -> dict[str, str]:
+    """Write the plan as a GGUF with llama-quantize (every planned tensor overridden to its planned type, the
+    rest as `base_type` stores them); the tensor-type file it read is kept beside it. Returns the overrides,
+    after checking every planned tensor was written as planned."""
+    overrides = {names[m.name]: m.format for m in plan.modules}
+    llamacpp.quantize_gguf(base, target, base_type, overrides)
+    written = GGUFHeader(target).tensors
+    wrong = [f"{t} is {written[t].qtype.name}, planned {kind}" for t, kind in overrides.items()
+             if written[t].qtype.name != kind]  # fmt: skip
+    if wrong:
+        target.unlink(missing_ok=True)
+        raise NsdsError(f"llama-quantize did not write the plan's types: {'; '.join(wrong[:2])}")
+    return overrides
+
+
+def predicted_bytes(template: Path, formats: Mapping[str, str]) -> int:
+    """The size of a file llama-quantize writes from the same base as `template` (a file it wrote with the
+    same base type), with the tensors in `formats` (GGUF name -> type) stored as those types instead: the
+    same header, then every tensor's data padded to the file's alignment."""
+    header = GGUFHeader(template)
+    size = header.data_start
+    for name, tensor in header.tensors.items():
+        nbytes = tensor.nbytes
+        if name in formats:
+            rows = math.prod(tensor.shape[:-1])
+            nbytes = ggml.tensor_bytes(formats[name], rows, tensor.shape[-1])
+        size += -(-nbytes // header.alignment) * header.alignment
+    return size
+
+
+@dataclass(frozen=True)
+class GGUFTarget:
+    """What a GGUF run writes from: the base file, where each planned module's tensor is, how tensors
+    outside the plan are stored, and the matched preset (its file and the budget it spends)."""
+
+    base: Path
+    names: dict[str, str]  # module name -> GGUF tensor name
+    base_type: str  # llama-quantize's type argument: the preset, or BASE_TYPE
+    preset: str | None = None
+    preset_path: Path | None = None
+    budget: float | None = None  # storage bits per weight the preset spends on the planned modules
+
+    @property
+    def embeddings(self) -> str:
+        """How the tensors outside the plan are stored, for the plan's record."""
+        if self.preset is not None:
+            return (f"token embedding, output head and norms are stored as llama.cpp's {self.preset} stores them, "
+                    "outside the budget (so the file is no larger than the preset's)")  # fmt: skip
+        return f"token embedding and output head are stored as {self.base_type} (norms F32), outside the budget"
+
+
+def gguf_target(source: WeightSource, modules: Sequence[Module], preset: str | None, folder: Path) -> GGUFTarget:
+    """Check llama.cpp's tools and ggml library, find (or convert) the base file, and quantize the preset."""
+    ggml.library()  # also checks llama-quantize runs
+    base = base_gguf(source)
+    names = tensor_names(base, modules)
+    if preset is None:
+        return GGUFTarget(base, names, BASE_TYPE)
+    path = preset_file(base, preset, folder)
+    return GGUFTarget(base, names, preset, preset, path, preset_budget(path, names, modules))
+
+
+def write_files(target: GGUFTarget, plans: Mapping[str, Plan], folder: Path) -> dict[str, Path]:
+    """Every plan as a GGUF in `folder` (label.gguf), with the base file as "reference" and the preset's."""
+    files = {"reference": target.base}
+    for label, plan in plans.items():
+        files[label] = folder / f"{label}.gguf"
+        export(plan, target.base, target.base_type, target.names, files[label])
+    if target.preset is not None and target.preset_path is not None:
+        files[target.preset] = target.preset_path
+    return files
+
+
+def text_file(text: str, tokens: int, folder: Path, chars_per_token: int = 16) -> Path:
+    """The evaluation text's start, generously more than `tokens` tokens, for llama-perplexity (which
+    tokenizes all it is given)."""
+    path = folder / "text.txt"
+    path.write_text(text[: tokens * chars_per_token], encoding="utf-8")
+    return path
+
+
+def measure(path: Path, text: Path, window: int, tokens: int) -> RuntimeMeasure:
+    """llama-perplexity on the file: chunks of `window` tokens over the same `tokens` tokens of text as nsds's
+    own windows (llama-perplexity scores the second half of each chunk)."""
+    stage(f"llama-perplexity {path.name}")
+    result = llamacpp.perplexity_gguf(path, text, context=window, chunks=max(1, tokens // window))
+    return RuntimeMeasure(path.name, path.stat().st_size, result.ppl, result.stderr, result.context, result.chunks,
+                          result.seconds)  # fmt: skip
