@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         # No progress bars in logs, ours or the libraries' (transformers' GGUF loader uses plain tqdm).
         # tqdm reads this when it is imported, so it is set before any command imports it.
         os.environ.setdefault("TQDM_DISABLE", "1")
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (already printed, code 2)
+        return done.code if isinstance(done.code, int) else 2
     if args.cache:
         os.environ["NSDS_CACHE"] = str(args.cache)
     try:

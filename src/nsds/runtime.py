@@ -11,7 +11,7 @@ larger than the preset's.
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,10 +58,10 @@ def base_gguf(source: WeightSource) -> Path:
     return target
 
 
-def tensor_names(base: Path, modules: Sequence[Module]) -> dict[str, str]:
+def tensor_names(base: Path, modules: Iterable[str]) -> dict[str, str]:
     """Module name -> the GGUF tensor that holds its weight (gguf-py's name table, as the weight source uses)."""
     with GGUFSource(base) as gguf_source:
-        names = {m.name: gguf_source.gguf_name(f"{m.name}.weight") for m in modules}
+        names = {name: gguf_source.gguf_name(f"{name}.weight") for name in modules}
     missing = [name for name, tensor in names.items() if tensor is None]
     if missing:
         raise NsdsError(f"'{base.name}' holds no tensor for {', '.join(missing[:3])}: llama.cpp stores this model "
@@ -160,7 +160,7 @@ def gguf_target(source: WeightSource, modules: Sequence[Module], preset: str | N
     """Check llama.cpp's tools and ggml library, find (or convert) the base file, and quantize the preset."""
     ggml.library()  # also checks llama-quantize runs
     base = base_gguf(source)
-    names = tensor_names(base, modules)
+    names = tensor_names(base, [m.name for m in modules])
     if preset is None:
         return GGUFTarget(base, names, BASE_TYPE)
     path = preset_file(base, preset, folder)

@@ -405,3 +405,58 @@ def test_hub_text_without_datasets_fails_before_the_model():
         pytest.skip("datasets is installed here")
     with pytest.raises(NsdsError, match="'wikitext2' needs the `datasets` package"):
         check_protocol("wikitext2", None, 4096)
+
+
+# GGUF backend: presets, export and llama.cpp's build
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--budget", "Q4_K_M"], "budget 'Q4_K_M' is not a number of bits; llama.cpp presets as budgets need "
+         "--quantizer gguf"),
+        (["--quantizer", "gguf", "--budget", "Q9_K", "--widths", "4,6"], "unknown llama.cpp preset 'Q9_K'"),
+        (["--budget", "3", "--export"], "--export writes a GGUF file for llama.cpp; use it with --quantizer gguf"),
+        (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--group-size", "64"],
+         "GGUF types fix their own blocks and scales: drop --group-size and --symmetric"),
+        (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--budget-counts", "weights"],
+         "quantizer 'gguf' budgets count storage only, not 'weights'"),
+        (["--quantizer", "gguf", "--budget", "2", "--widths", "3,4"], "budget 2.0 bits is outside what widths"),
+        (["--quantizer", "gguf", "--budget", "4", "--widths", "3,7"], "does not support width(s) [7]"),
+        (["--budget", "Q4 K"], "expected bits per weight or a llama.cpp preset, got 'Q4 K'"),
+    ],
+)  # fmt: skip
+def test_gguf_options_fail_before_any_work(tiny_llama_folder, tmp_path, capsys, options, message):
+    out = tmp_path / "out"
+    line = one_line_error(["run", str(tiny_llama_folder), *options, "--out", str(out)], capsys)
+    assert message in line
+    assert not out.exists()
+
+
+def _fake_llama_cpp(folder, library: bytes | None = None):
+    """A llama.cpp build whose tools start (usage, exit 1) and which may hold a (broken) shared ggml."""
+    for name in ("llama-quantize", "llama-perplexity"):
+        (folder / name).write_text("#!/bin/sh\necho usage\nexit 1\n")
+        (folder / name).chmod(0o755)
+    if library is not None:
+        (folder / "libggml-base.so").write_bytes(library)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda folder: folder, "holds no llama-quantize and llama-perplexity"),
+        (lambda folder: _fake_llama_cpp(folder), "has no shared ggml library (libggml-quants.so or libggml-base.so)"),
+        (lambda folder: _fake_llama_cpp(folder, b"not an ELF file"), "cannot load ggml's quantizers from"),
+    ],
+)
+def test_a_missing_or_broken_llama_cpp_is_one_line(tiny_llama_folder, tmp_path, monkeypatch, capsys, build, message):
+    tools = tmp_path / "llama.cpp"
+    tools.mkdir()
+    monkeypatch.setenv("NSDS_LLAMA_CPP", str(build(tools)))
+    out = tmp_path / "out"
+    line = one_line_error(["run", str(tiny_llama_folder), "--quantizer", "gguf", "--budget", "4.5", "--widths",
+                           "4,6", "--out", str(out)], capsys)  # fmt: skip
+    assert message in line
+    assert not out.exists()

@@ -130,3 +130,15 @@ def test_weight_bank_keeps_each_variant_once_and_loads_partial_widths():
     held = bank.variants[first[0], "int2 g16"]
     bank.load(dict.fromkeys(first, 2))
     assert bank.variants[first[0], "int2 g16"] is held and len(bank.variants) == len(first)
+
+
+def test_gguf_storage_is_the_type_llama_cpp_writes():
+    quantizer = make_quantizer("gguf")  # pricing needs no llama.cpp build; fake-quantizing does
+    assert quantizer.storage(576, 576, 4) == Storage("Q5_0", 32, 576 * 576 // 32 * 22 * 8)  # 576 % 256: fallback
+    assert quantizer.storage(576, 1536, 4) == Storage("Q4_K", 256, 576 * 1536 // 256 * 144 * 8)  # 4.5 bits
+    assert quantizer.storage(576, 1536, 6).bits == 576 * 1536 // 256 * 210 * 8  # Q6_K: 6.5625 bits per weight
+    assert quantizer.storage(8, 100, 8).format == "F16"  # no block divides 100: llama.cpp keeps it F16
+    with pytest.raises(NsdsError, match="drop --group-size and --symmetric"):
+        make_quantizer("gguf", 64)
+    with pytest.raises(NsdsError, match=r"does not support width\(s\) \[7\]"):
+        quantizer.check_widths([4, 7])
