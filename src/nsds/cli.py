@@ -96,8 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        "Resumable: finished evaluations are kept in OUT/cells.json.")  # fmt: skip
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     compare.add_argument("--gguf-file", help=gguf_help)
-    compare.add_argument("--budgets", type=_float_list, nargs="+", default="2.5,3,3.5",
-                         help="average bits per weight to compare, comma-separated")  # fmt: skip
+    compare.add_argument("--budgets", type=_budget_list, nargs="+", default="2.5,3,3.5",
+                         help="average bits per weight to compare, comma-separated; with --quantizer gguf also "
+                         "llama.cpp presets (Q4_K_M), or 'presets' for all of them")  # fmt: skip
     compare.add_argument("--widths", type=_int_list, default="2,4", help="candidate widths, comma-separated")
     compare.add_argument("--quantizer", dest="quantizers", type=_str_list, default="rtn,hqq",
                          help="quantizers, comma-separated")  # fmt: skip
@@ -146,11 +147,8 @@ def _budget(text: str) -> float | str:
         return text
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+def _budget_list(text: str) -> tuple[float | str, ...]:
+    return tuple(_budget(part) for part in text.split(","))
 
 
 def _str_list(text: str) -> tuple[str, ...]:

@@ -9,8 +9,10 @@ once. Finished cells are saved after each evaluation in `cells.json`, so an inte
 run redoes nothing; the outputs (compare.json, compare.md, figures) are written at the end.
 """
 
+import contextlib
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from nsds import __version__, arch
+from nsds import __version__, arch, runtime
 from nsds.allocate import (
     Setting,
     allocate,
@@ -35,8 +37,9 @@ from nsds.errors import NsdsError
 from nsds.evaluate.loading import load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman
 from nsds.evaluate.perplexity import perplexity
-from nsds.evaluate.text import check_protocol
+from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, read_document, write_bytes, write_json
+from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import progress, stage
 from nsds.quantize import Quantizer, WeightBank, make_quantizer
@@ -51,6 +54,7 @@ from nsds.results import (
     QuantizerResult,
     Shape,
 )
+from nsds.runtime import GGUFTarget
 from nsds.scorers.specs import ScorerSpec, get_scorers
 from nsds.scorers.subject import Subject
 from nsds.weights import open_source
@@ -66,6 +70,7 @@ class _Store:
     reference: float | None = None
     scores: dict[str, list[float]] = field(default_factory=dict)  # scorer (or scorer@quantizer) -> scores
     plans: dict[str, float] = field(default_factory=dict)  # plan digest -> PPL
+    runtime: dict[str, float] = field(default_factory=dict)  # plan digest -> llama-perplexity of its GGUF file
     cells: dict[str, Cell] = field(default_factory=dict)  # "quantizer|budget|label" -> cell
     schema: str = CELLS_SCHEMA
 
@@ -93,8 +98,8 @@ class _Cells:
 
 
 def _plan_digest(quantizer: str, plan: Plan) -> str:
-    widths = sorted((m.name, m.bits) for m in plan.modules)
-    return hashlib.sha256(json.dumps([quantizer, widths]).encode()).hexdigest()[:20]
+    formats = sorted(plan.formats().items())
+    return hashlib.sha256(json.dumps([quantizer, formats]).encode()).hexdigest()[:20]
 
 
 def _windows_digest(windows: torch.Tensor) -> str:
@@ -125,47 +130,78 @@ def _plans(modules: list[Module], setting: Setting, allocator: str, scores: dict
     ]
 
 
+# Plans also written as GGUF files and measured by llama-perplexity (quantizer gguf): the default scorer's,
+# llama.cpp's preset and rule, and uniform.
+RUNTIME_LABELS = ("nsds", "llama.cpp preset", "llama.cpp", "uniform")
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A comparison's options, checked and resolved before anything expensive."""
 
     quantizers: dict[str, Quantizer]
-    settings: dict[tuple[str, float], Setting]
+    budgets: tuple[float | str, ...]  # as given, "presets" expanded
+    settings: dict[tuple[str, float | str], Setting]  # (quantizer, budget as given): a preset's at its size
+    targets: dict[float | str, GGUFTarget]  # quantizer gguf: per budget, the base file and the preset's
     scorers: list[ScorerSpec]
     allocator: str
     compute: Compute
     window: int  # tokens per evaluation window (the text's default when none was given)
 
 
-def prepare(cfg: CompareConfig) -> Prepared:
-    """Check every option (one NsdsError naming the first bad one)."""
+def prepare(cfg: CompareConfig, work: Path | None = None) -> Prepared:
+    """Check every option (one NsdsError naming the first bad one); with the GGUF quantizer, quantize each
+    preset named as a budget into `work` (or a temporary folder) to learn its size."""
     if not cfg.quantizers:
         raise NsdsError("give at least one quantizer, e.g. --quantizer rtn,hqq")
     if not cfg.budgets:
         raise NsdsError("give at least one budget, e.g. --budgets 2.5,3,3.5")
     quantizers = {name: make_quantizer(name, cfg.group_size, cfg.symmetric) for name in cfg.quantizers}
-    settings = {
-        (q, b): allocation_setting(quantizer, cfg.model, b, cfg.widths)
-        for q, quantizer in quantizers.items()
-        for b in cfg.budgets
-    }
+    budgets = tuple(dict.fromkeys(
+        p for b in cfg.budgets
+        for p in (runtime.PRESETS if isinstance(b, str) and b.lower() == "presets" else [b])
+    ))  # fmt: skip
+    presets = {b: runtime.preset_name(b) for b in budgets if isinstance(b, str)}
+    if presets and set(quantizers) != {"gguf"}:
+        raise NsdsError(f"budget '{next(iter(presets))}' is a llama.cpp preset; presets as budgets need "
+                        "--quantizer gguf alone")  # fmt: skip
+    for quantizer in quantizers.values():
+        quantizer.check_widths(cfg.widths)
+        for b in budgets:
+            if not isinstance(b, str):
+                allocation_setting(quantizer, cfg.model, b, cfg.widths)  # fails fast
     scorers = get_scorers(list(cfg.scorers))
     if cfg.seeds < 0:
         raise NsdsError(f"--seeds must not be negative, got {cfg.seeds}")
     window = check_protocol(cfg.text, cfg.window, cfg.tokens)
     check_output_folder(cfg.out, "--out")
     compute = Compute.choose(cfg.device)
-    with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
-        modules = arch.source_modules(source, fuse=cfg.fuse)
+    targets: dict[float | str, GGUFTarget] = {}
+    with contextlib.ExitStack() as stack:
+        folder = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsds-gguf-")))
+        with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
+            modules = arch.source_modules(source, fuse=cfg.fuse)
+            if "gguf" in quantizers:
+                targets = {b: runtime.gguf_target(source, modules, presets.get(b), folder) for b in budgets}
+    settings = {
+        (q, b): allocation_setting(quantizer, cfg.model, targets[b].budget if b in presets else b, cfg.widths)
+        for q, quantizer in quantizers.items()
+        for b in budgets
+    }
     for q, quantizer in quantizers.items():
-        check_fits(modules, quantizer, [settings[q, b] for b in cfg.budgets])
-    return Prepared(quantizers, settings, scorers, default_allocator(cfg.widths), compute, window)
+        check_fits(modules, quantizer, [settings[q, b] for b in budgets])
+    return Prepared(quantizers, budgets, settings, targets, scorers, default_allocator(cfg.widths), compute, window)
 
 
 def compare(cfg: CompareConfig) -> CompareResult:
     """Run the comparison; write compare.json, compare.md and the figures into cfg.out."""
+    with tempfile.TemporaryDirectory(prefix="nsds-gguf-") as work:
+        return _compare(cfg, Path(work))
+
+
+def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
     started = time.perf_counter()
-    ready = prepare(cfg)
+    ready = prepare(cfg, work)
     low = min(cfg.widths)
     loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
     model, windows = loaded.model, loaded.windows
@@ -231,24 +267,32 @@ def compare(cfg: CompareConfig) -> CompareResult:
         correlations = {name: Correlation.of(spearman(s, oracle), kendall(s, oracle)) for name, s in scores.items()}
         per_quantizer[q] = QuantizerResult(Oracle(low, oracle), scores, correlations)
 
-        rows = [
-            (budget, row)
-            for budget in cfg.budgets
-            for row in _plans(modules, ready.settings[q, budget], ready.allocator, scores, kinds, oracle, cfg.seeds)
-        ]
+        rows = []
+        for budget in ready.budgets:
+            setting = ready.settings[q, budget]
+            rows += [(budget, row) for row in _plans(modules, setting, ready.allocator, scores, kinds, oracle,
+                                                     cfg.seeds)]  # fmt: skip
+            target = ready.targets.get(budget)
+            if target is not None and target.preset is not None:
+                preset = runtime.preset_plan(target, modules, quantizer, provenance["id"])
+                rows.append((budget, _Row("llama.cpp preset", "baseline allocator", None, preset)))
         stage(f"evaluating {len(rows)} plans ({q})")
         start = time.perf_counter()
         for budget, row in progress(rows, desc=f"plans ({q})", unit="plan"):
-            cell_id = f"{q}|{budget:g}|{row.label}"
+            name = budget if isinstance(budget, str) else f"{budget:g} bits"
+            cell_id = f"{q}|{name}|{row.label}"
             digest = _plan_digest(q, row.plan)
             if digest not in store.data.plans:
                 bank.load_plan(row.plan)
-                store.data.plans[digest] = evaluate(f"{row.label} at {budget:g} bits ({q})")
+                store.data.plans[digest] = evaluate(f"{row.label} at {name} ({q})")
             else:
                 reused += 1
+            target = ready.targets.get(budget) if q == "gguf" else None
+            if target is not None and row.label in RUNTIME_LABELS and digest not in store.data.runtime:
+                store.data.runtime[digest] = _runtime_ppl(row, target, work, cfg, ready.window)
             store.data.cells[cell_id] = Cell(
                 quantizer=q,
-                budget=budget,
+                budget=ready.settings[q, budget].budget,
                 label=row.label,
                 kind=row.kind,
                 seed=row.seed,
@@ -258,6 +302,8 @@ def compare(cfg: CompareConfig) -> CompareResult:
                 high_layers=[i for i, b in enumerate(row.plan.layer_bits()) if b == max(row.plan.widths)],
                 plan=digest,
                 ppl=store.data.plans[digest],
+                budget_name=target.preset if target is not None else None,
+                runtime_ppl=store.data.runtime.get(digest),
             )
             store.save()
             cells.append(store.data.cells[cell_id])
@@ -280,6 +326,22 @@ def compare(cfg: CompareConfig) -> CompareResult:
     )
     write_outputs(result, cfg.out)
     return result
+
+
+def _runtime_ppl(row: _Row, target: GGUFTarget, work: Path, cfg: CompareConfig, window: int) -> float:
+    """llama-perplexity of the row's plan as a GGUF file (the preset's own file for the preset row)."""
+    text = work / "text.txt"
+    if not text.is_file():
+        runtime.text_file(load_text(cfg.text), cfg.tokens, work)
+    if row.label == "llama.cpp preset" and target.preset_path is not None:
+        return runtime.measure(target.preset_path, text, window, cfg.tokens).ppl
+    path = work / "plan.gguf"
+    runtime.export(row.plan, target.base, target.base_type, target.names, path)
+    try:
+        return runtime.measure(path, text, window, cfg.tokens).ppl
+    finally:
+        path.unlink(missing_ok=True)
+        path.with_suffix(TENSOR_TYPES_SUFFIX).unlink(missing_ok=True)
 
 
 def write_outputs(result: CompareResult, out: Path) -> None:

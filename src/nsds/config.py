@@ -44,7 +44,7 @@ class RunConfig:
 class CompareConfig:
     model: str = DEFAULT_MODEL
     gguf_file: str | None = None
-    budgets: tuple[float, ...] = (2.5, 3.0, 3.5)
+    budgets: tuple[float | str, ...] = (2.5, 3.0, 3.5)  # bits, or (quantizer gguf) llama.cpp presets
     widths: tuple[int, ...] = (2, 4)
     quantizers: tuple[str, ...] = ("rtn", "hqq")
     scorers: tuple[str, ...] = ("all",)

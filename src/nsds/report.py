@@ -154,7 +154,7 @@ def ppl_vs_budget_figure(result: CompareResult, quantizer: str) -> bytes:
             axes.plot(budgets, ppl, marker="o", label=name, **style)
         axes.axhline(result.reference_ppl, color="green", linestyle=":", label="reference")
         axes.set_yscale("log")
-        axes.set_xlabel("budget (average bits per weight, weights only)")
+        axes.set_xlabel(f"budget (average bits per weight, {'storage' if quantizer == 'gguf' else 'weights only'})")
         axes.legend(fontsize=7)
         axes.set_title(f"{result.model['id']} / {quantizer}: {title}" if axes is grid[0] else title)
     grid[0].set_ylabel(f"{_text_name(result.protocol.text)} perplexity")
@@ -216,12 +216,34 @@ def compare_tables(result: CompareResult, quantizer: str) -> str:
     rows = _rows(result, quantizer)
     budgets = sorted({b for by_budget in rows.values() for b in by_budget})
     best = {b: data_free_best(result.rows(quantizer, b))[1] for b in budgets}
-    header = "| allocator | kind | " + " | ".join(f"{b:g} bits" for b in budgets) + " |"
+    header = "| allocator | kind | " + " | ".join(result.budget_label(quantizer, b) for b in budgets) + " |"
     lines = [header, "|---|---|" + "---|" * len(budgets)]
     for label, by_budget in rows.items():
         kind = next(iter(by_budget.values())).kind
         cells = " | ".join(_ppl_cell(by_budget.get(b), label in best[b]) for b in budgets)
         lines.append(f"| {label} | {kind} | {cells} |")
+    return "\n".join(lines)
+
+
+def runtime_table(result: CompareResult, quantizer: str) -> str:
+    """llama-perplexity of the plans written as GGUF files (rows: allocators, columns: budgets; the lowest
+    per budget in bold), or "" when none was measured."""
+    rows = {label: {b: r for b, r in by_budget.items() if r.runtime_ppl is not None}
+            for label, by_budget in _rows(result, quantizer).items()}  # fmt: skip
+    rows = {label: by_budget for label, by_budget in rows.items() if by_budget}
+    if not rows:
+        return ""
+    budgets = sorted({b for by_budget in rows.values() for b in by_budget})
+    header = "| allocator | " + " | ".join(result.budget_label(quantizer, b) for b in budgets) + " |"
+    lines = [header, "|---|" + "---|" * len(budgets)]
+    for label, by_budget in rows.items():
+        cells = []
+        for b in budgets:
+            row = by_budget.get(b)
+            lowest = min(r[b].runtime_ppl for r in rows.values() if b in r)
+            text = "-" if row is None else f"{row.runtime_ppl:.2f}"
+            cells.append(f"**{text}**" if row is not None and row.runtime_ppl == lowest else text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -250,6 +272,7 @@ def quantizer_section(result: CompareResult, quantizer: str, heading: str = "##"
         "",
         compare_tables(result, quantizer),
         "",
+        *_runtime_part(result, quantizer),
         f"Oracle ({quantizer}, one layer at {data.oracle.low_width} bits): PPL {min(oracle):.1f} to "
         f"{max(oracle):.1f}; most sensitive layers " + ", ".join(f"{i} ({oracle[i]:.1f})" for i in worst) + ".",
         "",
@@ -257,6 +280,19 @@ def quantizer_section(result: CompareResult, quantizer: str, heading: str = "##"
         "",
         f"![{model} {quantizer}: scores vs oracle]({figures}oracle-scatter-{quantizer}.png)",
     ])  # fmt: skip
+
+
+def _runtime_part(result: CompareResult, quantizer: str) -> list[str]:
+    table = runtime_table(result, quantizer)
+    if not table:
+        return []
+    return [
+        f"The same plans as GGUF files, measured by llama.cpp's `llama-perplexity` ({quantizer}; chunks of "
+        f"{result.protocol.window} tokens over the same text, each scored on its second half; lowest in bold):",
+        "",
+        table,
+        "",
+    ]
 
 
 def compare_markdown(result: CompareResult, heading: str = "#") -> str:

@@ -25,7 +25,7 @@ REFERENCE_NOTE = "the reference is the checkpoint as loaded (for the GGUF assets
 
 # What each row of a comparison is, as stored in its cells.
 KIND_OF_SCORER = {"nsds": "scorer", "baseline": "scorer", "ablation": "nsds ablation"}
-BASELINE_ALLOCATORS = ("uniform", "llama.cpp")
+BASELINE_ALLOCATORS = ("uniform", "llama.cpp", "llama.cpp preset")
 KINDS = ("scorer", "baseline allocator", "random", "measured ranking", "nsds ablation")
 
 
@@ -155,8 +155,10 @@ class Cell:
     weight_bits: float
     storage_bits: float
     high_layers: list[int]
-    plan: str  # digest of the plan's widths: identical plans are evaluated once
+    plan: str  # digest of the plan's storage formats: identical plans are evaluated once
     ppl: float
+    budget_name: str | None = None  # the llama.cpp preset whose size `budget` is
+    runtime_ppl: float | None = None  # quantizer gguf: llama-perplexity on the plan's GGUF file
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -178,6 +180,8 @@ class SummaryRow:
     n: int
     weight_bits: float
     storage_bits: float
+    budget_name: str | None = None
+    runtime_ppl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,16 @@ class CompareResult:
 
     def best_allocators(self) -> dict[str, dict[float, list[str]]]:
         """Every data-free allocator reaching the lowest PPL, per quantizer and budget (ties all named)."""
-        return {q: {b: data_free_best(self.rows(q, b))[1] for b in self.config.budgets} for q in self.quantizers}
+        return {q: {b: data_free_best(self.rows(q, b))[1] for b in self.budgets(q)} for q in self.quantizers}
+
+    def budgets(self, quantizer: str) -> list[float]:
+        """The budgets of one quantizer in bits (a preset's resolved to its size), ascending."""
+        return sorted({c.budget for c in self.cells if c.quantizer == quantizer})
+
+    def budget_label(self, quantizer: str, budget: float) -> str:
+        """ "3.5 bits", or the preset a budget came from ("Q4_K_M, 5.53 bits")."""
+        name = next((c.budget_name for c in self.cells if c.quantizer == quantizer and c.budget == budget), None)
+        return f"{budget:g} bits" if name is None else f"{name}, {budget:.3g} bits"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -277,6 +290,8 @@ def summarize(cells: list[Cell]) -> list[SummaryRow]:
             n=len(ppl),
             weight_bits=statistics.mean(c.weight_bits for c in group),
             storage_bits=statistics.mean(c.storage_bits for c in group),
+            budget_name=group[0].budget_name,
+            runtime_ppl=group[0].runtime_ppl if len(group) == 1 else None,
         ))  # fmt: skip
     return rows
 
