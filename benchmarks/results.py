@@ -3,9 +3,11 @@
     python benchmarks/results.py                 # run (or resume) every comparison, then write the page
     python benchmarks/results.py --page-only     # re-render page, tables and figures from compare.json
 
-Each model is compared with the paper's 2/4 mix (docs/results/<model>/) and with 2/3/4-bit widths
-(docs/results/<model>-w234/). Each comparison runs in its folder (cells.json makes it resumable: a rerun after an
-interruption, or with more scorers, only evaluates what is missing). Nothing in the page is typed by hand:
+Each model is compared with the paper's 2/4 mix (docs/results/<model>/), with 2/3/4-bit widths
+(docs/results/<model>-w234/), and with llama.cpp's types against its presets at their own sizes
+(docs/results/<model>-gguf/, measured by llama-perplexity too; docs/GGUF.md). Each comparison runs in its
+folder (cells.json makes it resumable: a rerun after an interruption, or with more scorers, only evaluates
+what is missing). Nothing in the page is typed by hand:
 every number and every "NSDS wins / loses" statement is computed here from compare.json.
 """
 
@@ -28,6 +30,8 @@ DOCS = ROOT / "docs"
 MODELS = ("smollm2", "gemma3-270m")
 WIDTHS = {"": (2, 4), "-w234": (2, 3, 4)}  # folder suffix -> candidate widths
 GROUP_SIZE = 64  # at 128, 2-bit HQQ wrecks these small models (single-layer PPL up to ~900): nothing left to rank
+GGUF_WIDTHS = (2, 3, 4, 5, 6, 8)
+GGUF_COMMAND = "nsds compare {model} --quantizer gguf --budgets presets --widths 2,3,4,5,6,8 --scorers all --out {out}"
 COMMAND = (
     "nsds compare {model} --budgets 2.5 3 3.5 --widths {widths} --quantizer rtn,hqq --scorers all "
     "--group-size {group_size} --out {out}"
@@ -45,7 +49,7 @@ def _verdicts(result: CompareResult) -> list[str]:
     """One line per quantizer x budget: the best data-free allocator, where NSDS stands, and the others."""
     lines = []
     for q in result.quantizers:
-        for budget in result.config.budgets:
+        for budget in result.budgets(q):
             by_label = result.rows(q, budget)
             lowest, best = data_free_best(by_label)
             rank, count = _nsds_rank(by_label)
@@ -77,7 +81,7 @@ def tally(runs: dict[str, CompareResult]) -> list[str]:
             for name, corr in data.correlations.items():
                 if corr.spearman is not None:
                     rho.setdefault(name, {})[result.model["id"], q] = corr.spearman
-            for budget in result.config.budgets:
+            for budget in result.budgets(q):
                 rows = result.rows(q, budget)
                 for label in data_free_best(rows)[1]:
                     winners[label] = winners.get(label, 0) + 1
@@ -125,6 +129,52 @@ def model_section(result: CompareResult, folder: str) -> str:
     return "\n".join(parts)
 
 
+def gguf_glance(runs: dict[str, CompareResult]) -> list[str]:
+    """Over every model x preset: how NSDS's GGUF file fares against the preset's (llama-perplexity)."""
+    pairs = [
+        (result.model["id"], row)
+        for result in runs.values()
+        for budget in result.budgets("gguf")
+        for row in [result.rows("gguf", budget)]
+    ]
+    if not pairs:
+        return []
+    wins = sum(rows["nsds"].runtime_ppl < rows["llama.cpp preset"].runtime_ppl for _, rows in pairs)
+    uniform = sum(rows["nsds"].runtime_ppl < rows["uniform"].runtime_ppl for _, rows in pairs)
+    excess = [rows["nsds"].runtime_ppl / rows["llama.cpp preset"].runtime_ppl - 1 for _, rows in pairs]
+    return [
+        f"- GGUF, measured by llama-perplexity at each llama.cpp preset's own size ({len(pairs)} model x preset "
+        f"cells): NSDS's file beats the preset in {wins}, uniform in {uniform}; its perplexity is on average "
+        f"{100 * sum(excess) / len(excess):+.1f} % of the preset's (range {100 * min(excess):+.1f} % to "
+        f"{100 * max(excess):+.1f} %).",
+    ]
+
+
+def gguf_section(result: CompareResult, folder: str) -> str:
+    model = result.model["id"]
+    command = GGUF_COMMAND.format(model=model, out=f"docs/results/{folder}")
+    lines = [
+        f"## {model}: GGUF against llama.cpp's presets, at each preset's own size",
+        "",
+        f"`{command}` ({result.config.tokens} tokens); reference PPL {result.reference_ppl:.2f} (the GGUF as "
+        f"loaded). Last invocation: {result.counts.evaluated} evaluations in {result.timing['total_s'] / 60:.1f} "
+        "min on the 2-core CPU machine. The budget of each column is the storage bits per weight the preset "
+        "spends on the planned modules; token embedding, head and norms are stored as the preset stores them.",
+        "",
+        "| preset | bits | llama.cpp PPL: preset | NSDS | uniform | llama.cpp rule | NSDS vs preset |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for budget in result.budgets("gguf"):
+        rows = result.rows("gguf", budget)
+        ppl = {label: rows[label].runtime_ppl for label in ("llama.cpp preset", "nsds", "uniform", "llama.cpp")}
+        name = rows["llama.cpp preset"].budget_name
+        change = 100 * (ppl["nsds"] / ppl["llama.cpp preset"] - 1)
+        lines.append(f"| {name} | {budget:.3f} | {ppl['llama.cpp preset']:.2f} | {ppl['nsds']:.2f} | "
+                     f"{ppl['uniform']:.2f} | {ppl['llama.cpp']:.2f} | {change:+.1f} % |")  # fmt: skip
+    lines += ["", quantizer_section(result, "gguf", "###", f"results/{folder}/")]
+    return "\n".join(lines)
+
+
 def page(runs: dict[str, CompareResult]) -> str:
     first = next(iter(runs.values()))
     protocol = first.protocol
@@ -158,9 +208,13 @@ def page(runs: dict[str, CompareResult]) -> str:
         "hundreds or thousands). What is measured is the ranking of allocators at equal bits, not usable models.",
         "",
     ]
-    parts += ["## At a glance", "", *tally(runs), ""]
-    for folder, result in runs.items():
+    paper = {folder: result for folder, result in runs.items() if "gguf" not in result.quantizers}
+    gguf = {folder: result for folder, result in runs.items() if "gguf" in result.quantizers}
+    parts += ["## At a glance", "", *tally(paper), *gguf_glance(gguf), ""]
+    for folder, result in paper.items():
         parts.append(model_section(result, folder))
+    for folder, result in gguf.items():
+        parts.append(gguf_section(result, folder))
     return "\n".join(parts)
 
 
@@ -172,12 +226,14 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
     args = parser.parse_args()
     runs = {}
-    for suffix, widths in WIDTHS.items():
+    settings_by_suffix = {
+        suffix: {"widths": widths, "group_size": args.group_size} for suffix, widths in WIDTHS.items()
+    } | {"-gguf": {"widths": GGUF_WIDTHS, "quantizers": ("gguf",), "budgets": ("presets",)}}
+    for suffix, settings in settings_by_suffix.items():
         for model in args.models:
             out = DOCS / "results" / f"{model}{suffix}"
             if not args.page_only:
-                settings = {"widths": widths, "group_size": args.group_size, "tokens": args.tokens}
-                compare(CompareConfig(model=model, out=out, device="cpu", **settings))
+                compare(CompareConfig(model=model, out=out, device="cpu", tokens=args.tokens, **settings))
             path = out / "compare.json"
             if not path.exists():
                 print(f"results: no {path}; run without --page-only first", file=sys.stderr)

@@ -89,6 +89,17 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF",
 )
+# Source changes applied before building, each (file, text, replacement), stamped with the build. llama.cpp's
+# logger is a thread main() does not wait for (common/log.cpp leaks it on purpose), so a busy machine can lose
+# llama-perplexity's last lines (its scores and final estimate); pausing it before returning flushes it.
+PATCHES = (
+    (
+        "tools/perplexity/perplexity.cpp",
+        "    llama_backend_free();\n\n    return 0;\n}",
+        "    llama_backend_free();\n\n    common_log_pause(common_log_main()); // nsds: print every queued log line\n\n"
+        "    return 0;\n}",
+    ),
+)
 # Parts of the source tree the build and the converter never read (documentation, vocab test files).
 _SKIP_TOP = frozenset({"docs", "media", ".github", ".devops", ".git"})
 # What the GGUF export needs besides the binaries (models/templates: chat templates some converters read).
@@ -143,6 +154,7 @@ def installed(root: Path | None = None) -> LlamaCpp | None:
             and stamp["version"] == LLAMA_CPP.version
             and stamp["sdist_sha256"] == LLAMA_CPP.sha256
             and stamp["cmake_flags"] == list(CMAKE_FLAGS)
+            and stamp["patches"] == [list(patch) for patch in PATCHES]
             and set(stamp["binaries"]) == set(BINARIES)
             and all(sha256_file(folder / "bin" / name) == digest for name, digest in stamp["binaries"].items())
             and stamp["ggml_library"] == sha256_file(folder / "lib" / GGML_LIBRARY)
@@ -171,6 +183,7 @@ def write_stamp(folder: Path, seconds: float | None = None) -> None:
             "version": LLAMA_CPP.version,
             "sdist_sha256": LLAMA_CPP.sha256,
             "cmake_flags": list(CMAKE_FLAGS),
+            "patches": [list(patch) for patch in PATCHES],
             "binaries": {name: sha256_file(folder / "bin" / name) for name in BINARIES},
             "ggml_library": sha256_file(folder / "lib" / GGML_LIBRARY),
             "build_seconds": None if seconds is None else round(seconds, 1),
@@ -293,6 +306,7 @@ def install(root: Path | None = None) -> Path:
         source, build, staged = work / "src", work / "build", work / final.name
         with tarfile.open(sdist, mode="r|gz") as tar:
             extract_tree(tar, LLAMA_CPP.source_prefix, source, skip=_skip_member)
+        _apply_patches(source)
         _build(cmake, source, build, log=tools_dir / f"{final.name}-build.log")
         (staged / "bin").mkdir(parents=True)
         for name in BINARIES:
@@ -445,6 +459,15 @@ def _build(cmake: str, source: Path, build: Path, log: Path) -> None:
     except OSError as err:
         raise NsdsError(f"cannot run cmake to build llama.cpp: {first_line(err)}") from None
     log.unlink(missing_ok=True)
+
+
+def _apply_patches(source: Path) -> None:
+    for relative, text, replacement in PATCHES:
+        path = source / relative
+        content = path.read_text()
+        if content.count(text) != 1:
+            raise NsdsError(f"cannot patch llama.cpp's {relative}: the pinned source differs from what nsds expects")
+        path.write_text(content.replace(text, replacement))
 
 
 def _link_ggml_library(build: Path, target: Path) -> None:
@@ -782,10 +805,13 @@ def perplexity_gguf(
             args += ["--chunks", str(chunks)]
         if threads is not None:
             args += ["-t", str(threads)]
-        started = time.perf_counter()
-        result = _run_streams(llama.perplexity, args, "llama-perplexity", timeout)
-        seconds = time.perf_counter() - started
-    final = _FINAL_ESTIMATE.search(result.stderr) or _FINAL_ESTIMATE.search(result.stdout)
+        for _attempt in range(_LOG_ATTEMPTS):
+            started = time.perf_counter()
+            result = _run_streams(llama.perplexity, args, "llama-perplexity", timeout)
+            seconds = time.perf_counter() - started
+            final = _FINAL_ESTIMATE.search(result.stderr) or _FINAL_ESTIMATE.search(result.stdout)
+            if final is not None or not _log_cut_short(result):
+                break
     if final is None:
         reason = _strip_log_prefix(_meaningful_line(result.stderr) or _meaningful_line(result.stdout) or "no output")
         if truncated and re.search(r"tokenizes to only \d+ tokens", reason):
@@ -803,6 +829,20 @@ def perplexity_gguf(
             "raise max_chars"
         )
     return LlamaPerplexity(ppl=ppl, stderr=plus_minus, chunks=scored, context=context, seconds=seconds)
+
+
+# llama.cpp's logger is a thread that main() does not wait for (common/log.cpp leaks it on purpose), so on a
+# busy machine a run that succeeded can exit before its last lines (scores, final estimate) are printed.
+# The nsds build flushes it (PATCHES); with a user's own build, a run cut short that way is repeated.
+_LOG_ATTEMPTS = 3
+
+
+def _log_cut_short(result: subprocess.CompletedProcess) -> bool:
+    """A successful run without its final estimate and without an error in its log (level E): cut short."""
+    return result.returncode == 0 and not _ERROR_LINE.search(result.stderr)
+
+
+_ERROR_LINE = re.compile(r"^[\d.]+ E |error", re.M | re.I)
 
 
 def _run_streams(path: Path, args: list, what: str, timeout: float | None, explain=None) -> subprocess.CompletedProcess:

@@ -295,16 +295,31 @@ def _runtime_part(result: CompareResult, quantizer: str) -> list[str]:
     ]
 
 
+def _grids(config) -> str:
+    parts = []
+    if any(q != "gguf" for q in config.quantizers):
+        group = config.group_size or "default (128)"
+        parts.append(f"group size {group}, {'symmetric' if config.symmetric else 'asymmetric'}")
+    if "gguf" in config.quantizers:
+        parts.append("gguf: llama.cpp's types (2=Q2_K ... 6=Q6_K, 8=Q8_0) and numerics (docs/GGUF.md)")
+    return "; ".join(parts)
+
+
+def _counts(config) -> str:
+    if set(config.quantizers) == {"gguf"}:
+        return "budgets count storage bits (block scales included; a preset's is its own size)"
+    return "budgets count weight bits" + (" (gguf: storage)" if "gguf" in config.quantizers else "")
+
+
 def compare_markdown(result: CompareResult, heading: str = "#") -> str:
     """compare.md: settings and protocol, one PPL table per quantizer, the oracle correlations."""
     config = result.config
     parts = [
         f"{heading} nsds compare: {result.model['id']}",
         "",
-        f"- Widths {list(config.widths)}, allocator for scored plans `{result.allocator}`; group size "
-        f"{config.group_size or 'default (128)'}, {'symmetric' if config.symmetric else 'asymmetric'}; "
-        f"{'q/k/v and gate/up share a width' if config.fuse else 'every module free'}; budgets count "
-        "weight bits (the small <sub>b</sub> number is each plan's achieved average).",
+        f"- Widths {list(config.widths)}, allocator for scored plans `{result.allocator}`; {_grids(config)}; "
+        f"{'q/k/v and gate/up share a width' if config.fuse else 'every module free'}; {_counts(config)} (the "
+        "small <sub>b</sub> number is each plan's achieved average of weight bits).",
         f"- Perplexity protocol: {result.protocol.describe()}.",
         f"- Reference PPL {result.reference_ppl:.2f}: {result.reference_note}.",
         f"- Random: {config.seeds} seeds, mean ± std (min-max). Bold: lowest PPL per budget among the "

@@ -19,7 +19,11 @@ import pytest
 import torch
 
 from nsds import llamacpp
+from nsds.cli import main
 from nsds.errors import NsdsError
+from nsds.files import cache_dir as test_cache
+from nsds.plan import Plan
+from nsds.results import RunResult
 from nsds.weights import GGUFSource, SafetensorsSource
 
 from tiny_models import save_tiny_tokenizer, tiny_model
@@ -144,3 +148,40 @@ def test_folder_without_config_fails_before_running(script, tmp_path):
 def test_unknown_outtype_is_refused_up_front(outtype, tmp_path):
     with pytest.raises(NsdsError, match="valid types are f32, f16, bf16, q8_0"):
         llamacpp.convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf", outtype)
+
+
+@NEEDS_SENTENCEPIECE
+def test_run_gguf_on_a_model_folder_converts_it_once_and_measures_every_plan(script, tiny_llama, tmp_path):
+    """A Hugging Face folder through the whole GGUF path: converted by llama.cpp (bf16/f32 as its weights are),
+    planned, every plan written as a GGUF, measured by llama-perplexity; the export holds the plan's types."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 40)
+    out = tmp_path / "out"
+    argv = ["run", str(tiny_llama), "--quantizer", "gguf", "--budget", "6", "--widths", "4,8", "--text", str(text),
+            "--tokens", "256", "--window", "64", "--export", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = RunResult.load(out / "results.json")
+    assert [e.label for e in result.evaluations] == ["reference", "nsds", "uniform"]
+    assert all(e.runtime is not None and e.runtime.chunks == 4 for e in result.evaluations)
+    assert result.evaluation("reference").runtime.file.endswith("-f32.gguf")  # the converted base, in the cache
+    plan = Plan.load(out / "plan.json")
+    written = llamacpp.tensor_types_of(out / "model.gguf")
+    with GGUFSource(out / "model.gguf") as exported:
+        names = {m.name: exported.gguf_name(f"{m.name}.weight") for m in plan.modules}
+    assert {m.name: written[names[m.name]] for m in plan.modules} == plan.formats()
+    assert plan.storage_bits <= 6.0 and {m.format for m in plan.modules} <= {"Q5_0", "Q8_0"}  # 64 columns: fallback
+    converted = sorted((test_cache() / "gguf").glob("*.gguf"))
+    assert main([*argv[:-1], str(tmp_path / "again")]) == 0  # the second run reuses the converted base
+    assert sorted((test_cache() / "gguf").glob("*.gguf")) == converted
+
+
+@NEEDS_SENTENCEPIECE
+def test_run_gguf_on_a_folder_llama_cpp_cannot_convert_is_one_line(script, tmp_path, capsys):
+    folder = tmp_path / "byte-level"
+    tiny_model("llama", vocab_size=300).save_pretrained(folder)
+    save_tiny_tokenizer(folder, TEXT)
+    out = tmp_path / "out"
+    assert main(["run", str(folder), "--quantizer", "gguf", "--budget", "6", "--widths", "4,8", "--out", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pre-tokenizer was not recognized" in lines[0]
+    assert not out.exists()

@@ -261,3 +261,49 @@ def test_a_finished_build_replaces_an_interrupted_one(no_env, tmp_path):
     llamacpp._move_into_place(staged, final)
     assert not staged.exists() and llamacpp.installed(root) is not None
     assert (final / "bin" / "llama-quantize").read_text() == QUANTIZE
+
+
+CUT_SHORT_ONCE = """#!/bin/sh
+if [ "$1" = "--version" ] || [ "$1" = "--help" ]; then echo "version: 4242 (abc1234)" >&2; exit 0; fi
+echo "[1]12.0,[2]12.2,"
+if [ ! -e "$(dirname "$0")/ran-once" ]; then
+  touch "$(dirname "$0")/ran-once"
+  printf "0.00.1 I perplexity: 0.27 seconds per pass - ETA" >&2
+  exit 0
+fi
+echo "[3]12.3,[4]12.3456,"
+echo "0.00.1 I Final estimate: PPL = 12.3456 +/- 0.78901" >&2
+"""
+
+
+def _perplexity_tool(tmp_path, monkeypatch, script: str) -> tuple[Path, Path]:
+    build = _own_build(tmp_path / "build")
+    _script(build / "bin" / "llama-perplexity", script)
+    monkeypatch.setenv(llamacpp.ENV_VAR, str(build))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "text.txt").write_text("some text")
+    return tmp_path / "model.gguf", tmp_path / "text.txt"
+
+
+def test_a_perplexity_run_whose_log_was_cut_short_is_repeated(tmp_path, monkeypatch):
+    """llama.cpp's logger thread can lose the last lines when a run exits on a busy machine (a user's build
+    without nsds's patch): the run is repeated instead of failing."""
+    model, text = _perplexity_tool(tmp_path, monkeypatch, CUT_SHORT_ONCE)
+    result = llamacpp.perplexity_gguf(model, text, context=64, chunks=4)
+    assert (result.ppl, result.chunks) == (12.3456, 4)
+
+
+def test_a_perplexity_run_always_cut_short_fails_in_one_line(tmp_path, monkeypatch):
+    always = CUT_SHORT_ONCE.replace('[ ! -e "$(dirname "$0")/ran-once" ]', "true")
+    model, text = _perplexity_tool(tmp_path, monkeypatch, always)
+    with pytest.raises(NsdsError, match="llama-perplexity printed no final estimate") as err:
+        llamacpp.perplexity_gguf(model, text, context=64, chunks=4)
+    assert "\n" not in str(err.value)
+
+
+def test_a_source_tree_the_patches_do_not_fit_is_refused(tmp_path):
+    relative, _, _ = llamacpp.PATCHES[0]
+    (tmp_path / relative).parent.mkdir(parents=True)
+    (tmp_path / relative).write_text("int main() { return 0; }\n")
+    with pytest.raises(NsdsError, match=r"cannot patch llama\.cpp's tools/perplexity/perplexity\.cpp"):
+        llamacpp._apply_patches(tmp_path)
