@@ -150,6 +150,27 @@ def gguf_glance(runs: dict[str, CompareResult]) -> list[str]:
     ]
 
 
+def readme_table(runs: dict[str, CompareResult]) -> str:
+    """The README's contest table: per preset, llama-perplexity of the preset and of NSDS's file, both models."""
+    gguf = [result for result in runs.values() if "gguf" in result.quantizers]
+    header = "| preset | " + " | ".join(f"{r.model['id']}: preset / NSDS / uniform" for r in gguf) + " |"
+    lines = [header, "|---|" + "---|" * len(gguf)]
+    by_model = [{r.rows("gguf", b)["llama.cpp preset"].budget_name: r.rows("gguf", b) for b in r.budgets("gguf")}
+                for r in gguf]  # fmt: skip
+    for preset in dict.fromkeys(name for rows in by_model for name in rows):
+        cells = []
+        for rows in by_model:
+            row = rows.get(preset)
+            if row is None:
+                cells.append("-")
+                continue
+            ppl = {label: row[label].runtime_ppl for label in ("llama.cpp preset", "nsds", "uniform")}
+            best = min(ppl.values())
+            cells.append(" / ".join(f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in ppl.values()))
+        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def gguf_section(result: CompareResult, folder: str) -> str:
     model = result.model["id"]
     command = GGUF_COMMAND.format(model=model, out=f"docs/results/{folder}")
@@ -224,6 +245,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
+    parser.add_argument("--readme-table", action="store_true", help="also print the README's GGUF table")
     args = parser.parse_args()
     runs = {}
     settings_by_suffix = {
@@ -243,6 +265,8 @@ def main() -> int:
                 write_outputs(runs[out.name], out)
     write_bytes(DOCS / "RESULTS.md", page(runs).encode())
     print(f"wrote {DOCS / 'RESULTS.md'}")
+    if args.readme_table:
+        print(readme_table(runs))
     return 0
 
 

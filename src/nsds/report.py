@@ -86,12 +86,36 @@ def _formats(plan: Plan) -> str:
     return ", ".join(f"{name} ({count} modules)" for name, count in sorted(counts.items()))
 
 
+def _runtime_cells(e) -> str:
+    return "" if e.runtime is None else f" {e.runtime.ppl:.3f} | {e.runtime.file_bytes / 1e6:.2f} |"
+
+
+def _agreement(run: RunResult) -> str:
+    """How closely llama-perplexity and nsds agree on each plan's cost (PPL over the reference's)."""
+    reference = run.evaluation("reference")
+    if reference.runtime is None:
+        return ""
+    ratios = [
+        f"{e.label} {e.ppl / reference.ppl:.3f} vs {e.runtime.ppl / reference.runtime.ppl:.3f}"
+        for e in run.evaluations[1:]
+        if e.runtime is not None
+    ]
+    return (
+        f"\nllama.cpp PPL: `llama-perplexity` on each plan's GGUF file ({reference.runtime.chunks} chunks of "
+        f"{reference.runtime.context} tokens of the same text, each scored on its second half). The cost of each "
+        f"plan, PPL over the reference's, by nsds vs by llama.cpp: {'; '.join(ratios)}.\n"
+    )
+
+
 def render(run: RunResult, scores: ScoreReport, plan: Plan) -> tuple[str, dict[str, bytes]]:
     """report.md's text and its figures {file name: PNG bytes}."""
     config = run.config
     rows = "\n".join(
-        f"| {e.label} | {e.allocator or '-'} | {_bits(e)} | {e.ppl:.3f} | {e.seconds:.1f} s |" for e in run.evaluations
+        f"| {e.label} | {e.allocator or '-'} | {_bits(e)} | {e.ppl:.3f} |{_runtime_cells(e)} {e.seconds:.1f} s |"
+        for e in run.evaluations
     )
+    measured = any(e.runtime for e in run.evaluations)
+    runtime_header = " llama.cpp PPL | file MB |" if measured else ""
     high = [i for i, b in enumerate(plan.layer_bits()) if b == max(plan.widths)]
     text = f"""# nsds run: {run.model["id"]}
 
@@ -101,10 +125,10 @@ def render(run: RunResult, scores: ScoreReport, plan: Plan) -> tuple[str, dict[s
 - Perplexity protocol: {run.protocol.describe()}.
 - {run.reference_note}.
 
-| plan | allocator | weight bits | storage bits | PPL | eval time |
-|---|---|---|---|---|---|
+| plan | allocator | weight bits | storage bits | PPL |{runtime_header} eval time |
+|---|---|---|---|---|{"---|---|" if measured else ""}---|
 {rows}
-
+{_agreement(run)}
 Layers at {max(plan.widths)} bits in the NSDS plan: {high}.
 
 ![NSDS scores and widths](scores.png)
