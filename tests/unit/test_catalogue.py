@@ -73,7 +73,7 @@ COMPARE_CASES = [
     (["--seeds", "-1"], "--seeds must not be negative"),
     (["--out", "{file}"], "is a file; give a folder"),
     (["--device", "mps"], "unknown device 'mps'"),
-    (["--budgets", "2.5,x"], "expected comma-separated numbers"),
+    (["--budgets", "2.5,x"], "unknown llama.cpp preset 'x'; choose from Q2_K"),
 ]
 
 
