@@ -43,7 +43,7 @@ from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import progress, stage
 from nsds.quantize import Quantizer, WeightBank, make_quantizer
-from nsds.report import compare_figures, compare_markdown
+from nsds.report import RUNTIME_LABELS, compare_figures, compare_markdown
 from nsds.results import (
     KIND_OF_SCORER,
     Cell,
@@ -130,11 +130,6 @@ def _plans(modules: list[Module], setting: Setting, allocator: str, scores: dict
     ]
 
 
-# Plans also written as GGUF files and measured by llama-perplexity (quantizer gguf): the default scorer's,
-# llama.cpp's preset and rule, and uniform.
-RUNTIME_LABELS = ("nsds", "llama.cpp preset", "llama.cpp", "uniform")
-
-
 @dataclass(frozen=True)
 class Prepared:
     """A comparison's options, checked and resolved before anything expensive."""
@@ -143,6 +138,7 @@ class Prepared:
     budgets: tuple[float | str, ...]  # as given, "presets" expanded
     settings: dict[tuple[str, float | str], Setting]  # (quantizer, budget as given): a preset's at its size
     targets: dict[float | str, GGUFTarget]  # quantizer gguf: per budget, the base file and the preset's
+    budget_names: dict[float | str, str]  # a preset budget's name ("Q2_K = Q3_K_S" when they are the same size)
     scorers: list[ScorerSpec]
     allocator: str
     compute: Compute
@@ -183,6 +179,7 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> Prepared:
             modules = arch.source_modules(source, fuse=cfg.fuse)
             if "gguf" in quantizers:
                 targets = {b: runtime.gguf_target(source, modules, presets.get(b), folder) for b in budgets}
+    budgets, names = _distinct_presets(budgets, presets, targets)
     settings = {
         (q, b): allocation_setting(quantizer, cfg.model, targets[b].budget if b in presets else b, cfg.widths)
         for q, quantizer in quantizers.items()
@@ -190,7 +187,22 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> Prepared:
     }
     for q, quantizer in quantizers.items():
         check_fits(modules, quantizer, [settings[q, b] for b in budgets])
-    return Prepared(quantizers, budgets, settings, targets, scorers, default_allocator(cfg.widths), compute, window)
+    return Prepared(quantizers, budgets, settings, targets, names, scorers, default_allocator(cfg.widths), compute,
+                    window)  # fmt: skip
+
+
+def _distinct_presets(
+    budgets: tuple[float | str, ...], presets: dict[float | str, str], targets: dict[float | str, GGUFTarget]
+) -> tuple[tuple[float | str, ...], dict[float | str, str]]:
+    """The budgets without presets that spend exactly what an earlier one spends on this model (on small
+    models llama.cpp's fallbacks make some presets identical), and each kept preset's name with its twins."""
+    sizes = {b: targets[b].budget for b in budgets if b in presets}
+    first: dict[float | None, float | str] = {}
+    names: dict[float | str, list[str]] = {}
+    for b, size in sizes.items():
+        names.setdefault(first.setdefault(size, b), []).append(presets[b])
+    kept = tuple(b for b in budgets if b not in sizes or first[sizes[b]] == b)
+    return kept, {b: " = ".join(n) for b, n in names.items()}
 
 
 def compare(cfg: CompareConfig) -> CompareResult:
@@ -302,7 +314,7 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
                 high_layers=[i for i, b in enumerate(row.plan.layer_bits()) if b == max(row.plan.widths)],
                 plan=digest,
                 ppl=store.data.plans[digest],
-                budget_name=target.preset if target is not None else None,
+                budget_name=ready.budget_names.get(budget),
                 runtime_ppl=store.data.runtime.get(digest),
             )
             store.save()

@@ -249,11 +249,14 @@ def compare_tables(result: CompareResult, quantizer: str) -> str:
     return "\n".join(lines)
 
 
+RUNTIME_LABELS = ("nsds", "llama.cpp preset", "llama.cpp", "uniform")  # the plans nsds compare writes as GGUF
+
+
 def runtime_table(result: CompareResult, quantizer: str) -> str:
     """llama-perplexity of the plans written as GGUF files (rows: allocators, columns: budgets; the lowest
     per budget in bold), or "" when none was measured."""
     rows = {label: {b: r for b, r in by_budget.items() if r.runtime_ppl is not None}
-            for label, by_budget in _rows(result, quantizer).items()}  # fmt: skip
+            for label, by_budget in _rows(result, quantizer).items() if label in RUNTIME_LABELS}  # fmt: skip
     rows = {label: by_budget for label, by_budget in rows.items() if by_budget}
     if not rows:
         return ""
