@@ -18,7 +18,7 @@ from pathlib import Path
 from nsds import ggml, llamacpp
 from nsds.allocate import plan_of
 from nsds.errors import NsdsError
-from nsds.files import cache_dir
+from nsds.files import cache_dir, sha256_file
 from nsds.gguf_header import GGUFHeader
 from nsds.plan import Module, Plan
 from nsds.progress import stage
@@ -49,9 +49,10 @@ def base_gguf(source: WeightSource) -> Path:
         raise NsdsError(f"'{source.model_id}' is neither a GGUF file nor a model folder llama.cpp can convert")
     dtype = str(getattr(source.config, "dtype", None) or "float32").removeprefix("torch.")
     outtype = _CONVERT_TYPES.get(dtype, "f32")
-    digest = hashlib.sha256()
-    for entry in source.provenance()["files"]:
-        digest.update(f"{entry['name']}:{entry['sha256']}\n".encode())
+    digest = hashlib.sha256(outtype.encode())
+    for path in sorted(p for p in source.location.iterdir() if p.is_file()):  # weights, config, tokenizer: all
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())  # the converter may read
+
     target = cache_dir() / "gguf" / f"{digest.hexdigest()[:16]}-{outtype}.gguf"
     if not target.is_file():
         llamacpp.convert_hf_to_gguf(source.location, target, outtype)

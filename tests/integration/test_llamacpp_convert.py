@@ -11,6 +11,8 @@ a fixed text, and a freshly trained tokenizer has no known hash (that refusal is
 """
 
 import importlib.util
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from nsds import llamacpp
 from nsds.cli import main
 from nsds.errors import NsdsError
-from nsds.files import cache_dir as test_cache
+from nsds.files import cache_dir
 from nsds.plan import Plan
 from nsds.results import RunResult
 from nsds.weights import GGUFSource, SafetensorsSource
@@ -170,9 +172,22 @@ def test_run_gguf_on_a_model_folder_converts_it_once_and_measures_every_plan(scr
         names = {m.name: exported.gguf_name(f"{m.name}.weight") for m in plan.modules}
     assert {m.name: written[names[m.name]] for m in plan.modules} == plan.formats()
     assert plan.storage_bits <= 6.0 and {m.format for m in plan.modules} <= {"Q5_0", "Q8_0"}  # 64 columns: fallback
-    converted = sorted((test_cache() / "gguf").glob("*.gguf"))
+    converted = sorted((cache_dir() / "gguf").glob("*.gguf"))
     assert main([*argv[:-1], str(tmp_path / "again")]) == 0  # the second run reuses the converted base
-    assert sorted((test_cache() / "gguf").glob("*.gguf")) == converted
+    assert sorted((cache_dir() / "gguf").glob("*.gguf")) == converted
+
+
+@NEEDS_SENTENCEPIECE
+def test_the_converted_base_is_keyed_by_every_file_the_converter_reads(script, tiny_llama, tmp_path):
+    """The same weights with another tokenizer are another GGUF: the cache key covers the tokenizer too."""
+    from nsds import runtime
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_llama, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 123}))
+    with SafetensorsSource(tiny_llama) as first, SafetensorsSource(other) as second:
+        assert runtime.base_gguf(first) != runtime.base_gguf(second)
 
 
 @NEEDS_SENTENCEPIECE
