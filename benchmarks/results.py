@@ -24,6 +24,7 @@ from nsds.config import CompareConfig
 from nsds.files import write_bytes
 from nsds.report import correlation_table, quantizer_section
 from nsds.results import CompareResult, SummaryRow, data_free_best
+from nsds.runtime import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -144,9 +145,9 @@ def gguf_glance(runs: dict[str, CompareResult]) -> list[str]:
     excess = [rows["nsds"].runtime_ppl / rows["llama.cpp preset"].runtime_ppl - 1 for _, rows in pairs]
     return [
         f"- GGUF, measured by llama-perplexity at each llama.cpp preset's own size ({len(pairs)} model x preset "
-        f"cells): NSDS's file beats the preset in {wins}, uniform in {uniform}; its perplexity is on average "
-        f"{100 * sum(excess) / len(excess):+.1f} % of the preset's (range {100 * min(excess):+.1f} % to "
-        f"{100 * max(excess):+.1f} %).",
+        f"cells): NSDS's file beats the preset in {wins}, uniform in {uniform}; its perplexity differs from the "
+        f"preset's by {100 * sum(excess) / len(excess):+.1f} % on average (from {100 * min(excess):+.1f} % to "
+        f"{100 * max(excess):+.1f} %; identical plans where every allocator reaches the same types).",
     ]
 
 
@@ -157,7 +158,8 @@ def readme_table(runs: dict[str, CompareResult]) -> str:
     lines = [header, "|---|" + "---|" * len(gguf)]
     by_model = [{r.rows("gguf", b)["llama.cpp preset"].budget_name: r.rows("gguf", b) for b in r.budgets("gguf")}
                 for r in gguf]  # fmt: skip
-    for preset in dict.fromkeys(name for rows in by_model for name in rows):
+    order = {name: i for i, name in enumerate(PRESETS)}
+    for preset in sorted({name for rows in by_model for name in rows}, key=lambda n: order[n.split(" = ")[0]]):
         cells = []
         for rows in by_model:
             row = rows.get(preset)
@@ -179,7 +181,9 @@ def gguf_section(result: CompareResult, folder: str) -> str:
         "",
         f"`{command}` ({result.config.tokens} tokens); reference PPL {result.reference_ppl:.2f} (the GGUF as "
         f"loaded). Last invocation: {result.counts.evaluated} evaluations in {result.timing['total_s'] / 60:.1f} "
-        "min on the 2-core CPU machine. The budget of each column is the storage bits per weight the preset "
+        "min on the 2-core CPU machine"
+        + (" (resumed: earlier cells reused)" if result.counts.resumed else "")
+        + ". The budget of each column is the storage bits per weight the preset "
         "spends on the planned modules; token embedding, head and norms are stored as the preset stores them.",
         "",
         "| preset | bits | llama.cpp PPL: preset | NSDS | uniform | llama.cpp rule | NSDS vs preset |",
