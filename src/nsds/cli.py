@@ -9,6 +9,7 @@ from pathlib import Path
 from nsds import __version__
 from nsds.config import DEFAULT_MODEL, CompareConfig, RunConfig
 from nsds.errors import NsdsError
+from nsds.evaluate.corpora import CACHED_TEXTS
 from nsds.scores import ScoreReport
 
 
@@ -45,7 +46,10 @@ def _build_parser() -> argparse.ArgumentParser:
     model_help = "model folder (safetensors), .gguf file, asset name (smollm2, gemma3-270m) or hub id"
     gguf_help = "GGUF file name inside the MODEL folder or hub repo"
     device_help = "cpu, cuda, cuda:N or auto (a CUDA GPU when torch sees one)"
-    text_help = "brown (offline), wikitext2, c4 (both need `datasets` and a network), or a UTF-8 text file"
+    text_help = (
+        f"{', '.join(CACHED_TEXTS)} (offline; brown-tune and brown-test are Brown's halves), wikitext2, c4 "
+        "(both need `datasets` and a network), or a UTF-8 text file"
+    )
     window_help = "tokens per window (default: 512 offline, 2048 for hub texts)"
 
     score = _command(commands, "score", "score every decoder layer's sensitivity (NSDS)",
@@ -132,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              description="Download and verify assets into the cache; files already verified "
                              "are skipped. llama.cpp is built with cmake and a C++ compiler (minutes, once); "
                              "with no names and NSDS_LLAMA_CPP set, those tools are used instead.")  # fmt: skip
-    fetch.add_argument("names", nargs="*", help="assets to fetch: smollm2, gemma3-270m, brown, llama.cpp "
+    fetch.add_argument("names", nargs="*", help="assets to fetch: smollm2, gemma3-270m, brown, moby-dick, llama.cpp "
                        "(default: all)")  # fmt: skip
     verbs.add_parser("list", help="show the assets and whether they are cached",
                      description="Show every asset, where it is cached, and what it is.")  # fmt: skip

@@ -1,7 +1,9 @@
 """Evaluation text and its token windows, with the protocol printed next to every number.
 
 Offline default: the Brown corpus from the asset cache (sorted files, windows of 512 tokens, a fixed
-token count). Any local text file works the same way. With a network, WikiText-2 and C4 come through
+token count). Its halves are texts of their own, so constants can be chosen on one and reported on the
+other (`brown-tune`, `brown-test`); Moby-Dick is a second, different held-out text (docs/PROTOCOL.md).
+Any local text file works the same way. With a network, WikiText-2 and C4 come through
 `datasets` with the standard protocols (2048-token windows; C4 as in GPTQ: the first 1100 documents of
 the first validation shard, 256 windows).
 """
@@ -13,9 +15,9 @@ import torch
 
 from nsds import assets
 from nsds.errors import NsdsError, first_line
+from nsds.evaluate.corpora import CACHED_TEXTS, HUB_TEXTS, TEXT_CHOICES, half
 from nsds.evaluate.protocol import Protocol
 
-HUB_TEXTS = ("wikitext2", "c4")
 _NEEDS_DATASETS = "'{name}' needs the `datasets` package (pip install datasets) and a network"
 
 
@@ -63,24 +65,26 @@ def _check_window(window: int, tokens: int, max_positions: int | None, default_f
 
 
 def _text_path(text: str) -> Path:
-    """The file behind a local text name: the cached Brown corpus or a path to a text file."""
-    if text == "brown":
-        return assets.path("brown")
+    """The file behind a local text name: a cached text or a path to a text file."""
+    if text in CACHED_TEXTS:
+        return assets.path(CACHED_TEXTS[text].asset)
     path = Path(text).expanduser()
     if path.is_dir():
-        raise NsdsError(f"text '{text}' is a folder; give brown, wikitext2, c4 or a path to a text file")
+        raise NsdsError(f"text '{text}' is a folder; give {TEXT_CHOICES} or a path to a text file")
     if not path.is_file():
-        raise NsdsError(f"no text '{text}': give brown, wikitext2, c4 or a path to a text file")
+        raise NsdsError(f"no text '{text}': give {TEXT_CHOICES} or a path to a text file")
     return path
 
 
 def load_text(text: str) -> str:
-    """The raw text named by `text`: brown, wikitext2, c4, or a path to a UTF-8 text file."""
+    """The raw text named by `text`: a cached text (TEXT_CHOICES), wikitext2, c4, or a path to a UTF-8 text file."""
     if text in HUB_TEXTS:
         return _hub_text(text)
     path = _text_path(text)
-    if text == "brown":
-        return path.read_text(encoding="utf-8")
+    if text in CACHED_TEXTS:
+        content = path.read_text(encoding="utf-8")
+        chosen = CACHED_TEXTS[text].half
+        return content if chosen is None else half(content, chosen)
     _sniff(path)
     try:
         content = path.read_text(encoding="utf-8")
@@ -142,7 +146,8 @@ def _hub_text(name: str) -> str:
         return " ".join(documents[:1100]["text"])
     except Exception as err:  # network, hub and cache errors all mean the text cannot be had here
         reason = first_line(err)
-        raise NsdsError(f"cannot get '{name}' from the Hugging Face Hub ({reason}); use --text brown offline") from None
+        offline = ", ".join(CACHED_TEXTS)
+        raise NsdsError(f"cannot get '{name}' from the Hugging Face Hub ({reason}); offline use {offline}") from None
 
 
 def token_windows(
