@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from nsds.distortion import ErrorTable
 from nsds.errors import NsdsError
 from nsds.plan import Module, ModulePlan, Plan
 from nsds.progress import note
@@ -194,27 +195,41 @@ def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Settin
     layer) share a width. The allocator minimises the expected sensitivity-weighted quantization error
         sum_g  S_g * n_g * 4^(-b_g)
     (S_g the layer's score, n_g the group's weights; a b-bit uniform quantizer's error power scales as
-    4^-b) subject to  sum_g cost_g(b_g) <= B * N, where cost counts weight bits or, with
-    budget_counts="storage", also each quantization group's scale and zero point. This is a
-    multiple-choice knapsack, solved exactly by dynamic programming over the budget (costs are counted
-    in units of their greatest common divisor, or rounded up to 1/200000 of the budget for odd shapes,
-    so the plan never exceeds it). Sensitive, and cheap, groups get bits first.
+    4^-b) subject to the budget (see `knapsack`). Sensitive, and cheap, groups get bits first.
     """
     widths = check_setting(setting, modules)
     units = _by_group(modules)
-    layers = {m.layer for m in modules}
-    if len(scores) != len(layers):
-        raise NsdsError(f"{len(scores)} layer scores for a model with {len(layers)} layers")
-    costs = np.array([[sum(_cost(m, w, setting) for m in unit) for w in widths] for unit in units], dtype=object)
-    limit = setting.budget * sum(m.params for m in modules)
-    step = math.gcd(*(int(c) for c in costs.flat))
+    if len(scores) != len({m.layer for m in modules}):
+        raise NsdsError(f"{len(scores)} layer scores for a model with {len({m.layer for m in modules})} layers")
+    error = [[scores[unit[0].layer] * sum(m.params for m in unit) * 4.0 ** (-w) for w in widths] for unit in units]
+    chosen = knapsack(units, error, widths, setting)
+    bits, reasons = {}, {}
+    for unit, width in zip(units, chosen, strict=True):
+        for m in unit:
+            bits[m.name] = width
+            reasons[m.name] = {"allocator": "budget", "layer_score": scores[m.layer], "group": m.group}
+    return _plan(modules, bits, reasons, setting, "budget", widths)
+
+
+def knapsack(
+    units: Sequence[Sequence[Module]], error: Sequence[Sequence[float]], widths: tuple[int, ...], setting: Setting
+) -> list[int]:
+    """The width of each unit (modules sharing one) minimising sum_u error[u][j_u] subject to
+    sum_u cost_u(b_u) <= B * N, where cost counts weight bits or, with budget_counts="storage", also each
+    quantization group's scale and zero point (a GGUF type's blocks, after its fallbacks).
+
+    A multiple-choice knapsack, solved exactly by dynamic programming over the budget (costs are counted
+    in units of their greatest common divisor, or rounded up to 1/200000 of the budget for odd shapes, so
+    the plan never exceeds it).
+    """
+    costs = [[sum(_cost(m, w, setting) for m in unit) for w in widths] for unit in units]
+    limit = setting.budget * sum(m.params for unit in units for m in unit)
+    step = math.gcd(*(int(c) for row in costs for c in row))
     if limit / step > _MAX_CELLS:
         step = math.ceil(limit / _MAX_CELLS)
     cells = np.array([[-(-int(c) // step) for c in row] for row in costs], dtype=np.int64)  # rounded up
     capacity = math.floor(limit / step + 1e-9)
-    error = np.array(
-        [[scores[unit[0].layer] * sum(m.params for m in unit) * 4.0 ** (-w) for w in widths] for unit in units]
-    )
+    error = np.asarray(error, dtype=np.float64)
     best = np.full(capacity + 1, np.inf)
     best[0] = 0.0
     choice = np.zeros((len(units), capacity + 1), dtype=np.int8)
@@ -232,14 +247,12 @@ def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Settin
     if not np.isfinite(best).any():
         raise NsdsError(f"no assignment of widths {list(widths)} fits a budget of {setting.budget} bits")
     cell = int(np.nanargmin(best))
-    bits, reasons = {}, {}
+    chosen = [0] * len(units)
     for u in range(len(units) - 1, -1, -1):
         j = int(choice[u, cell])
         cell -= int(cells[u, j])
-        for m in units[u]:
-            bits[m.name] = widths[j]
-            reasons[m.name] = {"allocator": "budget", "layer_score": scores[m.layer], "group": m.group}
-    return _plan(modules, bits, reasons, setting, "budget", widths)
+        chosen[u] = widths[j]
+    return chosen
 
 
 def uniform(modules: Sequence[Module], setting: Setting) -> Plan:
@@ -319,31 +332,126 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     return _plan(modules, bits, reasons, setting, "llama.cpp", widths)
 
 
+# The `error` allocator's constants (docs/METHOD.md §9), chosen on brown-tune and shared by every model:
+# how much a unit of a role's error costs relative to gate/up's (the geometric mean over SmolLM2 and
+# Gemma-3 of the measured loss per predicted error when all modules of one role are quantized to 3 bits),
+# and how much more the first and last decoder layers cost (their outputs are not corrected downstream).
+ROLE_WEIGHTS: dict[str, float] = {"q": 1.65, "k": 1.65, "v": 1.65, "qkv": 1.65, "o": 0.89, "gate": 1.0, "up": 1.0,
+                                  "gate_up": 1.0, "down": 1.22}  # fmt: skip
+EDGE_WEIGHT = 2.0
+
+
+def least_error(
+    modules: Sequence[Module],
+    errors: ErrorTable,
+    setting: Setting,
+    role_weights: Mapping[str, float] = ROLE_WEIGHTS,
+    edge_weight: float = EDGE_WEIGHT,
+) -> Plan:
+    """nsds's default: the widths minimising the predicted loss under the budget, solved exactly (knapsack),
+
+        sum_m  w_role(m) * p_layer(m) * n_m * e_m(b_m),
+
+    where e_m(b) is module m's gained error measured at width b with the plans' own quantizer
+    (distortion.py), n_m its weights, w_role a constant per role and p_layer = edge_weight on the first and
+    last decoder layers, 1 elsewhere. Every module's error is its own: one that quantizes well at a low width
+    does not take bits from one that does not."""
+    widths = check_setting(setting, modules)
+    _check_table(errors, setting, widths)
+    layers = max(m.layer for m in modules) + 1
+
+    def weight(m: Module) -> float:
+        return role_weights[m.role] * (edge_weight if m.layer in (0, layers - 1) else 1.0) * m.params
+
+    return _by_error(modules, errors, setting, widths, "gained", weight, "error")
+
+
+def _check_table(errors: ErrorTable, setting: Setting, widths: tuple[int, ...]) -> None:
+    if sorted(set(widths) - set(errors.widths)) or errors.quantizer != setting.quantizer.name:
+        raise NsdsError(f"the error table was measured for {errors.quantizer} at widths {list(errors.widths)}, "
+                        f"not {setting.quantizer.name} at {list(widths)}")  # fmt: skip
+
+
+def _by_error(
+    modules: Sequence[Module],
+    errors: ErrorTable,
+    setting: Setting,
+    widths: tuple[int, ...],
+    measure: str,
+    weight: Callable[[Module], float],
+    name: str,
+) -> Plan:
+    """The knapsack over width groups of sum_m weight(m) * e_m(b) by `measure` (relative or gained)."""
+    units = _by_group(modules)
+    error = [[sum(errors.of(m.name, w, measure) * weight(m) for m in unit) for w in widths] for unit in units]
+    chosen = knapsack(units, error, widths, setting)
+    bits, reasons = {}, {}
+    for unit, row, width in zip(units, error, chosen, strict=True):
+        for m in unit:
+            bits[m.name] = width
+            reasons[m.name] = {"allocator": name, "group": m.group, "predicted_error": row[widths.index(width)]}
+    return _plan(modules, bits, reasons, setting, name, widths)
+
+
+def higgs(modules: Sequence[Module], errors: ErrorTable, setting: Setting) -> Plan:
+    """The HIGGS-style program without data (llm-compressor's dynamic bitwidths, arXiv:2411.17525): minimise
+    the sum of the modules' relative weight errors, every coefficient 1, under the budget."""
+    widths = check_setting(setting, modules)
+    _check_table(errors, setting, widths)
+    return _by_error(modules, errors, setting, widths, "relative", lambda m: 1.0, "higgs")
+
+
 def random_scores(layers: int, seed: int) -> list[float]:
     """Seeded random layer scores: fed to the same allocator as a real scorer, they give the random
     allocation at the same budget."""
     return [float(x) for x in np.random.default_rng(seed).random(layers)]
 
 
-def default_allocator(widths: Sequence[int]) -> str:
-    """The paper's top-k rule for two widths, the knapsack for more."""
-    return "topk" if len(set(widths)) == 2 else "budget"
+@dataclass(frozen=True)
+class Evidence:
+    """What allocators read besides the modules and the setting; each reads what its spec needs."""
+
+    scores: Sequence[float] | None = None  # one per layer, higher: more bits (a scorer's)
+    errors: ErrorTable | None = None  # every module's measured error at every candidate width
 
 
-ScoredAllocator = Callable[[Sequence[Module], Sequence[float], Setting], Plan]
-FixedAllocator = Callable[[Sequence[Module], Setting], Plan]
+@dataclass(frozen=True)
+class AllocatorSpec:
+    allocate: Callable[[Sequence[Module], Evidence, Setting], Plan]
+    needs: str | None  # the Evidence field it reads: "scores", "errors", or None
+    about: str
 
-SCORED: dict[str, ScoredAllocator] = {"topk": topk, "budget": budgeted}  # turn layer scores into a plan
-FIXED: dict[str, FixedAllocator] = {"uniform": uniform, "llama.cpp": llama_cpp}  # need no scores
-ALLOCATORS = (*SCORED, *FIXED)
+
+# fmt: off
+ALLOCATORS: dict[str, AllocatorSpec] = {
+    "error": AllocatorSpec(lambda m, e, s: least_error(m, e.errors, s), "errors",
+                           "measured per-module error at every width, role-weighted, knapsack (nsds's default)"),
+    "topk": AllocatorSpec(lambda m, e, s: topk(m, e.scores, s), "scores", "the paper's rule: top layers high"),
+    "budget": AllocatorSpec(lambda m, e, s: budgeted(m, e.scores, s), "scores",
+                            "layer scores x 4^-b, knapsack over width groups"),
+    "higgs": AllocatorSpec(lambda m, e, s: higgs(m, e.errors, s), "errors",
+                           "HIGGS-style: sum of relative weight errors, coefficients 1"),
+    "uniform": AllocatorSpec(lambda m, e, s: uniform(m, s), None, "one width, or two mixed evenly over depth"),
+    "llama.cpp": AllocatorSpec(lambda m, e, s: llama_cpp(m, s), None,
+                               "llama.cpp's rule: attn_v and ffn_down first, filled to the budget"),
+}
+# fmt: on
+SCORED = tuple(name for name, spec in ALLOCATORS.items() if spec.needs == "scores")
 
 
-def allocate(kind: str, modules: Sequence[Module], scores: Sequence[float] | None, setting: Setting) -> Plan:
-    """Dispatch to an allocator by name."""
-    if kind in FIXED:
-        return FIXED[kind](modules, setting)
-    if kind not in SCORED:
+def allocate(kind: str, modules: Sequence[Module], evidence: Evidence, setting: Setting) -> Plan:
+    """Dispatch to an allocator by name, with the evidence it needs."""
+    if kind not in ALLOCATORS:
         raise NsdsError(f"unknown allocator '{kind}'; choose from {', '.join(ALLOCATORS)}")
-    if scores is None:
-        raise NsdsError(f"allocator '{kind}' needs layer scores")
-    return SCORED[kind](modules, scores, setting)
+    spec = ALLOCATORS[kind]
+    if spec.needs is not None and getattr(evidence, spec.needs) is None:
+        raise NsdsError(f"allocator '{kind}' needs {'layer scores' if spec.needs == 'scores' else 'an error table'}")
+    return spec.allocate(modules, evidence, setting)
+
+
+DEFAULT_ALLOCATOR = "error"
+
+
+def paper_allocator(widths: Sequence[int]) -> str:
+    """The paper's allocation of layer scores: its top-k rule for two widths, the knapsack for more."""
+    return "topk" if len(set(widths)) == 2 else "budget"

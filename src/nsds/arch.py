@@ -39,6 +39,8 @@ class Family:
     gate_up: str | None = None  # fused [gate; up] rows (Phi-3)
     conv1d: bool = False  # GPT-2 stores weights as (in_features, out_features)
     unembedding_projection: str | None = None  # OPT's project_out, relative to the body
+    attn_norm: str = "input_layernorm"  # the norm whose output q/k/v read
+    mlp_norms: tuple[str, ...] = ("pre_feedforward_layernorm", "post_attention_layernorm")  # up/gate's: first found
 
     def layer_tensors(self) -> list[str]:
         """Names of the role tensors inside one decoder layer."""
@@ -90,6 +92,8 @@ FAMILIES: tuple[Family, ...] = (
         up="mlp.c_fc.weight",
         down="mlp.c_proj.weight",
         conv1d=True,
+        attn_norm="ln_1",
+        mlp_norms=("ln_2",),
     ),
     Family(
         name="gpt_neox",
@@ -118,6 +122,8 @@ FAMILIES: tuple[Family, ...] = (
         up="fc1.weight",
         down="fc2.weight",
         unembedding_projection="project_out.weight",
+        attn_norm="self_attn_layer_norm",
+        mlp_norms=("final_layer_norm",),
     ),
 )
 
@@ -310,3 +316,37 @@ def _modules(config, names: set[str], shape_of: Callable[[str], tuple[int, ...]]
             group = f"{i}.{FUSED_BY_RUNTIMES.get(role, role) if fuse else role}"
             modules.append(Module(name, i, role, out_features, in_features, group))
     return modules
+
+
+NORMED_ROLES = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "up": "mlp", "gate": "mlp", "gate_up": "mlp"}
+
+
+def input_gains(model, modules: list[Module]) -> dict[str, torch.Tensor]:
+    """The per-channel gain g of the norm each module reads (q/k/v: the attention norm; up/gate: the MLP's),
+    by module name; modules fed by no norm (o, down) are absent.
+
+    A linear module fed by a norm computes W (g * x_hat) with x_hat normalised, so W diag(g) is what the
+    unit-scale input sees. g is read by running the norm on a zero-mean, unit-RMS input s (+1, -1, ...):
+    (norm(s) - norm(-s)) / 2 = g * s for RMSNorm, Gemma's (1 + w) RMSNorm and LayerNorm alike (a bias
+    cancels), so no norm variant needs its own rule.
+    """
+    family = family_of(model.config.model_type)
+    body = find_body(family, {name for name, _ in model.named_parameters()})
+    submodules = dict(model.named_modules())
+    gains: dict[str, torch.Tensor] = {}
+    for m in modules:
+        side = NORMED_ROLES.get(m.role)
+        if side is None:
+            continue
+        prefix = f"{body}{family.layers}.{m.layer}."
+        candidates = (family.attn_norm,) if side == "attn" else family.mlp_norms
+        norm = next((submodules[prefix + c] for c in candidates if prefix + c in submodules), None)
+        if norm is None:
+            raise NsdsError(f"no input norm ({' or '.join(candidates)}) found for module '{m.name}'")
+        signs = torch.ones(m.in_features, dtype=torch.float32)
+        signs[1::2] = -1
+        with torch.no_grad():
+            weight = next(norm.parameters())
+            probe = signs.to(device=weight.device, dtype=weight.dtype)
+            gains[m.name] = ((norm(probe) - norm(-probe)) / 2 * probe).float().cpu()
+    return gains

@@ -83,9 +83,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quantizer", default="rtn", help="rtn, hqq or gguf (llama.cpp's types and numerics)")
     run.add_argument("--group-size", type=int, help="weights per quantization group (rtn/hqq; default 128)")
-    run.add_argument("--allocator", default="auto", choices=["auto", "topk", "budget"],
-                     help="topk: the paper's rule (two widths); budget: any widths, exact knapsack; auto: topk for "
-                     "two widths, else budget")  # fmt: skip
+    run.add_argument("--allocator", default="auto",
+                     help="auto: nsds's default, error (each module's measured error at every width, weighted by "
+                     "role, exact knapsack); topk: the paper's rule (two widths); budget: the paper's layer scores "
+                     "over any widths; higgs, uniform, llama.cpp: the baselines")  # fmt: skip
+    run.add_argument("--baselines", type=_str_list, default="uniform",
+                     help="plans to evaluate beside nsds's on the same text, comma-separated: uniform, llama.cpp, "
+                     "higgs, paper (the NSDS paper's own allocation), or all")  # fmt: skip
     run.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
     run.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
     run.add_argument("--budget-counts", choices=["weights", "storage"],
@@ -175,9 +179,10 @@ def _config(cls, args: argparse.Namespace, **resolved):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from nsds.pipeline import EXPORTS, OUTPUTS, run
+    from nsds.pipeline import output_names, run
 
-    result = run(_config(RunConfig, args, fuse=not args.no_fuse))
+    cfg = _config(RunConfig, args, fuse=not args.no_fuse)
+    result = run(cfg)
     print(result.protocol.describe())
     runtime = any(e.runtime for e in result.evaluations)
     extra = f" {'llama.cpp':>10} {'file MB':>8}" if runtime else ""
@@ -191,7 +196,7 @@ def _run(args: argparse.Namespace) -> None:
     if runtime:
         print("llama.cpp: llama-perplexity on each plan's GGUF file (chunks of the same text; it scores the second "
               "half of each chunk, so compare ratios, not values, with nsds's PPL)")  # fmt: skip
-    print(f"wrote {args.out}/: {', '.join(OUTPUTS + (EXPORTS if args.export else ()))}")
+    print(f"wrote {args.out}/: {', '.join(output_names(cfg))}")
     if args.save:
         print(f"saved the HQQ model to {args.save}")
 

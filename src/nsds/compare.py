@@ -22,16 +22,19 @@ import torch
 
 from nsds import __version__, arch, runtime
 from nsds.allocate import (
+    DEFAULT_ALLOCATOR,
+    Evidence,
     Setting,
     allocate,
     allocation_setting,
     check_fits,
-    default_allocator,
+    paper_allocator,
     random_scores,
     uniform_setting,
 )
 from nsds.compute import Compute
 from nsds.config import CompareConfig
+from nsds.distortion import ErrorTable, measure_errors
 from nsds.documents import build, plain
 from nsds.errors import NsdsError
 from nsds.evaluate.loading import load_for_evaluation
@@ -115,18 +118,23 @@ class _Row:
 
 
 def _plans(modules: list[Module], setting: Setting, allocator: str, scores: dict[str, list[float]],
-           kinds: dict[str, str], oracle: list[float], seeds: int) -> list[_Row]:  # fmt: skip
-    """Every allocator's plan at one budget: baselines, scorers, the oracle ranking, random rankings."""
+           kinds: dict[str, str], oracle: list[float], seeds: int, errors: ErrorTable) -> list[_Row]:  # fmt: skip
+    """Every allocator's plan at one budget: nsds's default, the baselines, every scorer's layer ranking
+    allocated by the paper's rule, the oracle ranking, random rankings."""
     layers = len(oracle)
+
+    def ranked(layer_scores: list[float]) -> Plan:
+        return allocate(allocator, modules, Evidence(scores=layer_scores), setting)
+
+    measured = Evidence(errors=errors)
     return [
-        _Row("uniform", "baseline allocator", None, allocate("uniform", modules, None, uniform_setting(setting))),
-        _Row("llama.cpp", "baseline allocator", None, allocate("llama.cpp", modules, None, setting)),
-        *(_Row(name, kinds[name], None, allocate(allocator, modules, s, setting)) for name, s in scores.items()),
-        _Row("oracle", "measured ranking", None, allocate(allocator, modules, oracle, setting)),
-        *(
-            _Row(f"random-{seed}", "random", seed, allocate(allocator, modules, random_scores(layers, seed), setting))
-            for seed in range(seeds)
-        ),
+        _Row(DEFAULT_ALLOCATOR, "nsds allocator", None, allocate(DEFAULT_ALLOCATOR, modules, measured, setting)),
+        _Row("uniform", "baseline allocator", None, allocate("uniform", modules, Evidence(), uniform_setting(setting))),
+        _Row("llama.cpp", "baseline allocator", None, allocate("llama.cpp", modules, Evidence(), setting)),
+        _Row("higgs", "baseline allocator", None, allocate("higgs", modules, measured, setting)),
+        *(_Row(name, kinds[name], None, ranked(s)) for name, s in scores.items()),
+        _Row("oracle", "measured ranking", None, ranked(oracle)),
+        *(_Row(f"random-{seed}", "random", seed, ranked(random_scores(layers, seed))) for seed in range(seeds)),
     ]
 
 
@@ -187,7 +195,7 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> Prepared:
     }
     for q, quantizer in quantizers.items():
         check_fits(modules, quantizer, [settings[q, b] for b in budgets])
-    return Prepared(quantizers, budgets, settings, targets, names, scorers, default_allocator(cfg.widths), compute,
+    return Prepared(quantizers, budgets, settings, targets, names, scorers, paper_allocator(cfg.widths), compute,
                     window)  # fmt: skip
 
 
@@ -279,11 +287,13 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
         correlations = {name: Correlation.of(spearman(s, oracle), kendall(s, oracle)) for name, s in scores.items()}
         per_quantizer[q] = QuantizerResult(Oracle(low, oracle), scores, correlations)
 
+        stage(f"measuring every module's error at every width ({q})")
+        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
         rows = []
         for budget in ready.budgets:
             setting = ready.settings[q, budget]
             rows += [(budget, row) for row in _plans(modules, setting, ready.allocator, scores, kinds, oracle,
-                                                     cfg.seeds)]  # fmt: skip
+                                                     cfg.seeds, errors)]  # fmt: skip
             target = ready.targets.get(budget)
             if target is not None and target.preset is not None:
                 preset = runtime.preset_plan(target, modules, quantizer, provenance["id"])

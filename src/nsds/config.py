@@ -18,7 +18,8 @@ class RunConfig:
     widths: tuple[int, ...] = (2, 4)
     quantizer: str = "rtn"
     group_size: int | None = None  # None: the quantizer's default (128; GGUF types fix their own blocks)
-    allocator: str = "auto"  # topk for two widths, budget otherwise; results store the one used
+    allocator: str = "auto"  # auto: nsds's default (error); results store the one used
+    baselines: tuple[str, ...] = ("uniform",)  # plans evaluated beside nsds's (pipeline.BASELINES), or "all"
     symmetric: bool = False
     fuse: bool = True  # q/k/v and gate/up share a width, as fused runtimes need
     budget_counts: str | None = None  # None: the quantizer's default (weights for rtn/hqq, storage for gguf)

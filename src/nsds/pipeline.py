@@ -18,16 +18,19 @@ import torch
 
 from nsds import arch, runtime
 from nsds.allocate import (
-    SCORED,
+    ALLOCATORS,
+    DEFAULT_ALLOCATOR,
+    Evidence,
     Setting,
     allocate,
     allocation_setting,
     check_fits,
-    default_allocator,
+    paper_allocator,
     uniform_setting,
 )
 from nsds.compute import Compute
 from nsds.config import RunConfig
+from nsds.distortion import measure_errors
 from nsds.errors import NsdsError
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.lmeval import zero_shot
@@ -46,8 +49,25 @@ from nsds.runtime import GGUFTarget
 from nsds.scorers.nsds import score
 from nsds.weights import open_source
 
-OUTPUTS = ("plan.json", "plan-uniform.json", "scores.json", "results.json", "report.md", "scores.png", "ppl.png")
+OUTPUTS = ("plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png", "ppl.png")
 EXPORTS = ("model.gguf", "tensor-types.txt")  # with --export (quantizer gguf)
+# The plans a user would otherwise get, evaluated beside nsds's on the same windows (label: allocator;
+# "paper": the NSDS paper's allocation of its layer scores).
+BASELINES = {"uniform": "uniform", "llama.cpp": "llama.cpp", "higgs": "higgs", "paper": "paper"}
+
+
+def baseline_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The baselines asked for, 'all' expanded, in BASELINES order; an unknown name is a one-line error."""
+    unknown = [n for n in names if n != "all" and n not in BASELINES]
+    if unknown:
+        raise NsdsError(f"unknown baseline '{unknown[0]}'; choose from {', '.join(BASELINES)} or all")
+    return tuple(n for n in BASELINES if n in names or "all" in names)
+
+
+def output_names(cfg: RunConfig) -> tuple[str, ...]:
+    """The files `nsds run` writes into --out: OUTPUTS, one plan-LABEL.json per baseline, the exports."""
+    plans = tuple(f"plan-{label}.json" for label in baseline_names(cfg.baselines))
+    return OUTPUTS[:1] + plans + OUTPUTS[1:] + (EXPORTS if cfg.export else ())
 
 
 @dataclass(frozen=True)
@@ -75,9 +95,10 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
         preset = runtime.preset_name(cfg.budget)
     else:
         allocation_setting(quantizer, cfg.model, cfg.budget, cfg.widths, cfg.budget_counts)  # fails fast
-    allocator = default_allocator(cfg.widths) if cfg.allocator == "auto" else cfg.allocator
-    if allocator not in SCORED:
-        raise NsdsError(f"unknown allocator '{allocator}'; choose from auto, {', '.join(SCORED)}")
+    allocator = DEFAULT_ALLOCATOR if cfg.allocator == "auto" else cfg.allocator
+    if allocator not in ALLOCATORS:
+        raise NsdsError(f"unknown allocator '{allocator}'; choose from auto, {', '.join(ALLOCATORS)}")
+    baseline_names(cfg.baselines)
     if allocator == "topk" and len(set(cfg.widths)) != 2:
         raise NsdsError(f"topk takes exactly two widths (low, high), got {list(cfg.widths)}; use --allocator budget")
     window = check_protocol(cfg.text, cfg.window, cfg.tokens)
@@ -119,16 +140,17 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     stage("scoring (NSDS)")
     scores = score(loaded.source, compute=loaded.compute)
     modules = arch.linear_modules(model, fuse=cfg.fuse)
-    plans = {
-        "nsds": allocate(ready.allocator, modules, scores.scores, ready.setting),
-        "uniform": allocate("uniform", modules, None, uniform_setting(ready.setting)),
-    }
+    bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
+    stage("measuring every module's error at every width")
+    errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
+    evidence = Evidence(scores=scores.scores, errors=errors)
+    allocators = {"nsds": ready.allocator} | {label: BASELINES[label] for label in baseline_names(cfg.baselines)}
+    plans = {label: _allocate(kind, modules, evidence, ready.setting) for label, kind in allocators.items()}
     target = ready.gguf
     if target is not None:
         plans = {label: replace(plan, embeddings=target.embeddings) for label, plan in plans.items()}
         if target.preset is not None:
             plans[target.preset] = runtime.preset_plan(target, modules, ready.quantizer, scores.model["id"])
-    bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
     evaluations = [_evaluate(model, loaded.tokenizer, loaded.windows, "reference", None, cfg)]
     for label, plan in plans.items():
         bank.load_plan(plan)
@@ -165,11 +187,21 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     for name, png in figures.items():
         write_bytes(cfg.out / name, png)
     plans["nsds"].save(cfg.out / "plan.json")
-    plans["uniform"].save(cfg.out / "plan-uniform.json")
+    for label in baseline_names(cfg.baselines):
+        plans[label].save(cfg.out / f"plan-{label}.json")
     scores.save(cfg.out / "scores.json")
+    errors.save(cfg.out / "errors.json")
     result.save(cfg.out / "results.json")
     write_bytes(cfg.out / "report.md", report.encode())
     return result
+
+
+def _allocate(kind: str, modules: list, evidence: Evidence, setting: Setting) -> Plan:
+    """A plan by allocator name; "paper" is the paper's allocation of NSDS scores, and uniform takes its own
+    widths (the budget's width when it is a candidate)."""
+    if kind == "paper":
+        return allocate(paper_allocator(setting.widths), modules, evidence, setting)
+    return allocate(kind, modules, evidence, uniform_setting(setting) if kind == "uniform" else setting)
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, windows: torch.Tensor, label: str, plan: Plan | None,

@@ -25,8 +25,8 @@ REFERENCE_NOTE = "the reference is the checkpoint as loaded (for the GGUF assets
 
 # What each row of a comparison is, as stored in its cells.
 KIND_OF_SCORER = {"nsds": "scorer", "baseline": "scorer", "ablation": "nsds ablation"}
-BASELINE_ALLOCATORS = ("uniform", "llama.cpp", "llama.cpp preset")
-KINDS = ("scorer", "baseline allocator", "random", "measured ranking", "nsds ablation")
+BASELINE_ALLOCATORS = ("uniform", "llama.cpp", "higgs", "llama.cpp preset")
+KINDS = ("nsds allocator", "scorer", "baseline allocator", "random", "measured ranking", "nsds ablation")
 
 
 def _protocol_fields(data: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +307,8 @@ def data_free_best(rows: dict[str, SummaryRow]) -> tuple[float, list[str]]:
 def display_order(labels: list[str]) -> list[str]:
     """Tables' row order: NSDS, the baseline allocators, random, the baseline scorers, the oracle ranking,
     then the rest (NSDS's ablations) as they come."""
-    main = ["nsds", *BASELINE_ALLOCATORS, "random", *(s.name for s in SCORERS if s.kind == "baseline"), "oracle"]
+    scorers = [s.name for s in SCORERS if s.kind == "baseline"]
+    main = ["error", "nsds", *BASELINE_ALLOCATORS, "random", *scorers, "oracle"]
     return [label for label in main if label in labels] + [label for label in labels if label not in main]
 
 

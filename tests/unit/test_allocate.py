@@ -8,7 +8,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsds.allocate import Setting, allocate, budgeted, llama_cpp, random_scores, topk, uniform, use_more_bits
+from nsds.allocate import (
+    Evidence,
+    Setting,
+    allocate,
+    budgeted,
+    higgs,
+    knapsack,
+    least_error,
+    llama_cpp,
+    random_scores,
+    topk,
+    uniform,
+    use_more_bits,
+)
+from nsds.distortion import ErrorTable, ModuleError
 from nsds.errors import NsdsError
 from nsds.plan import Module, Plan
 from nsds.quantize.rtn import RTN
@@ -52,7 +66,9 @@ def test_topk_needs_two_widths_and_matching_scores():
     with pytest.raises(NsdsError, match="3 layer scores"):
         topk(layered(4), [0.5] * 3, setting(3))
     with pytest.raises(NsdsError, match="unknown allocator"):
-        allocate("greedy", layered(4), [0.5] * 4, setting(3))
+        allocate("greedy", layered(4), Evidence(scores=[0.5] * 4), setting(3))
+    with pytest.raises(NsdsError, match="allocator 'error' needs an error table"):
+        allocate("error", layered(4), Evidence(scores=[0.5] * 4), setting(3))
 
 
 def test_parameter_weighting():
@@ -177,7 +193,7 @@ def test_llama_cpp_mixture_favours_v_and_down_on_chosen_layers_within_budget():
     assert high == {m.name for m in modules if m.role in ("q", "k", "v", "down") and use_more_bits(m.layer, 16)}
     assert plan.weight_bits == pytest.approx(budget)
     for b in (2.3, 3.0, 3.7):
-        plan = allocate("llama.cpp", modules, None, setting(b))
+        plan = allocate("llama.cpp", modules, Evidence(), setting(b))
         assert plan.weight_bits <= b + 1e-9 and plan.allocator == "llama.cpp"
         bits = {m.name: m.bits for m in plan.modules}
         for m in modules:  # modules of one group share a width
@@ -191,3 +207,70 @@ def test_random_scores_are_seeded():
     assert random_scores(10, 0) == random_scores(10, 0)
     assert random_scores(10, 0) != random_scores(10, 1)
     assert random_scores(10, 3) == list(np.random.default_rng(3).random(10))  # numpy's seeded generator
+
+
+def table(modules: list[Module], widths: tuple[int, ...], relative, gained=None) -> ErrorTable:
+    """An error table with errors given per module as a function of (module, width)."""
+    gained = gained or relative
+    return ErrorTable("rtn", widths, {
+        m.name: ModuleError(tuple(relative(m, w) for w in widths), tuple(gained(m, w) for w in widths))
+        for m in modules
+    })  # fmt: skip
+
+
+def test_least_error_is_the_exact_optimum_over_every_assignment():
+    """Brute force over all width assignments of 6 modules of different sizes, roles, layers and errors."""
+    roles = ["q", "k", "v", "o", "down", "up"]
+    modules = [Module(f"m{i}", i // 2, role, 64 * (1 + i % 3), 64, f"{i}") for i, role in enumerate(roles)]
+    widths = (2, 3, 4)
+    rng = np.random.default_rng(0)
+    scale = {m.name: rng.uniform(0.1, 10) for m in modules}
+    errors = table(modules, widths, lambda m, w: 0.0, lambda m, w: scale[m.name] * 4.0**-w * (1 + 0.1 * w))
+    weights = {"q": 1.0, "k": 2.0, "v": 3.0, "o": 0.5, "down": 4.0, "up": 1.5}
+
+    def predicted(m: Module, w: int) -> float:  # layers 0 and 2 are the edges
+        return weights[m.role] * (3.0 if m.layer in (0, 2) else 1.0) * m.params * errors.of(m.name, w)
+
+    for budget in (2.4, 3.0, 3.6):
+        s = setting(budget, widths=widths)
+        plan = least_error(modules, errors, s, role_weights=weights, edge_weight=3.0)
+        params = sum(m.params for m in modules)
+        best = min(
+            (sum(predicted(m, w) for m, w in zip(modules, ws, strict=True)), ws)
+            for ws in itertools.product(widths, repeat=len(modules))
+            if sum(m.params * w for m, w in zip(modules, ws, strict=True)) <= budget * params
+        )
+        assert tuple(m.bits for m in plan.modules) == best[1]
+        assert plan.weight_bits <= budget and plan.allocator == "error"
+
+
+def test_higgs_weighs_every_module_by_one_on_relative_error():
+    # Two modules of equal size: HIGGS gives the bits to the one whose relative error falls most, whatever
+    # the role weights and the gained errors say.
+    modules = [Module("a", 0, "down", 64, 64, "0"), Module("b", 1, "q", 64, 64, "1"), Module("c", 2, "o", 64, 64, "2")]
+    errors = table(modules, (2, 4), lambda m, w: {"a": 2.0, "b": 1.0, "c": 0.0}[m.name] * 4.0**-w,
+                   lambda m, w: {"a": 1.0, "b": 5.0, "c": 0.0}[m.name] * 4.0**-w)  # fmt: skip
+    s = setting(2 + 2 / 3)  # one of the three at 4 bits
+    assert {m.name: m.bits for m in higgs(modules, errors, s).modules} == {"a": 4, "b": 2, "c": 2}
+    ones = dict.fromkeys(("q", "o", "down"), 1.0)
+    plan = least_error(modules, errors, s, role_weights=ones, edge_weight=1.0)
+    assert {m.name: m.bits for m in plan.modules} == {"a": 2, "b": 4, "c": 2}
+    plan = allocate("higgs", modules, Evidence(errors=errors), s)
+    assert plan.allocator == "higgs" and plan.modules[0].reason["predicted_error"] == pytest.approx(2.0 / 256)
+
+
+def test_error_table_must_match_the_setting():
+    modules = [Module(f"l{i}", i, "down", 64, 64, f"{i}") for i in range(2)]
+    errors = table(modules, (2, 3), lambda m, w: 1.0)
+    with pytest.raises(NsdsError, match="measured for rtn at widths \\[2, 3\\], not rtn at \\[2, 4\\]"):
+        least_error(modules, errors, setting(3))
+    with pytest.raises(NsdsError, match="no module 'l0'"):
+        least_error(modules, table([], (2, 4), lambda m, w: 1.0), setting(3))
+
+
+def test_knapsack_keeps_groups_together_and_never_exceeds_the_budget():
+    units = [[Module("a", 0, "q", 64, 64, "0.qkv"), Module("b", 0, "k", 64, 64, "0.qkv")],
+             [Module("c", 1, "down", 128, 64, "1.down")]]  # fmt: skip
+    error = [[4.0, 1.0], [2.0, 0.0]]
+    assert knapsack(units, error, (2, 4), setting(3)) == [4, 2]  # 2x64x64 at 4 bits fits, 128x64 does not as well
+    assert knapsack(units, error, (2, 4), setting(2.01)) == [2, 2]

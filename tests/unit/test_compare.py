@@ -58,7 +58,16 @@ def test_compare_writes_every_output_at_equal_budgets(tiny, tmp_path, cache):
         assert len(data["oracle"]["ppl"]) == 8 and list(data["scores"]) == scorers
         assert all(-1 <= c["spearman"] <= 1 and -1 <= c["kendall"] <= 1 for c in data["correlations"].values())
     labels = {c["label"] for c in saved["cells"]}
-    assert labels == set(scorers) | {"uniform", "llama.cpp", "oracle", "random-0", "random-1", "random-2"}
+    assert labels == set(scorers) | {
+        "error",
+        "uniform",
+        "llama.cpp",
+        "higgs",
+        "oracle",
+        "random-0",
+        "random-1",
+        "random-2",
+    }
     assert len(saved["cells"]) == 2 * 2 * len(labels)
     ppl_of_plan = {}
     for cell in saved["cells"]:

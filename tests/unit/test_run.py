@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nsds.config import RunConfig
+from nsds.distortion import ErrorTable
 from nsds.pipeline import run
 from nsds.plan import Plan
 from nsds.results import RunResult
@@ -34,24 +35,29 @@ def test_run_writes_every_output(tiny_run, tmp_path, quantizer):
     folder, text = tiny_run
     out = tmp_path / "out"
     save = tmp_path / "hqq-model" if quantizer == "hqq" else None
+    baselines = ("all",) if quantizer == "rtn" else ("uniform",)
     result = run(RunConfig(model=str(folder), budget=2.5, quantizer=quantizer, group_size=32, text=str(text),
-                            tokens=200, window=32, out=out, save=save, device="cpu"))  # fmt: skip
+                           tokens=200, window=32, out=out, save=save, device="cpu", baselines=baselines))  # fmt: skip
     files = {p.name for p in out.iterdir()}
-    assert files == {"plan.json", "plan-uniform.json", "scores.json", "results.json", "report.md", "scores.png",
-                     "ppl.png"}  # fmt: skip
+    others = {"uniform", "llama.cpp", "higgs", "paper"} if quantizer == "rtn" else {"uniform"}
+    assert files == {"plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png",
+                     "ppl.png"} | {f"plan-{label}.json" for label in others}  # fmt: skip
     saved = json.loads((out / "results.json").read_text())
     assert saved["schema"] == "nsds.results/1" == result.schema
     assert RunResult.load(out / "results.json") == result  # the typed result round-trips
     labels = [e["label"] for e in saved["evaluations"]]
-    assert labels == ["reference", "nsds", "uniform"]
-    plans = {"nsds": Plan.load(out / "plan.json"), "uniform": Plan.load(out / "plan-uniform.json")}
+    assert labels == ["reference", "nsds", *(b for b in ("uniform", "llama.cpp", "higgs", "paper") if b in others)]
+    plans = {"nsds": Plan.load(out / "plan.json")} | {b: Plan.load(out / f"plan-{b}.json") for b in others}
     for e in saved["evaluations"][1:]:
         plan = plans[e["label"]]
         assert e["weight_bits"] == plan.weight_bits <= 2.5 and e["storage_bits"] == plan.storage_bits
+        assert e["allocator"] == plan.allocator == {"nsds": "error", "paper": "topk"}.get(e["label"], e["label"])
     assert saved["protocol"]["windows"] == 200 // 31
-    assert saved["config"]["allocator"] == "topk" and saved["config"]["group_size"] == 32
+    assert saved["config"]["allocator"] == "error" and saved["config"]["group_size"] == 32
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["quantizer"] == quantizer and plan["allocator"] == "topk"
+    assert plan["quantizer"] == quantizer and plan["allocator"] == "error"
+    errors = ErrorTable.load(out / "errors.json")
+    assert errors.quantizer == quantizer and errors.widths == (2, 4) and len(errors.modules) == len(plan["modules"])
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     if save is not None:
         from hqq.models.hf.base import AutoHQQHFModel
@@ -78,6 +84,8 @@ def run_cli(*args):
         (["--text", "{short}"], "fewer than one window"),
         (["--save", "{out}/m"], "--save writes HQQ's format"),
         (["--allocator", "topk", "--widths", "2,3,4"], "exactly two widths"),
+        (["--allocator", "greedy"], "unknown allocator 'greedy'; choose from auto, error, topk"),
+        (["--baselines", "uniform,gptq"], "unknown baseline 'gptq'; choose from uniform, llama.cpp, higgs, paper"),
         pytest.param(
             ["--tasks", "arc_easy"],
             "need lm-evaluation-harness",

@@ -37,6 +37,11 @@ class WeightBank:
             self.variants[name, storage_format] = quantized
         return quantized
 
+    def linear(self, name: str, storage_format: str | None = None) -> torch.Tensor:
+        """The module's checkpoint weight (or, given a format, its quantized variant) as out x in."""
+        weight = self.pristine[name] if storage_format is None else self.quantized(name, storage_format)
+        return weight.T if self.conv1d else weight
+
     def load(self, widths: Mapping[str, int], desc: str = "quantizing") -> None:
         """Every module quantized at widths[name], or at the checkpoint's weights where absent."""
         self._check_names(widths)

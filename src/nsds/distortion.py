@@ -1,0 +1,105 @@
+"""Every module's quantization error at every candidate width, measured from the weights alone.
+
+Quantize each module with the plans' own quantizer at each width and measure what it lost (docs/METHOD.md
+§9). Two measures per module and width:
+
+- relative: ||W - Q_b(W)||_F^2 / ||W||_F^2, HIGGS's relative weight error (arXiv:2411.17525);
+- gained:   ||(W - Q_b(W)) diag(g)||_F^2 / ||W diag(g)||_F^2, where g is the gain of the norm the module
+  reads (arch.input_gains): the relative error of the module's output for a normalised input with
+  uncorrelated unit-variance channels, a data-free proxy of the output error. Equal to `relative` for
+  modules fed by no norm (o, down).
+
+No data is read: only the weights, the norm gains and the quantizer.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nsds.documents import build, plain
+from nsds.errors import NsdsError
+from nsds.files import read_document, write_json
+from nsds.plan import Module
+from nsds.progress import progress
+from nsds.quantize.bank import WeightBank
+
+SCHEMA = "nsds.errors/1"
+
+
+@dataclass(frozen=True)
+class ModuleError:
+    """One module's measured error at each of the table's widths (same order)."""
+
+    relative: tuple[float, ...]
+    gained: tuple[float, ...]
+
+
+@dataclass
+class ErrorTable:
+    """Measured errors of every module of a model, for one quantizer at its candidate widths."""
+
+    quantizer: str
+    widths: tuple[int, ...]
+    modules: dict[str, ModuleError]
+    schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(self.widths)
+        self.modules = {
+            name: ModuleError(tuple(e.relative), tuple(e.gained))
+            if isinstance(e, ModuleError)
+            else build(ModuleError, e)
+            for name, e in self.modules.items()
+        }
+        for name, e in self.modules.items():
+            if len(e.relative) != len(self.widths) or len(e.gained) != len(self.widths):
+                raise NsdsError(f"module '{name}' has errors at {len(e.relative)} widths, the table {len(self.widths)}")
+
+    def of(self, name: str, width: int, measure: str = "gained") -> float:
+        """Module `name`'s error at `width` by `measure` (relative or gained)."""
+        if name not in self.modules:
+            raise NsdsError(f"the error table has no module '{name}': it was measured on another model")
+        if width not in self.widths:
+            raise NsdsError(f"the error table has no width {width} (it holds {list(self.widths)})")
+        return getattr(self.modules[name], measure)[self.widths.index(width)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(self)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "ErrorTable":
+        return read_document(path, SCHEMA, "error table", lambda data: build(cls, data))
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, gain: torch.Tensor | None = None) -> float:
+    """||(W - Q) diag(g)||_F^2 / ||W diag(g)||_F^2 in float64 (g = 1 when None); 0 for an all-zero W."""
+    w = weight.double()
+    scale = 1.0 if gain is None else gain.double().to(w.device)
+    numerator = ((w - quantized.double()) * scale).square().sum()
+    denominator = (w * scale).square().sum()
+    return float(numerator / denominator) if denominator > 0 else 0.0
+
+
+def measure_errors(
+    bank: WeightBank, modules: Sequence[Module], widths: Sequence[int], gains: Mapping[str, torch.Tensor]
+) -> ErrorTable:
+    """The error table of the bank's quantizer over `modules` at `widths` (each module quantized once per
+    width; with the bank's `keep`, those variants serve the plans' evaluations afterwards)."""
+    widths = tuple(sorted(set(widths)))
+    table: dict[str, ModuleError] = {}
+    for m in progress(modules, desc=f"measuring errors ({bank.quantizer.name})", unit="module"):
+        weight = bank.linear(m.name)
+        relative, gained = [], []
+        for bits in widths:
+            stored = bank.quantizer.storage(m.out_features, m.in_features, bits).format
+            quantized = bank.linear(m.name, stored)
+            relative.append(output_error(weight, quantized))
+            gained.append(output_error(weight, quantized, gains.get(m.name)))
+        table[m.name] = ModuleError(tuple(relative), tuple(gained))
+    return ErrorTable(bank.quantizer.name, widths, table)

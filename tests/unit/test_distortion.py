@@ -1,0 +1,68 @@
+"""Measured module errors: the formula by hand, the norm gains of each norm variant, and the table of a real
+(tiny) model against a direct computation."""
+
+import pytest
+import torch
+
+from nsds import arch
+from nsds.distortion import ErrorTable, measure_errors, output_error
+from nsds.errors import NsdsError
+from nsds.quantize import WeightBank, make_quantizer
+from nsds.quantize.rtn import rtn
+
+from tiny_models import tiny_model
+
+
+def test_output_error_by_hand():
+    w = torch.tensor([[1.0, 2.0], [0.0, -2.0]])
+    q = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+    assert output_error(w, q) == pytest.approx(2 / 9)  # (1 + 1) / (1 + 4 + 4)
+    gain = torch.tensor([3.0, 0.5])
+    assert output_error(w, q, gain) == pytest.approx(0.5 / 11)  # (0.25 + 0.25) / (9 + 1 + 1)
+    assert output_error(torch.zeros(2, 2), torch.zeros(2, 2)) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("model_type", "attn", "mlp", "offset"),
+    [
+        ("llama", "input_layernorm", "post_attention_layernorm", 0.0),
+        ("gemma3", "input_layernorm", "pre_feedforward_layernorm", 1.0),  # Gemma scales by (1 + w)
+        ("gpt2", "ln_1", "ln_2", 0.0),  # LayerNorm: its bias cancels
+    ],
+)
+def test_input_gains_are_the_norms_effective_weights(model_type, attn, mlp, offset):
+    model = tiny_model(model_type)
+    torch.manual_seed(1)
+    for parameter in model.parameters():  # norms start at 1 (or 0): make every gain distinct
+        parameter.data.normal_()
+    modules = arch.linear_modules(model, fuse=True)
+    gains = arch.input_gains(model, modules)
+    assert {m.role for m in modules if m.name in gains} == {m.role for m in modules} - {"o", "down"}
+    layers = model.transformer.h if model_type == "gpt2" else model.model.layers
+    for m in modules:
+        if m.name in gains:
+            norm = getattr(layers[m.layer], attn if m.role in ("q", "k", "v", "qkv") else mlp)
+            assert torch.allclose(gains[m.name], norm.weight.detach() + offset, rtol=1e-4, atol=1e-5), m.name
+
+
+def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
+    model = tiny_model("llama")
+    modules = arch.linear_modules(model, fuse=True)
+    quantizer = make_quantizer("rtn", group_size=32)
+    bank = WeightBank(model, [m.name for m in modules], quantizer, keep=False)
+    gains = arch.input_gains(model, modules)
+    table = measure_errors(bank, modules, (4, 2), gains)
+    assert table.widths == (2, 4) and set(table.modules) == {m.name for m in modules}
+    for m in modules[:7]:
+        w = model.get_submodule(m.name).weight.detach()
+        for bits in (2, 4):
+            q = rtn(w, bits, 32)
+            assert table.of(m.name, bits, "relative") == pytest.approx(float(((w - q) ** 2).sum() / (w**2).sum()))
+            gain = gains.get(m.name, torch.ones(w.shape[1]))
+            expected = float((((w - q) * gain) ** 2).sum() / ((w * gain) ** 2).sum())
+            assert table.of(m.name, bits, "gained") == pytest.approx(expected)
+        assert table.of(m.name, 2) > table.of(m.name, 4) > 0
+    table.save(tmp_path / "errors.json")
+    assert ErrorTable.load(tmp_path / "errors.json") == table
+    with pytest.raises(NsdsError, match="no width 3"):
+        table.of(modules[0].name, 3)
