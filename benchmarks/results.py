@@ -12,6 +12,7 @@ every number and every "NSDS wins / loses" statement is computed here from compa
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -200,6 +201,43 @@ def gguf_section(result: CompareResult, folder: str) -> str:
     return "\n".join(lines)
 
 
+def allocators_section() -> list[str]:
+    """The held-out contest of nsds's default allocator (benchmarks/allocators.py outputs), one table per text."""
+    parts = []
+    for path in sorted((DOCS / "results").glob("allocators-*.json")):
+        saved = json.loads(path.read_text())
+        settings, cells = saved["settings"], saved["cells"]
+        labels = list(cells[0]["ppl"])
+        parts += [
+            f"### `{settings['text']}` ({settings['tokens']} tokens, windows of {settings['window']}; widths "
+            f"{'/'.join(map(str, settings['widths']))})",
+            "",
+            f"`python benchmarks/allocators.py --text {settings['text']} ...` ({path.name}). Perplexity at equal "
+            "weight bits; bold: the lowest per row.",
+            "",
+            "| model | quantizer | bits | reference | " + " | ".join(labels) + " |",
+            "|---|---|---|---|" + "---|" * len(labels),
+        ]
+        for c in cells:
+            best = min(c["ppl"].values())
+            shown = [f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in c["ppl"].values()]
+            parts.append(f"| {c['model']} | {c['quantizer']} | {c['budget']:g} | {c['reference']:.2f} | "
+                         + " | ".join(shown) + " |")  # fmt: skip
+        parts += ["", *(f"- {line}" for line in saved["summary"]), ""]
+    if parts:
+        parts = [
+            "## nsds's default allocator on held-out text",
+            "",
+            "The `error` allocator (docs/METHOD.md §9) against every allocator a user could otherwise use, at "
+            "usable budgets, on text its constants were not chosen on (they were chosen on `brown-tune`). "
+            "`paper` is the NSDS paper's allocation of its layer scores (the knapsack with error S x n x 4^-b for "
+            "more than two widths).",
+            "",
+            *parts,
+        ]
+    return parts
+
+
 def page(runs: dict[str, CompareResult]) -> str:
     first = next(iter(runs.values()))
     protocol = first.protocol
@@ -236,6 +274,7 @@ def page(runs: dict[str, CompareResult]) -> str:
     paper = {folder: result for folder, result in runs.items() if "gguf" not in result.quantizers}
     gguf = {folder: result for folder, result in runs.items() if "gguf" in result.quantizers}
     parts += ["## At a glance", "", *tally(paper), *gguf_glance(gguf), ""]
+    parts += allocators_section()
     for folder, result in paper.items():
         parts.append(model_section(result, folder))
     for folder, result in gguf.items():

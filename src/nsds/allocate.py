@@ -332,12 +332,10 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     return _plan(modules, bits, reasons, setting, "llama.cpp", widths)
 
 
-# The `error` allocator's constants (docs/METHOD.md §9), chosen on brown-tune and shared by every model:
-# how much a unit of a role's error costs relative to gate/up's (the geometric mean over SmolLM2 and
-# Gemma-3 of the measured loss per predicted error when all modules of one role are quantized to 3 bits),
-# and how much more the first and last decoder layers cost (their outputs are not corrected downstream).
-ROLE_WEIGHTS: dict[str, float] = {"q": 1.65, "k": 1.65, "v": 1.65, "qkv": 1.65, "o": 0.89, "gate": 1.0, "up": 1.0,
-                                  "gate_up": 1.0, "down": 1.22}  # fmt: skip
+# The `error` allocator's constants (docs/METHOD.md §9), chosen on brown-tune for both models together:
+# a module's error counts with the square root of its size (between HIGGS's 1 and the output-error
+# energy's n), and the first and last decoder layers count twice (nothing downstream corrects them).
+SIZE_EXPONENT = 0.5
 EDGE_WEIGHT = 2.0
 
 
@@ -345,25 +343,26 @@ def least_error(
     modules: Sequence[Module],
     errors: ErrorTable,
     setting: Setting,
-    role_weights: Mapping[str, float] = ROLE_WEIGHTS,
+    measure: str = "relative",
+    size_exponent: float = SIZE_EXPONENT,
     edge_weight: float = EDGE_WEIGHT,
 ) -> Plan:
     """nsds's default: the widths minimising the predicted loss under the budget, solved exactly (knapsack),
 
-        sum_m  w_role(m) * p_layer(m) * n_m * e_m(b_m),
+        sum_m  p_layer(m) * n_m^size_exponent * r_m(b_m),
 
-    where e_m(b) is module m's gained error measured at width b with the plans' own quantizer
-    (distortion.py), n_m its weights, w_role a constant per role and p_layer = edge_weight on the first and
-    last decoder layers, 1 elsewhere. Every module's error is its own: one that quantizes well at a low width
-    does not take bits from one that does not."""
+    where r_m(b) is module m's relative error measured at width b with the plans' own quantizer
+    (distortion.py; `measure` "gained" folds in the input norm's gains), n_m its weights, and p_layer =
+    edge_weight on the first and last decoder layers, 1 elsewhere. Every module's error is its own: one
+    that quantizes well at a low width does not take bits from one that does not."""
     widths = check_setting(setting, modules)
     _check_table(errors, setting, widths)
     layers = max(m.layer for m in modules) + 1
 
     def weight(m: Module) -> float:
-        return role_weights[m.role] * (edge_weight if m.layer in (0, layers - 1) else 1.0) * m.params
+        return (edge_weight if m.layer in (0, layers - 1) else 1.0) * m.params**size_exponent
 
-    return _by_error(modules, errors, setting, widths, "gained", weight, "error")
+    return _by_error(modules, errors, setting, widths, measure, weight, "error")
 
 
 def _check_table(errors: ErrorTable, setting: Setting, widths: tuple[int, ...]) -> None:
@@ -425,7 +424,7 @@ class AllocatorSpec:
 # fmt: off
 ALLOCATORS: dict[str, AllocatorSpec] = {
     "error": AllocatorSpec(lambda m, e, s: least_error(m, e.errors, s), "errors",
-                           "measured per-module error at every width, role-weighted, knapsack (nsds's default)"),
+                           "measured per-module error at every width, size- and edge-weighted, knapsack (default)"),
     "topk": AllocatorSpec(lambda m, e, s: topk(m, e.scores, s), "scores", "the paper's rule: top layers high"),
     "budget": AllocatorSpec(lambda m, e, s: budgeted(m, e.scores, s), "scores",
                             "layer scores x 4^-b, knapsack over width groups"),

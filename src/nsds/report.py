@@ -121,7 +121,7 @@ def render(run: RunResult, scores: ScoreReport, plan: Plan) -> tuple[str, dict[s
 
 - Quantizer: **{config.quantizer}**{_grid(config)}; budget **{_budget(config.budget)}** \
 ({config.budget_counts}) over widths {list(config.widths)}, allocator `{config.allocator}`; {plan.embeddings}.
-- The NSDS plan stores its modules as {_formats(plan)}; storage bits count every scale and zero point.
+- nsds's plan stores its modules as {_formats(plan)}; storage bits count every scale and zero point.
 - Perplexity protocol: {run.protocol.describe()}.
 - {run.reference_note}.
 
@@ -129,7 +129,7 @@ def render(run: RunResult, scores: ScoreReport, plan: Plan) -> tuple[str, dict[s
 |---|---|---|---|---|{"---|---|" if measured else ""}---|
 {rows}
 {_agreement(run)}
-Layers at {max(plan.widths)} bits in the NSDS plan: {high}.
+Layers entirely at {max(plan.widths)} bits in nsds's plan: {high}.
 
 ![NSDS scores and widths](scores.png)
 

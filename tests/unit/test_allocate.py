@@ -218,22 +218,26 @@ def table(modules: list[Module], widths: tuple[int, ...], relative, gained=None)
     })  # fmt: skip
 
 
-def test_least_error_is_the_exact_optimum_over_every_assignment():
-    """Brute force over all width assignments of 6 modules of different sizes, roles, layers and errors."""
+@pytest.mark.parametrize(("measure", "exponent"), [("relative", 0.5), ("gained", 1.0)])
+def test_least_error_is_the_exact_optimum_over_every_assignment(measure, exponent):
+    """Brute force over all width assignments of 6 modules of different sizes, layers and errors."""
     roles = ["q", "k", "v", "o", "down", "up"]
     modules = [Module(f"m{i}", i // 2, role, 64 * (1 + i % 3), 64, f"{i}") for i, role in enumerate(roles)]
     widths = (2, 3, 4)
     rng = np.random.default_rng(0)
     scale = {m.name: rng.uniform(0.1, 10) for m in modules}
-    errors = table(modules, widths, lambda m, w: 0.0, lambda m, w: scale[m.name] * 4.0**-w * (1 + 0.1 * w))
-    weights = {"q": 1.0, "k": 2.0, "v": 3.0, "o": 0.5, "down": 4.0, "up": 1.5}
+
+    def error(m: Module, w: int) -> float:
+        return scale[m.name] * 4.0**-w * (1 + 0.1 * w)
+
+    errors = table(modules, widths, error, lambda m, w: 2 * error(m, w))
 
     def predicted(m: Module, w: int) -> float:  # layers 0 and 2 are the edges
-        return weights[m.role] * (3.0 if m.layer in (0, 2) else 1.0) * m.params * errors.of(m.name, w)
+        return (3.0 if m.layer in (0, 2) else 1.0) * m.params**exponent * errors.of(m.name, w, measure)
 
     for budget in (2.4, 3.0, 3.6):
         s = setting(budget, widths=widths)
-        plan = least_error(modules, errors, s, role_weights=weights, edge_weight=3.0)
+        plan = least_error(modules, errors, s, measure=measure, size_exponent=exponent, edge_weight=3.0)
         params = sum(m.params for m in modules)
         best = min(
             (sum(predicted(m, w) for m, w in zip(modules, ws, strict=True)), ws)
@@ -252,8 +256,7 @@ def test_higgs_weighs_every_module_by_one_on_relative_error():
                    lambda m, w: {"a": 1.0, "b": 5.0, "c": 0.0}[m.name] * 4.0**-w)  # fmt: skip
     s = setting(2 + 2 / 3)  # one of the three at 4 bits
     assert {m.name: m.bits for m in higgs(modules, errors, s).modules} == {"a": 4, "b": 2, "c": 2}
-    ones = dict.fromkeys(("q", "o", "down"), 1.0)
-    plan = least_error(modules, errors, s, role_weights=ones, edge_weight=1.0)
+    plan = least_error(modules, errors, s, measure="gained", size_exponent=0.0, edge_weight=1.0)
     assert {m.name: m.bits for m in plan.modules} == {"a": 2, "b": 4, "c": 2}
     plan = allocate("higgs", modules, Evidence(errors=errors), s)
     assert plan.allocator == "higgs" and plan.modules[0].reason["predicted_error"] == pytest.approx(2.0 / 256)

@@ -1,0 +1,102 @@
+"""Every data-free allocator at equal budgets on one text: nsds's default (error) against the plans a user
+would otherwise get (uniform, llama.cpp's rule, the HIGGS-style program, the NSDS paper's allocation).
+
+    python benchmarks/allocators.py --models smollm2,gemma3-270m --quantizers rtn --text brown-test \\
+        --budgets 3.25,3.5,4.5 [--tokens 2048] [--out docs/results/allocators-brown-test.json]
+
+Prints one row per model x quantizer x budget (perplexity per allocator, the lowest in brackets) and a
+summary: cells where `error` is lowest, never worse than uniform, and each allocator's mean excess
+perplexity over the reference. The constants of `error` were chosen on brown-tune (docs/METHOD.md §9);
+report on brown-test and moby-dick.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from nsds import arch
+from nsds.allocate import Evidence, allocate, allocation_setting, paper_allocator, uniform_setting
+from nsds.compute import Compute
+from nsds.distortion import measure_errors
+from nsds.evaluate.loading import load_for_evaluation
+from nsds.evaluate.perplexity import perplexity
+from nsds.files import write_json
+from nsds.quantize import WeightBank, make_quantizer
+from nsds.scorers.nsds import score
+
+ALLOCATORS = ("error", "uniform", "llama.cpp", "higgs", "paper")
+
+
+def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tuple[int, ...], text: str,
+          tokens: int) -> list[dict]:  # fmt: skip
+    loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
+    model = loaded.model
+    modules = arch.linear_modules(model, fuse=True)
+    reference = perplexity(model, loaded.windows, desc="reference")
+    scores = score(loaded.source, compute=loaded.compute).scores
+    found = []
+    for q in quantizers:
+        quantizer = make_quantizer(q)
+        bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
+        errors = measure_errors(bank, modules, widths, arch.input_gains(model, modules))
+        evidence = Evidence(scores=scores, errors=errors)
+        measured: dict[str, float] = {}
+        for budget in budgets:
+            setting = allocation_setting(quantizer, model_id, budget, widths)
+            row = {}
+            for label in ALLOCATORS:
+                kind = paper_allocator(widths) if label == "paper" else label
+                plan = allocate(kind, modules, evidence, uniform_setting(setting) if label == "uniform" else setting)
+                key = json.dumps(sorted(plan.formats().items()))
+                if key not in measured:
+                    bank.load_plan(plan)
+                    measured[key] = perplexity(model, loaded.windows, desc=f"{label} at {budget:g} ({q})")
+                row[label] = measured[key]
+            found.append({"model": model_id, "quantizer": q, "budget": budget, "reference": reference, "ppl": row})
+            best = min(row.values())
+            shown = " ".join(f"{k} {'[' if v == best else ''}{v:.2f}{']' if v == best else ''}" for k, v in row.items())
+            print(f"{model_id:12s} {q:5s} {budget:5.2f}  ref {reference:.2f}  {shown}", flush=True)
+        bank.restore()
+    return found
+
+
+def summary(found: list[dict]) -> list[str]:
+    wins = sum(c["ppl"]["error"] <= min(c["ppl"].values()) for c in found)
+    never_worse = sum(c["ppl"]["error"] <= c["ppl"]["uniform"] for c in found)
+    excess = {a: sum(c["ppl"][a] / c["reference"] - 1 for c in found) / len(found) for a in ALLOCATORS}
+    lines = [
+        f"error lowest in {wins} of {len(found)} cells; not worse than uniform in {never_worse} of {len(found)}",
+        "mean excess PPL over the reference: " + ", ".join(f"{a} {100 * e:.1f} %" for a, e in excess.items()),
+    ]
+    lines += [f"error's excess vs {a}'s: {100 * (excess['error'] / excess[a] - 1):+.1f} %"
+              for a in ALLOCATORS[1:]]  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2,gemma3-270m")
+    parser.add_argument("--quantizers", default="rtn")
+    parser.add_argument("--budgets", default="3.25,3.5,4.5")
+    parser.add_argument("--widths", default="2,3,4,5,6,8")
+    parser.add_argument("--text", default="brown-test")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    widths = tuple(int(w) for w in args.widths.split(","))
+    budgets = [float(b) for b in args.budgets.split(",")]
+    found = []
+    for model_id in args.models.split(","):
+        found += cells(model_id, args.quantizers.split(","), budgets, widths, args.text, args.tokens)
+    lines = summary(found)
+    print("\n".join(lines))
+    print(f"{time.perf_counter() - started:.0f} s")
+    if args.out:
+        settings = {"text": args.text, "tokens": args.tokens, "window": 512, "widths": list(widths)}
+        write_json(args.out, {"settings": settings, "cells": found, "summary": lines})
+
+
+if __name__ == "__main__":
+    main()
