@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from nsds import arch
-from nsds.allocate import Evidence, allocate, allocation_setting, paper_allocator, uniform_setting
+from nsds.allocate import Evidence, allocation_setting, plan_for
 from nsds.compute import Compute
 from nsds.distortion import measure_errors
 from nsds.evaluate.loading import load_for_evaluation
@@ -46,8 +46,7 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
             setting = allocation_setting(quantizer, model_id, budget, widths)
             row = {}
             for label in ALLOCATORS:
-                kind = paper_allocator(widths) if label == "paper" else label
-                plan = allocate(kind, modules, evidence, uniform_setting(setting) if label == "uniform" else setting)
+                plan = plan_for(label, modules, evidence, setting)
                 key = json.dumps(sorted(plan.formats().items()))
                 if key not in measured:
                     bank.load_plan(plan)

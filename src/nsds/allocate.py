@@ -454,3 +454,11 @@ DEFAULT_ALLOCATOR = "error"
 def paper_allocator(widths: Sequence[int]) -> str:
     """The paper's allocation of layer scores: its top-k rule for two widths, the knapsack for more."""
     return "topk" if len(set(widths)) == 2 else "budget"
+
+
+def plan_for(label: str, modules: Sequence[Module], evidence: Evidence, setting: Setting) -> Plan:
+    """The plan an allocator makes at this setting, the way every command compares them: `uniform` at its own
+    widths (the budget's width when it is a candidate), "paper" the NSDS paper's allocation of layer scores."""
+    if label == "paper":
+        return allocate(paper_allocator(setting.widths), modules, evidence, setting)
+    return allocate(label, modules, evidence, uniform_setting(setting) if label == "uniform" else setting)

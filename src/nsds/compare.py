@@ -29,8 +29,8 @@ from nsds.allocate import (
     allocation_setting,
     check_fits,
     paper_allocator,
+    plan_for,
     random_scores,
-    uniform_setting,
 )
 from nsds.compute import Compute
 from nsds.config import CompareConfig
@@ -129,7 +129,7 @@ def _plans(modules: list[Module], setting: Setting, allocator: str, scores: dict
     measured = Evidence(errors=errors)
     return [
         _Row(DEFAULT_ALLOCATOR, "nsds allocator", None, allocate(DEFAULT_ALLOCATOR, modules, measured, setting)),
-        _Row("uniform", "baseline allocator", None, allocate("uniform", modules, Evidence(), uniform_setting(setting))),
+        _Row("uniform", "baseline allocator", None, plan_for("uniform", modules, Evidence(), setting)),
         _Row("llama.cpp", "baseline allocator", None, allocate("llama.cpp", modules, Evidence(), setting)),
         _Row("higgs", "baseline allocator", None, allocate("higgs", modules, measured, setting)),
         *(_Row(name, kinds[name], None, ranked(s)) for name, s in scores.items()),

@@ -47,13 +47,6 @@ class ErrorTable:
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
-        self.widths = tuple(self.widths)
-        self.modules = {
-            name: ModuleError(tuple(e.relative), tuple(e.gained))
-            if isinstance(e, ModuleError)
-            else build(ModuleError, e)
-            for name, e in self.modules.items()
-        }
         for name, e in self.modules.items():
             if len(e.relative) != len(self.widths) or len(e.gained) != len(self.widths):
                 raise NsdsError(f"module '{name}' has errors at {len(e.relative)} widths, the table {len(self.widths)}")

@@ -22,11 +22,9 @@ from nsds.allocate import (
     DEFAULT_ALLOCATOR,
     Evidence,
     Setting,
-    allocate,
     allocation_setting,
     check_fits,
-    paper_allocator,
-    uniform_setting,
+    plan_for,
 )
 from nsds.compute import Compute
 from nsds.config import RunConfig
@@ -145,7 +143,7 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
     evidence = Evidence(scores=scores.scores, errors=errors)
     allocators = {"nsds": ready.allocator} | {label: BASELINES[label] for label in baseline_names(cfg.baselines)}
-    plans = {label: _allocate(kind, modules, evidence, ready.setting) for label, kind in allocators.items()}
+    plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in allocators.items()}
     target = ready.gguf
     if target is not None:
         plans = {label: replace(plan, embeddings=target.embeddings) for label, plan in plans.items()}
@@ -194,14 +192,6 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     result.save(cfg.out / "results.json")
     write_bytes(cfg.out / "report.md", report.encode())
     return result
-
-
-def _allocate(kind: str, modules: list, evidence: Evidence, setting: Setting) -> Plan:
-    """A plan by allocator name; "paper" is the paper's allocation of NSDS scores, and uniform takes its own
-    widths (the budget's width when it is a candidate)."""
-    if kind == "paper":
-        return allocate(paper_allocator(setting.widths), modules, evidence, setting)
-    return allocate(kind, modules, evidence, uniform_setting(setting) if kind == "uniform" else setting)
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, windows: torch.Tensor, label: str, plan: Plan | None,
