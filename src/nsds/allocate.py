@@ -199,8 +199,9 @@ def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Settin
     """
     widths = check_setting(setting, modules)
     units = _by_group(modules)
-    if len(scores) != len({m.layer for m in modules}):
-        raise NsdsError(f"{len(scores)} layer scores for a model with {len({m.layer for m in modules})} layers")
+    layers = len({m.layer for m in modules})
+    if len(scores) != layers:
+        raise NsdsError(f"{len(scores)} layer scores for a model with {layers} layers")
     error = [[scores[unit[0].layer] * sum(m.params for m in unit) * 4.0 ** (-w) for w in widths] for unit in units]
     chosen = knapsack(units, error, widths, setting)
     bits, reasons = {}, {}
@@ -355,32 +356,28 @@ def least_error(
     (distortion.py; `measure` "gained" folds in the input norm's gains), n_m its weights, and p_layer =
     edge_weight on the first and last decoder layers, 1 elsewhere. Every module's error is its own: one
     that quantizes well at a low width does not take bits from one that does not."""
-    widths = check_setting(setting, modules)
-    _check_table(errors, setting, widths)
     layers = max(m.layer for m in modules) + 1
 
     def weight(m: Module) -> float:
         return (edge_weight if m.layer in (0, layers - 1) else 1.0) * m.params**size_exponent
 
-    return _by_error(modules, errors, setting, widths, measure, weight, "error")
-
-
-def _check_table(errors: ErrorTable, setting: Setting, widths: tuple[int, ...]) -> None:
-    if sorted(set(widths) - set(errors.widths)) or errors.quantizer != setting.quantizer.name:
-        raise NsdsError(f"the error table was measured for {errors.quantizer} at widths {list(errors.widths)}, "
-                        f"not {setting.quantizer.name} at {list(widths)}")  # fmt: skip
+    return _by_error(modules, errors, setting, measure, weight, "error")
 
 
 def _by_error(
     modules: Sequence[Module],
     errors: ErrorTable,
     setting: Setting,
-    widths: tuple[int, ...],
     measure: str,
     weight: Callable[[Module], float],
     name: str,
 ) -> Plan:
-    """The knapsack over width groups of sum_m weight(m) * e_m(b) by `measure` (relative or gained)."""
+    """The knapsack over width groups of sum_m weight(m) * e_m(b) by `measure` (relative or gained), after
+    checking the table was measured with the setting's quantizer at its widths."""
+    widths = check_setting(setting, modules)
+    if sorted(set(widths) - set(errors.widths)) or errors.quantizer != setting.quantizer.name:
+        raise NsdsError(f"the error table was measured for {errors.quantizer} at widths {list(errors.widths)}, "
+                        f"not {setting.quantizer.name} at {list(widths)}")  # fmt: skip
     units = _by_group(modules)
     error = [[sum(errors.of(m.name, w, measure) * weight(m) for m in unit) for w in widths] for unit in units]
     chosen = knapsack(units, error, widths, setting)
@@ -395,9 +392,7 @@ def _by_error(
 def higgs(modules: Sequence[Module], errors: ErrorTable, setting: Setting) -> Plan:
     """The HIGGS-style program without data (llm-compressor's dynamic bitwidths, arXiv:2411.17525): minimise
     the sum of the modules' relative weight errors, every coefficient 1, under the budget."""
-    widths = check_setting(setting, modules)
-    _check_table(errors, setting, widths)
-    return _by_error(modules, errors, setting, widths, "relative", lambda m: 1.0, "higgs")
+    return _by_error(modules, errors, setting, "relative", lambda m: 1.0, "higgs")
 
 
 def random_scores(layers: int, seed: int) -> list[float]:
@@ -435,7 +430,6 @@ ALLOCATORS: dict[str, AllocatorSpec] = {
                                "llama.cpp's rule: attn_v and ffn_down first, filled to the budget"),
 }
 # fmt: on
-SCORED = tuple(name for name, spec in ALLOCATORS.items() if spec.needs == "scores")
 
 
 def allocate(kind: str, modules: Sequence[Module], evidence: Evidence, setting: Setting) -> Plan:

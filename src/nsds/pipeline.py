@@ -49,9 +49,9 @@ from nsds.weights import open_source
 
 OUTPUTS = ("plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png", "ppl.png")
 EXPORTS = ("model.gguf", "tensor-types.txt")  # with --export (quantizer gguf)
-# The plans a user would otherwise get, evaluated beside nsds's on the same windows (label: allocator;
-# "paper": the NSDS paper's allocation of its layer scores).
-BASELINES = {"uniform": "uniform", "llama.cpp": "llama.cpp", "higgs": "higgs", "paper": "paper"}
+# The plans a user would otherwise get, evaluated beside nsds's on the same windows, by allocate.plan_for's
+# labels ("paper": the NSDS paper's allocation of its layer scores).
+BASELINES = ("uniform", "llama.cpp", "higgs", "paper")
 
 
 def baseline_names(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -142,7 +142,7 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     stage("measuring every module's error at every width")
     errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
     evidence = Evidence(scores=scores.scores, errors=errors)
-    allocators = {"nsds": ready.allocator} | {label: BASELINES[label] for label in baseline_names(cfg.baselines)}
+    allocators = {"nsds": ready.allocator} | {label: label for label in baseline_names(cfg.baselines)}
     plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in allocators.items()}
     target = ready.gguf
     if target is not None:
