@@ -18,8 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nsds import __version__, arch, runtime
 from nsds.allocate import (
     DEFAULT_ALLOCATOR,
@@ -38,7 +36,7 @@ from nsds.distortion import ErrorTable, measure_errors
 from nsds.documents import build, plain
 from nsds.errors import NsdsError
 from nsds.evaluate.loading import load_for_evaluation
-from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman
+from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
 from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, read_document, write_bytes, write_json
@@ -103,10 +101,6 @@ class _Cells:
 def _plan_digest(quantizer: str, plan: Plan) -> str:
     formats = sorted(plan.formats().items())
     return hashlib.sha256(json.dumps([quantizer, formats]).encode()).hexdigest()[:20]
-
-
-def _windows_digest(windows: torch.Tensor) -> str:
-    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -234,7 +228,7 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
         "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
         "symmetric": cfg.symmetric,
         "fuse": cfg.fuse,
-        "windows": _windows_digest(windows),
+        "windows": windows_digest(windows),
         "nsds_version": __version__,
     }
     cfg.out.mkdir(parents=True, exist_ok=True)

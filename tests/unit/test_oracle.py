@@ -6,7 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from nsds.evaluate.oracle import average_ranks, cache_path, kendall, single_layer_sensitivity, spearman
+from nsds.evaluate.oracle import (
+    average_ranks,
+    cache_path,
+    kendall,
+    single_layer_sensitivity,
+    spearman,
+    unit_sensitivity,
+)
 
 
 def test_average_ranks_share_ties():
@@ -85,3 +92,27 @@ def test_cache_is_keyed_and_survives_damage(tmp_path):
     damaged = Counter()
     assert single_layer_sensitivity(2, damaged, key, path) == [100.0, 101.0]
     assert damaged.calls == [0, 1]
+
+
+def test_module_group_units_resume_and_reject_foreign_units(tmp_path, capsys):
+    key = {"model": "m", "bits": 3, "units": "groups"}
+    path = cache_path(key, tmp_path)
+    units = ["0.qkv", "0.o", "1.qkv", "1.o"]
+    calls: list[str] = []
+
+    def measure(unit: str) -> float:
+        if unit == "1.qkv" and "interrupted" not in calls:
+            calls.append("interrupted")
+            raise KeyboardInterrupt
+        calls.append(unit)
+        return 10.0 + units.index(unit)
+
+    with pytest.raises(KeyboardInterrupt):
+        unit_sensitivity(units, measure, key, path)
+    assert unit_sensitivity(units, measure, key, path) == [10.0, 11.0, 12.0, 13.0]
+    assert calls == ["0.qkv", "0.o", "interrupted", "1.qkv", "1.o"]
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"ppl": data["ppl"] | {"2.qkv": 9.0}}))  # a unit this model lacks
+    calls[:] = ["interrupted"]
+    assert unit_sensitivity(units, measure, key, path) == [10.0, 11.0, 12.0, 13.0]
+    assert calls == ["interrupted", *units] and "'2.qkv' is not one of the units" in capsys.readouterr().err

@@ -1,25 +1,32 @@
-"""The oracle: each layer's measured sensitivity, and how well a scorer's ranking agrees with it.
+"""The oracle: each layer's (or module group's) measured sensitivity, and how well a ranking agrees with it.
 
 The single-layer sensitivity of layer l is the perplexity when layer l alone is quantized to the low
-width and every other layer keeps the checkpoint's weights. It is the ground truth a data-free score
-tries to predict, and costs one evaluation per layer, so it is cached per model, quantizer, width, group
-size and token windows, and written after every layer (an interrupted run resumes where it stopped).
+width and every other layer keeps the checkpoint's weights; a module group's (e.g. "3.qkv") is the same
+with only that group quantized. It is the ground truth a data-free score tries to predict, and costs one
+evaluation per unit, so it is cached per model, quantizer, width, group size and token windows, and
+written after every unit (an interrupted run resumes where it stopped).
 """
 
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from nsds.errors import NsdsError, first_line
 from nsds.files import cache_dir, read_document, write_json
 from nsds.progress import note, progress
 
 SCHEMA = "nsds.oracle/1"
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """A short digest of the token windows: part of every oracle key (other windows, other perplexities)."""
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:20]
 
 
 def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:
@@ -31,29 +38,41 @@ def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:
 def single_layer_sensitivity(
     layers: int, measure: Callable[[int], float], key: dict[str, Any], path: Path | None = None
 ) -> list[float]:
-    """measure(l) for every layer l, reusing the layers already cached under `key` (a file whose key
-    differs is started afresh; one that cannot be read or holds anything but layer -> perplexity is
+    """measure(l) for every layer l (see unit_sensitivity)."""
+    units = [str(layer) for layer in range(layers)]
+    return unit_sensitivity(units, lambda unit: measure(int(unit)), key, path, "oracle (one layer at a time)")
+
+
+def unit_sensitivity(
+    units: Sequence[str],
+    measure: Callable[[str], float],
+    key: dict[str, Any],
+    path: Path | None = None,
+    desc: str = "oracle (one unit at a time)",
+) -> list[float]:
+    """measure(u) for every unit u, reusing the units already cached under `key` (a file whose key
+    differs is started afresh; one that cannot be read or holds anything but unit -> perplexity is
     reported as damaged and measured again)."""
     path = path or cache_path(key)
     done: dict[str, float] = {}
     if path.exists():
         try:
-            done = _cached_ppl(path, key, layers)
+            done = _cached_ppl(path, key, units)
         except NsdsError as err:  # a damaged cache is only lost work: measure again
             note(f"{err}; measuring the oracle again")
-    for layer in progress(range(layers), desc="oracle (one layer at a time)", unit="layer"):
-        if str(layer) not in done:
-            done[str(layer)] = float(measure(layer))
+    for unit in progress(units, desc=desc, unit="unit"):
+        if unit not in done:
+            done[unit] = float(measure(unit))
             try:
                 write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
             except OSError as err:
                 raise NsdsError(
                     f"cannot write the oracle cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
                 ) from None
-    return [done[str(layer)] for layer in range(layers)]
+    return [done[unit] for unit in units]
 
 
-def _cached_ppl(path: Path, key: dict[str, Any], layers: int) -> dict[str, float]:
+def _cached_ppl(path: Path, key: dict[str, Any], units: Sequence[str]) -> dict[str, float]:
     """The cached perplexities under `key` ({} when the file is for another key); NsdsError when damaged."""
     cached = read_document(path, SCHEMA, "oracle cache", lambda data: data)
     if "key" not in cached or "ppl" not in cached:
@@ -64,14 +83,12 @@ def _cached_ppl(path: Path, key: dict[str, Any], layers: int) -> dict[str, float
     if not isinstance(ppl, dict):
         raise NsdsError(f"oracle cache file '{path}': ppl is a {type(ppl).__name__}, not layer -> perplexity")
     done = {}
-    for layer, value in ppl.items():
-        if not (layer.isdigit() and str(int(layer)) == layer and int(layer) < layers):
-            raise NsdsError(f"oracle cache file '{path}': {layer!r} is not a layer index below {layers}")
+    for unit, value in ppl.items():
+        if unit not in units:
+            raise NsdsError(f"oracle cache file '{path}': {unit!r} is not one of the units measured")
         if not _positive_finite(value):
-            raise NsdsError(
-                f"oracle cache file '{path}': layer {layer} has perplexity {value!r}, not a positive number"
-            )
-        done[layer] = float(value)
+            raise NsdsError(f"oracle cache file '{path}': unit {unit} has perplexity {value!r}, not a positive number")
+        done[unit] = float(value)
     return done
 
 
