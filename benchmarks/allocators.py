@@ -5,9 +5,10 @@ would otherwise get (uniform, llama.cpp's rule, the HIGGS-style program, the NSD
         --budgets 3.25,3.5,4.5 [--tokens 2048] [--out docs/results/allocators-brown-test.json]
 
 Prints one row per model x quantizer x budget (perplexity per allocator, the lowest in brackets) and a
-summary: cells where `error` is lowest, never worse than uniform, and each allocator's mean excess
-perplexity over the reference. The constants of `error` were chosen on brown-tune (docs/METHOD.md §9);
-report on brown-test and moby-dick.
+summary over every cell of `--out` (an existing file with the same settings keeps its other cells, so
+quantizers can be added one run at a time): cells where `error` is lowest, never worse than uniform,
+and each allocator's mean excess perplexity over the reference. The constants of `error` were chosen
+on brown-tune (docs/METHOD.md §9); report on brown-test and moby-dick. GGUF budgets count storage bits.
 """
 
 import argparse
@@ -52,7 +53,8 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
                     bank.load_plan(plan)
                     measured[key] = perplexity(model, loaded.windows, desc=f"{label} at {budget:g} ({q})")
                 row[label] = measured[key]
-            found.append({"model": model_id, "quantizer": q, "budget": budget, "reference": reference, "ppl": row})
+            found.append({"model": model_id, "quantizer": q, "budget": budget, "counts": setting.budget_counts,
+                          "reference": reference, "ppl": row})  # fmt: skip
             best = min(row.values())
             shown = " ".join(f"{k} {'[' if v == best else ''}{v:.2f}{']' if v == best else ''}" for k, v in row.items())
             print(f"{model_id:12s} {q:5s} {budget:5.2f}  ref {reference:.2f}  {shown}", flush=True)
@@ -70,6 +72,10 @@ def summary(found: list[dict]) -> list[str]:
     ]
     lines += [f"error's excess vs {a}'s: {100 * (excess['error'] / excess[a] - 1):+.1f} %"
               for a in ALLOCATORS[1:]]  # fmt: skip
+    for q in dict.fromkeys(c["quantizer"] for c in found):
+        mine = [c for c in found if c["quantizer"] == q]
+        wins = sum(c["ppl"]["error"] <= min(c["ppl"].values()) for c in mine)
+        lines.append(f"{q}: error lowest in {wins} of {len(mine)} cells")
     return lines
 
 
@@ -89,11 +95,16 @@ def main() -> None:
     found = []
     for model_id in args.models.split(","):
         found += cells(model_id, args.quantizers.split(","), budgets, widths, args.text, args.tokens)
+    settings = {"text": args.text, "tokens": args.tokens, "window": 512, "widths": list(widths)}
+    if args.out and args.out.exists():
+        saved = json.loads(args.out.read_text())
+        if saved["settings"] == settings:  # the same evidence: new cells replace their old selves, others stay
+            fresh = {(c["model"], c["quantizer"], c["budget"]) for c in found}
+            found = [c for c in saved["cells"] if (c["model"], c["quantizer"], c["budget"]) not in fresh] + found
     lines = summary(found)
     print("\n".join(lines))
     print(f"{time.perf_counter() - started:.0f} s")
     if args.out:
-        settings = {"text": args.text, "tokens": args.tokens, "window": 512, "widths": list(widths)}
         write_json(args.out, {"settings": settings, "cells": found, "summary": lines})
 
 

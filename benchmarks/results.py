@@ -141,21 +141,24 @@ def gguf_glance(runs: dict[str, CompareResult]) -> list[str]:
     ]
     if not pairs:
         return []
-    wins = sum(rows["nsds"].runtime_ppl < rows["llama.cpp preset"].runtime_ppl for _, rows in pairs)
-    uniform = sum(rows["nsds"].runtime_ppl < rows["uniform"].runtime_ppl for _, rows in pairs)
-    excess = [rows["nsds"].runtime_ppl / rows["llama.cpp preset"].runtime_ppl - 1 for _, rows in pairs]
-    return [
-        f"- GGUF, measured by llama-perplexity at each llama.cpp preset's own size ({len(pairs)} model x preset "
-        f"cells): NSDS's file beats the preset in {wins}, uniform in {uniform}; its perplexity differs from the "
-        f"preset's by {100 * sum(excess) / len(excess):+.1f} % on average (from {100 * min(excess):+.1f} % to "
-        f"{100 * max(excess):+.1f} %; identical plans where every allocator reaches the same types).",
-    ]
+    lines = []
+    for label, name in (("error", "nsds's default (`error`)"), ("nsds", "the NSDS paper's allocation")):
+        wins = sum(rows[label].runtime_ppl < rows["llama.cpp preset"].runtime_ppl for _, rows in pairs)
+        uniform = sum(rows[label].runtime_ppl < rows["uniform"].runtime_ppl for _, rows in pairs)
+        excess = [rows[label].runtime_ppl / rows["llama.cpp preset"].runtime_ppl - 1 for _, rows in pairs]
+        lines.append(
+            f"- GGUF, measured by llama-perplexity at each llama.cpp preset's own size ({len(pairs)} model x preset "
+            f"cells): {name} beats the preset in {wins}, uniform in {uniform}; its perplexity differs from the "
+            f"preset's by {100 * sum(excess) / len(excess):+.1f} % on average (from {100 * min(excess):+.1f} % to "
+            f"{100 * max(excess):+.1f} %; identical plans where every allocator reaches the same types)."
+        )
+    return lines
 
 
 def readme_table(runs: dict[str, CompareResult]) -> str:
     """The README's contest table: per preset, llama-perplexity of the preset and of NSDS's file, both models."""
     gguf = [result for result in runs.values() if "gguf" in result.quantizers]
-    header = "| preset | " + " | ".join(f"{r.model['id']}: preset / NSDS / uniform" for r in gguf) + " |"
+    header = "| preset | " + " | ".join(f"{r.model['id']}: preset / nsds / uniform / HIGGS" for r in gguf) + " |"
     lines = [header, "|---|" + "---|" * len(gguf)]
     by_model = [{r.rows("gguf", b)["llama.cpp preset"].budget_name: r.rows("gguf", b) for b in r.budgets("gguf")}
                 for r in gguf]  # fmt: skip
@@ -167,7 +170,7 @@ def readme_table(runs: dict[str, CompareResult]) -> str:
             if row is None:
                 cells.append("-")
                 continue
-            ppl = {label: row[label].runtime_ppl for label in ("llama.cpp preset", "nsds", "uniform")}
+            ppl = {label: row[label].runtime_ppl for label in ("llama.cpp preset", "error", "uniform", "higgs")}
             best = min(ppl.values())
             cells.append(" / ".join(f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in ppl.values()))
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
@@ -187,16 +190,21 @@ def gguf_section(result: CompareResult, folder: str) -> str:
         + ". The budget of each column is the storage bits per weight the preset "
         "spends on the planned modules; token embedding, head and norms are stored as the preset stores them.",
         "",
-        "| preset | bits | llama.cpp PPL: preset | NSDS | uniform | llama.cpp rule | NSDS vs preset |",
-        "|---|---|---|---|---|---|---|",
+        "`error` is nsds's default allocator, `nsds` the NSDS paper's allocation of its layer scores.",
+        "",
+        "| preset | bits | llama.cpp PPL: preset | error (default) | NSDS paper | HIGGS | uniform | llama.cpp rule "
+        "| default vs preset |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    labels = ("llama.cpp preset", "error", "nsds", "higgs", "uniform", "llama.cpp")
     for budget in result.budgets("gguf"):
         rows = result.rows("gguf", budget)
-        ppl = {label: rows[label].runtime_ppl for label in ("llama.cpp preset", "nsds", "uniform", "llama.cpp")}
+        ppl = {label: rows[label].runtime_ppl for label in labels}
         name = rows["llama.cpp preset"].budget_name
-        change = 100 * (ppl["nsds"] / ppl["llama.cpp preset"] - 1)
-        lines.append(f"| {name} | {budget:.3f} | {ppl['llama.cpp preset']:.2f} | {ppl['nsds']:.2f} | "
-                     f"{ppl['uniform']:.2f} | {ppl['llama.cpp']:.2f} | {change:+.1f} % |")  # fmt: skip
+        change = 100 * (ppl["error"] / ppl["llama.cpp preset"] - 1)
+        lowest = min(ppl.values())
+        shown = " | ".join(f"**{v:.2f}**" if v == lowest else f"{v:.2f}" for v in ppl.values())
+        lines.append(f"| {name} | {budget:.3f} | {shown} | {change:+.1f} % |")
     lines += ["", quantizer_section(result, "gguf", "###", f"results/{folder}/")]
     return "\n".join(lines)
 
@@ -213,7 +221,7 @@ def allocators_section() -> list[str]:
             f"{'/'.join(map(str, settings['widths']))})",
             "",
             f"`python benchmarks/allocators.py --text {settings['text']} ...` ({path.name}). Perplexity at equal "
-            "weight bits; bold: the lowest per row.",
+            "bits (weight bits for RTN/HQQ, storage bits for GGUF types); bold: the lowest per row.",
             "",
             "| model | quantizer | bits | reference | " + " | ".join(labels) + " |",
             "|---|---|---|---|" + "---|" * len(labels),
@@ -221,7 +229,8 @@ def allocators_section() -> list[str]:
         for c in cells:
             best = min(c["ppl"].values())
             shown = [f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in c["ppl"].values()]
-            parts.append(f"| {c['model']} | {c['quantizer']} | {c['budget']:g} | {c['reference']:.2f} | "
+            bits = f"{c['budget']:g}" + (" (storage)" if c.get("counts") == "storage" else "")
+            parts.append(f"| {c['model']} | {c['quantizer']} | {bits} | {c['reference']:.2f} | "
                          + " | ".join(shown) + " |")  # fmt: skip
         parts += ["", *(f"- {line}" for line in saved["summary"]), ""]
     if parts:
@@ -232,6 +241,47 @@ def allocators_section() -> list[str]:
             "usable budgets, on text its constants were not chosen on (they were chosen on `brown-tune`). "
             "`paper` is the NSDS paper's allocation of its layer scores (the knapsack with error S x n x 4^-b for "
             "more than two widths).",
+            "",
+            *parts,
+        ]
+    return parts
+
+
+def module_oracle_section() -> list[str]:
+    """Rank correlations with the module-level oracle (benchmarks/module_oracle.py outputs)."""
+    parts = []
+    for path in sorted((DOCS / "results").glob("module-oracle-*.json")):
+        saved = json.loads(path.read_text())
+        settings, models = saved["settings"], saved["models"]
+        names = list(models[0]["correlations"])
+        parts += [
+            f"### `{settings['text']}`, {settings['quantizer']} at {settings['bits']} bits ({settings['tokens']} "
+            f"tokens; {path.name})",
+            "",
+            "| model | groups | " + " | ".join(f"{n}: rho / tau" for n in names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for found in models:
+            cells = [f"{c['spearman']:+.2f} / {c['kendall']:+.2f}" for c in found["correlations"].values()]
+            parts.append(f"| {found['model']} | {len(found['groups'])} | " + " | ".join(cells) + " |")
+        parts += ["", "Spearman rho within each role (groups of one role across layers):", "",
+                  "| model | role | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]  # fmt: skip
+        for found in models:
+            for role, by_name in found["within_role_spearman"].items():
+                parts.append(
+                    f"| {found['model']} | {role} | " + " | ".join(f"{v:+.2f}" for v in by_name.values()) + " |"
+                )
+        parts.append("")
+    if parts:
+        parts = [
+            "## The module-level oracle",
+            "",
+            "Each width group (a layer's q/k/v, o, gate/up or down) alone at the low width, every other weight "
+            "the reference's; the perplexity it gives is that group's measured sensitivity. Ranked against it: "
+            "`error`'s objective at that width (p_layer x sqrt(n) x relative error, summed over the group), "
+            "HIGGS's (relative errors summed), the output-error energy (n x relative error) and, for reference, "
+            "the NSDS paper's layer score (every group of a layer shares it: layer-level ranking). "
+            "`python benchmarks/module_oracle.py`.",
             "",
             *parts,
         ]
@@ -275,6 +325,7 @@ def page(runs: dict[str, CompareResult]) -> str:
     gguf = {folder: result for folder, result in runs.items() if "gguf" in result.quantizers}
     parts += ["## At a glance", "", *tally(paper), *gguf_glance(gguf), ""]
     parts += allocators_section()
+    parts += module_oracle_section()
     for folder, result in paper.items():
         parts.append(model_section(result, folder))
     for folder, result in gguf.items():

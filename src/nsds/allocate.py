@@ -359,9 +359,16 @@ def least_error(
     layers = max(m.layer for m in modules) + 1
 
     def weight(m: Module) -> float:
-        return (edge_weight if m.layer in (0, layers - 1) else 1.0) * m.params**size_exponent
+        return module_weight(m, layers, size_exponent, edge_weight)
 
     return _by_error(modules, errors, setting, measure, weight, "error")
+
+
+def module_weight(
+    m: Module, layers: int, size_exponent: float = SIZE_EXPONENT, edge_weight: float = EDGE_WEIGHT
+) -> float:
+    """What one unit of module m's relative error costs in `error`'s objective: p_layer(m) * n_m^size_exponent."""
+    return (edge_weight if m.layer in (0, layers - 1) else 1.0) * m.params**size_exponent
 
 
 def _by_error(

@@ -249,7 +249,8 @@ def compare_tables(result: CompareResult, quantizer: str) -> str:
     return "\n".join(lines)
 
 
-RUNTIME_LABELS = ("nsds", "llama.cpp preset", "llama.cpp", "uniform")  # the plans nsds compare writes as GGUF
+# the plans nsds compare writes as GGUF files and measures with llama-perplexity
+RUNTIME_LABELS = ("error", "nsds", "higgs", "llama.cpp preset", "llama.cpp", "uniform")
 
 
 def runtime_table(result: CompareResult, quantizer: str) -> str:
