@@ -460,6 +460,14 @@ def paper_allocator(widths: Sequence[int]) -> str:
 def plan_for(label: str, modules: Sequence[Module], evidence: Evidence, setting: Setting) -> Plan:
     """The plan an allocator makes at this setting, the way every command compares them: `uniform` at its own
     widths (the budget's width when it is a candidate), "paper" the NSDS paper's allocation of layer scores."""
-    if label == "paper":
-        return allocate(paper_allocator(setting.widths), modules, evidence, setting)
-    return allocate(label, modules, evidence, uniform_setting(setting) if label == "uniform" else setting)
+    kind = _kind(label, setting.widths)
+    return allocate(kind, modules, evidence, uniform_setting(setting) if label == "uniform" else setting)
+
+
+def evidence_needed(label: str, widths: Sequence[int]) -> str | None:
+    """The Evidence field plan_for(label, ...) reads: "scores", "errors" or None."""
+    return ALLOCATORS[_kind(label, widths)].needs
+
+
+def _kind(label: str, widths: Sequence[int]) -> str:
+    return paper_allocator(widths) if label == "paper" else label

@@ -24,6 +24,7 @@ from nsds.allocate import (
     Setting,
     allocation_setting,
     check_fits,
+    evidence_needed,
     plan_for,
 )
 from nsds.compute import Compute
@@ -62,10 +63,24 @@ def baseline_names(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(n for n in BASELINES if n in names or "all" in names)
 
 
+def plan_labels(cfg: RunConfig) -> dict[str, str]:
+    """The plans a run makes: label -> allocator (allocate.plan_for's labels); 'nsds' is the chosen allocator."""
+    allocator = DEFAULT_ALLOCATOR if cfg.allocator == "auto" else cfg.allocator
+    return {"nsds": allocator} | {label: label for label in baseline_names(cfg.baselines)}
+
+
+def measures_errors(cfg: RunConfig) -> bool:
+    """Whether any of the run's plans reads the error table (quantizing every module at every width costs
+    minutes with HQQ, so it is measured, and errors.json written, only then)."""
+    return any(evidence_needed(kind, cfg.widths) == "errors" for kind in plan_labels(cfg).values())
+
+
 def output_names(cfg: RunConfig) -> tuple[str, ...]:
-    """The files `nsds run` writes into --out: OUTPUTS, one plan-LABEL.json per baseline, the exports."""
+    """The files `nsds run` writes into --out: OUTPUTS (errors.json when measured), one plan-LABEL.json per
+    baseline, the exports."""
     plans = tuple(f"plan-{label}.json" for label in baseline_names(cfg.baselines))
-    return OUTPUTS[:1] + plans + OUTPUTS[1:] + (EXPORTS if cfg.export else ())
+    names = OUTPUTS[:1] + plans + OUTPUTS[1:] + (EXPORTS if cfg.export else ())
+    return tuple(n for n in names if n != "errors.json" or measures_errors(cfg))
 
 
 @dataclass(frozen=True)
@@ -93,10 +108,9 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
         preset = runtime.preset_name(cfg.budget)
     else:
         allocation_setting(quantizer, cfg.model, cfg.budget, cfg.widths, cfg.budget_counts)  # fails fast
-    allocator = DEFAULT_ALLOCATOR if cfg.allocator == "auto" else cfg.allocator
+    allocator = plan_labels(cfg)["nsds"]
     if allocator not in ALLOCATORS:
         raise NsdsError(f"unknown allocator '{allocator}'; choose from auto, {', '.join(ALLOCATORS)}")
-    baseline_names(cfg.baselines)
     if allocator == "topk" and len(set(cfg.widths)) != 2:
         raise NsdsError(f"topk takes exactly two widths (low, high), got {list(cfg.widths)}; use --allocator budget")
     window = check_protocol(cfg.text, cfg.window, cfg.tokens)
@@ -139,11 +153,12 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     scores = score(loaded.source, compute=loaded.compute)
     modules = arch.linear_modules(model, fuse=cfg.fuse)
     bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
-    stage("measuring every module's error at every width")
-    errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
+    errors = None
+    if measures_errors(cfg):
+        stage("measuring every module's error at every width")
+        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
     evidence = Evidence(scores=scores.scores, errors=errors)
-    allocators = {"nsds": ready.allocator} | {label: label for label in baseline_names(cfg.baselines)}
-    plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in allocators.items()}
+    plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in plan_labels(cfg).items()}
     target = ready.gguf
     if target is not None:
         plans = {label: replace(plan, embeddings=target.embeddings) for label, plan in plans.items()}
@@ -188,7 +203,8 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     for label in baseline_names(cfg.baselines):
         plans[label].save(cfg.out / f"plan-{label}.json")
     scores.save(cfg.out / "scores.json")
-    errors.save(cfg.out / "errors.json")
+    if errors is not None:
+        errors.save(cfg.out / "errors.json")
     result.save(cfg.out / "results.json")
     write_bytes(cfg.out / "report.md", report.encode())
     return result

@@ -4,13 +4,14 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from nsds.config import RunConfig
 from nsds.distortion import ErrorTable
-from nsds.pipeline import run
+from nsds.pipeline import measures_errors, output_names, run
 from nsds.plan import Plan
 from nsds.results import RunResult
 
@@ -66,6 +67,19 @@ def test_run_writes_every_output(tiny_run, tmp_path, quantizer):
         first = plan["modules"][0]
         layer = reloaded.get_submodule(first["name"])
         assert type(layer).__name__ == "HQQLinear" and layer.meta["nbits"] == first["bits"]
+
+
+def test_run_measures_errors_only_when_a_plan_reads_them(tiny_run, tmp_path):
+    folder, text = tiny_run
+    out = tmp_path / "out"
+    baselines = ("uniform", "llama.cpp", "paper")
+    cfg = RunConfig(model=str(folder), budget=3, widths=(2, 4), allocator="topk", group_size=32, text=str(text),
+                    tokens=200, window=32, out=out, device="cpu", baselines=baselines)  # fmt: skip
+    assert not measures_errors(cfg) and "errors.json" not in output_names(cfg)
+    assert measures_errors(replace(cfg, baselines=("higgs",))) and measures_errors(replace(cfg, allocator="auto"))
+    run(cfg)
+    assert {p.name for p in out.iterdir()} == set(output_names(cfg)) and not (out / "errors.json").exists()
+    assert Plan.load(out / "plan.json").allocator == "topk"
 
 
 def run_cli(*args):
