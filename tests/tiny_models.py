@@ -38,8 +38,9 @@ def tiny_model(model_type: str, **overrides) -> torch.nn.Module:
         "phi3": lambda: tf.Phi3Config(**common | {"vocab_size": 32064}, num_key_value_heads=2),  # GGUF pad id 32000
         "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=4, n_head=4),  # GGUF vocab/positions: defaults
         "mixtral": lambda: tf.MixtralConfig(**moe | {"intermediate_size": 32}, num_local_experts=4),
-        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**moe, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                                               num_experts=4, mlp_only_layers=[0]),  # a dense first layer
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+            **moe, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, mlp_only_layers=[0]
+        ),  # a dense first layer
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**moe, moe_intermediate_size=32, num_experts=4, head_dim=24),
         "olmoe": lambda: tf.OlmoeConfig(**moe | {"intermediate_size": 32}, num_experts=4, eos_token_id=1),
         "deepseek_v2": lambda: tf.DeepseekV2Config(**mla, q_lora_rank=None),  # V2-Lite: one q_proj

@@ -298,10 +298,9 @@ class LayerView:
         return self._part(self.prefix + rel, j) if self._part else self(rel)[j]
 
 
-def source_layer(source, family: "Family", body: str, i: int, read: Callable[[str], torch.Tensor] | None = None):
-    """Decoder layer i of a weight source as a LayerView (`read`: the scorer's timed reader, if any)."""
-    names = source.names()
-    return LayerView(f"{body}{family.layers}.{i}.", names, read or source.tensor, source.shape, source.part)
+def source_layer(source, family: "Family", body: str, i: int) -> LayerView:
+    """Decoder layer i of a weight source (nsds.weights.WeightSource) as a LayerView."""
+    return LayerView(f"{body}{family.layers}.{i}.", source.names(), source.tensor, source.shape, source.part)
 
 
 def family_of(model_type: str) -> Family:
@@ -490,14 +489,23 @@ def expert_shapes(family: Family, geo: Geometry, layer: LayerView) -> dict[str, 
     if count != geo.experts:
         raise NsdsError(f"'{layer.prefix}' holds {count} experts, its config {geo.experts}: incomplete checkpoint?")
     if layout == "per_expert":
+        names = [name.format(j=j) for j in range(count) for name in spec.per_expert]
+    elif layout == "stacked":
+        names = [f"{spec.module}.{proj}.weight" for proj in PROJECTIONS]
+    else:
+        names = [f"{spec.module}.gate_up_proj", f"{spec.module}.down_proj"]
+    missing = [name for name in names if not layer.has(name)]
+    if missing:
+        raise NsdsError(f"the weights hold no tensor '{layer.prefix}{missing[0]}': the checkpoint is incomplete")
+    if layout == "per_expert":
         shapes = [tuple(layer.shape(name.format(j=0))) for name in spec.per_expert]
     elif layout == "stacked":
-        shapes = [tuple(layer.shape(f"{spec.module}.{proj}.weight")[1:]) for proj in PROJECTIONS]
+        shapes = [tuple(layer.shape(name)[1:]) for name in names]
     else:
-        fused, down = layer.shape(f"{spec.module}.gate_up_proj")[1:], layer.shape(f"{spec.module}.down_proj")[1:]
+        fused, down = (tuple(layer.shape(name)[1:]) for name in names)
         if spec.in_out:
             fused, down = fused[::-1], down[::-1]
-        shapes = [(fused[0] // 2, fused[1]), (fused[0] // 2, fused[1]), tuple(down)]
+        shapes = [(fused[0] // 2, fused[1]), (fused[0] // 2, fused[1]), down]
     _check_expert(layer.prefix + spec.module, shapes, geo.hidden_size)
     out = {
         f"{spec.module}.{j}.{proj}": shape
@@ -612,7 +620,7 @@ def layer_modules(family: Family, geo: Geometry | None = None) -> list[tuple[str
 FUSED_BY_RUNTIMES = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gate_up", "up": "gate_up", "q_a": "qkv_a",
                      "kv_a": "qkv_a"}  # fmt: skip
 ROLE_OF = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-_ATTENTION = ("q", "k", "v", "qkv", "o", "q_a", "q_b", "kv_a", "kv_b")
+ATTENTION_ROLES = ("q", "k", "v", "qkv", "o", "q_a", "q_b", "kv_a", "kv_b")  # every attention projection
 
 
 def linear_modules(model, fuse: bool = True, per_expert: bool = False) -> list[Module]:
@@ -652,7 +660,7 @@ def _modules(config, names: set[str], shape_of: Callable[[str], tuple[int, ...]]
         layer = LayerView(prefix, names, unread, shape_of)
         experts = expert_shapes(family, geo, layer) if family.experts is not None else {}
         for role, rel in layer_modules(family, geo):
-            if experts and role not in _ATTENTION:
+            if experts and role not in ATTENTION_ROLES:
                 continue
             shape = shape_of(f"{prefix}{rel}.weight")
             out_features, in_features = shape[::-1] if family.conv1d else shape

@@ -72,7 +72,12 @@ class ScoreReport:
         return [layer.score for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": self.schema} | {k: v for k, v in plain(self).items() if k != "schema"}
+        data = {"schema": self.schema} | {k: v for k, v in plain(self).items() if k != "schema"}
+        for layer in data["layers"]:  # dense roles have no expert breakdown: leave the key out, not null
+            for role in layer["roles"].values():
+                if role["experts"] is None:
+                    del role["experts"]
+        return data
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())
