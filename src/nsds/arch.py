@@ -545,9 +545,9 @@ def layer_experts(family: Family, geo: Geometry, layer: LayerView) -> list[Exper
             return lambda: layer(spec.per_expert[p].format(j=j))
         if layout == "stacked":
             return lambda: layer.part(f"{spec.module}.{PROJECTIONS[p]}.weight", j)
-        if p == 2:  # gpt-oss: (F, d)
-            return lambda: layer.part(f"{spec.module}.down_proj", j).mT if spec.in_out else layer.part(
-                f"{spec.module}.down_proj", j)  # fmt: skip
+        down = f"{spec.module}.down_proj"
+        if p == 2:  # gpt-oss stores it (F, d)
+            return (lambda: layer.part(down, j).T) if spec.in_out else (lambda: layer.part(down, j))
         if spec.in_out:  # (d, 2F), gate and up columns interleaved
             return lambda: layer.part(f"{spec.module}.gate_up_proj", j)[:, p::2].T
         return lambda: layer.part(f"{spec.module}.gate_up_proj", j).chunk(2)[p]
