@@ -46,6 +46,10 @@ def _build_parser() -> argparse.ArgumentParser:
     model_help = "model folder (safetensors), .gguf file, asset name (smollm2, gemma3-270m) or hub id"
     gguf_help = "GGUF file name inside the MODEL folder or hub repo"
     device_help = "cpu, cuda, cuda:N or auto (a CUDA GPU when torch sees one)"
+    per_expert_help = (
+        "give every MoE expert its own width (default: all experts of a layer's projection share one, as llama.cpp "
+        "and fused-MoE kernels store them); rtn/hqq evaluation only"
+    )
     text_help = (
         f"{', '.join(CACHED_TEXTS)} (offline; brown-tune and brown-test are Brown's halves), wikitext2, c4 "
         "(both need `datasets` and a network), or a UTF-8 text file"
@@ -92,6 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      "higgs, paper (the NSDS paper's own allocation), or all")  # fmt: skip
     run.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
     run.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
+    run.add_argument("--per-expert", action="store_true", help=per_expert_help)
     run.add_argument("--budget-counts", choices=["weights", "storage"],
                      help="what the budget counts: weight bits (the paper's; default for rtn/hqq) or storage with "
                      "every scale and zero point (gguf's only measure)")  # fmt: skip
@@ -125,6 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--group-size", type=int, help="weights per quantization group (default 128)")
     compare.add_argument("--symmetric", action="store_true", help="symmetric RTN grid (default: asymmetric)")
     compare.add_argument("--no-fuse", action="store_true", help="let q/k/v and gate/up take different widths")
+    compare.add_argument("--per-expert", action="store_true", help=per_expert_help)
     compare.add_argument("--text", default="brown", help=text_help)
     compare.add_argument("--tokens", type=int, default=2048, help="scored tokens per evaluation")
     compare.add_argument("--window", type=int, help=window_help)

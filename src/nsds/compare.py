@@ -43,7 +43,7 @@ from nsds.files import check_output_folder, read_document, write_bytes, write_js
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import progress, stage
-from nsds.quantize import Quantizer, WeightBank, make_quantizer
+from nsds.quantize import Quantizer, WeightBank, check_expert_formats, make_quantizer
 from nsds.report import RUNTIME_LABELS, compare_figures, compare_markdown
 from nsds.results import (
     KIND_OF_SCORER,
@@ -178,7 +178,8 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> Prepared:
     with contextlib.ExitStack() as stack:
         folder = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsds-gguf-")))
         with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
-            modules = arch.source_modules(source, fuse=cfg.fuse)
+            modules = arch.source_modules(source, fuse=cfg.fuse, per_expert=cfg.per_expert)
+            check_expert_formats(modules, quantizers, cfg.per_expert, save=False)
             if "gguf" in quantizers:
                 targets = {b: runtime.gguf_target(source, modules, presets.get(b), folder) for b in budgets}
     budgets, names = _distinct_presets(budgets, presets, targets)
@@ -220,7 +221,7 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
     loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
     model, windows = loaded.model, loaded.windows
     provenance = loaded.source.provenance()
-    modules = arch.linear_modules(model, fuse=cfg.fuse)
+    modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
     layers = arch.geometry(model.config).num_layers
     fingerprint = {
         "model": [f["sha256"] for f in provenance["files"]] or provenance["id"],
@@ -228,6 +229,7 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
         "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
         "symmetric": cfg.symmetric,
         "fuse": cfg.fuse,
+        "per_expert": cfg.per_expert,
         "windows": windows_digest(windows),
         "nsds_version": __version__,
     }

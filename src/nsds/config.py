@@ -22,6 +22,7 @@ class RunConfig:
     baselines: tuple[str, ...] = ("uniform",)  # plans evaluated beside nsds's (pipeline.BASELINES), or "all"
     symmetric: bool = False
     fuse: bool = True  # q/k/v and gate/up share a width, as fused runtimes need
+    per_expert: bool = False  # each MoE expert its own width (nsds's own evaluation; not llama.cpp/fused kernels)
     budget_counts: str | None = None  # None: the quantizer's default (weights for rtn/hqq, storage for gguf)
     text: str = "brown"
     tokens: int = 8192
@@ -53,6 +54,7 @@ class CompareConfig:
     group_size: int | None = None
     symmetric: bool = False
     fuse: bool = True
+    per_expert: bool = False
     text: str = "brown"
     tokens: int = 2048
     window: int | None = None

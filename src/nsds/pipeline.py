@@ -40,7 +40,7 @@ from nsds.files import check_output_folder, copy_file, write_bytes
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Plan
 from nsds.progress import stage
-from nsds.quantize import Quantizer, WeightBank, make_quantizer
+from nsds.quantize import Quantizer, WeightBank, check_expert_formats, make_quantizer
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
 from nsds.results import Evaluation, RunResult
@@ -125,7 +125,8 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
         check_output_folder(cfg.save, "--save")
     compute = Compute.choose(cfg.device)
     with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
-        modules = arch.source_modules(source, fuse=cfg.fuse)
+        modules = arch.source_modules(source, fuse=cfg.fuse, per_expert=cfg.per_expert)
+        check_expert_formats(modules, [cfg.quantizer], cfg.per_expert, cfg.save is not None)
         target = None
         if cfg.quantizer == "gguf":
             with contextlib.ExitStack() as stack:
@@ -151,7 +152,7 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     model = loaded.model
     stage("scoring (NSDS)")
     scores = score(loaded.source, compute=loaded.compute)
-    modules = arch.linear_modules(model, fuse=cfg.fuse)
+    modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
     bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
     errors = None
     if measures_errors(cfg):

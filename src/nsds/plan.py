@@ -31,6 +31,7 @@ class Module:
     out_features: int
     in_features: int
     group: str  # modules with the same group must share a width (e.g. "3.qkv" when a runtime fuses q/k/v)
+    expert: str | None = None  # a MoE layer's expert ("0", "1", ... or "shared"); None outside experts
 
     @property
     def params(self) -> int:

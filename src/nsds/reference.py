@@ -63,7 +63,8 @@ def layer_metrics(
     roles: LayerRoles, geo: Geometry, readout: np.ndarray, energy: float
 ) -> dict[str, tuple[float, float, float]]:
     """Raw (NV, SE, mean k) per role of one layer, circuits formed head by head."""
-    f64 = {name: None if t is None else t.double().numpy() for name, t in vars(roles).items()}
+    matrices = ("q", "k", "v", "o", "up", "gate", "down")  # a dense layer's (the reference knows no MoE or MLA)
+    f64 = {name: None if getattr(roles, name) is None else getattr(roles, name).double().numpy() for name in matrices}
     dh = geo.head_dim
     circuits: dict[str, list[tuple[float, float, int]]] = {"qk": [], "ov": []}
     for h in range(geo.num_heads):

@@ -13,6 +13,16 @@ SCHEMA = "nsds.scores/1"
 
 
 @dataclass
+class ExpertScore:
+    """One expert's raw measurement of one role; a MoE layer's role value is their parameter-weighted mean."""
+
+    nv_raw: float
+    se_raw: float
+    kept: float
+    params: int  # the expert's weights in this role's matrix
+
+
+@dataclass
 class RoleScore:
     """One role of one layer: raw aspect values, their MAD-Sigmoid values, and the kept triplet count."""
 
@@ -21,6 +31,7 @@ class RoleScore:
     nv_p: float | None  # None where the role is left out of that aspect (absent or all zero)
     se_p: float | None
     kept: float  # triplets kept by the energy rule (mean over heads for circuits)
+    experts: dict[str, ExpertScore] | None = None  # MoE layers' up/gate/down: by expert ("0", ..., "shared")
 
 
 @dataclass
@@ -61,7 +72,12 @@ class ScoreReport:
         return [layer.score for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": self.schema} | {k: v for k, v in plain(self).items() if k != "schema"}
+        data = {"schema": self.schema} | {k: v for k, v in plain(self).items() if k != "schema"}
+        for layer in data["layers"]:  # dense roles have no expert breakdown: leave the key out, not null
+            for role in layer["roles"].values():
+                if role["experts"] is None:
+                    del role["experts"]
+        return data
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from nsds.errors import NsdsError, first_line
 from nsds.files import cache_dir, read_document, write_json
@@ -24,9 +23,10 @@ from nsds.progress import note, progress
 SCHEMA = "nsds.oracle/1"
 
 
-def windows_digest(windows: torch.Tensor) -> str:
-    """A short digest of the token windows: part of every oracle key (other windows, other perplexities)."""
-    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:20]
+def windows_digest(windows) -> str:
+    """A short digest of the token windows (a torch tensor; torch is not imported here, so that reading
+    saved results stays torch-free): part of every oracle key (other windows, other perplexities)."""
+    return hashlib.sha256(windows.long().numpy().tobytes()).hexdigest()[:20]
 
 
 def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:

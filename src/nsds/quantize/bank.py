@@ -4,7 +4,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from nsds.arch import family_of
+from nsds.arch import module_weight
 from nsds.errors import NsdsError
 from nsds.plan import Plan
 from nsds.progress import progress
@@ -22,17 +22,20 @@ class WeightBank:
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str], quantizer: Quantizer, keep: bool = True) -> None:
         self.model, self.quantizer, self.keep = model, quantizer, keep
-        self.conv1d = family_of(model.config.model_type).conv1d  # GPT-2's Conv1D stores (in, out)
-        self.pristine = {name: model.get_submodule(name).weight.detach().clone() for name in names}
+        # Each module's weight as the model holds it: its own parameter, or a MoE expert's slice of a fused
+        # 3-D parameter; `transposed` where it is stored (in, out) (GPT-2's Conv1D, gpt-oss's experts).
+        self.slots = {name: module_weight(model, name) for name in names}
+        self.pristine = {name: weight.detach().clone() for name, (weight, _) in self.slots.items()}
         self.variants: dict[tuple[str, str], torch.Tensor] = {}
 
     def quantized(self, name: str, storage_format: str) -> torch.Tensor:
         """The module's checkpoint weight quantized-dequantized as `storage_format`, in the module's layout."""
         if (name, storage_format) in self.variants:
             return self.variants[name, storage_format]
+        transposed = self.slots[name][1]
         weight = self.pristine[name]
-        quantized = self.quantizer.fake_quantize_as(weight.T if self.conv1d else weight, storage_format)
-        quantized = quantized.T if self.conv1d else quantized
+        quantized = self.quantizer.fake_quantize_as(weight.T if transposed else weight, storage_format)
+        quantized = quantized.T if transposed else quantized
         if self.keep:
             self.variants[name, storage_format] = quantized
         return quantized
@@ -40,14 +43,14 @@ class WeightBank:
     def linear(self, name: str, storage_format: str | None = None) -> torch.Tensor:
         """The module's checkpoint weight (or, given a format, its quantized variant) as out x in."""
         weight = self.pristine[name] if storage_format is None else self.quantized(name, storage_format)
-        return weight.T if self.conv1d else weight
+        return weight.T if self.slots[name][1] else weight
 
     def load(self, widths: Mapping[str, int], desc: str = "quantizing") -> None:
         """Every module quantized at widths[name], or at the checkpoint's weights where absent."""
         self._check_names(widths)
         formats = {}
         for name, bits in widths.items():
-            out, features = self.pristine[name].shape[::-1] if self.conv1d else self.pristine[name].shape
+            out, features = self.linear(name).shape
             formats[name] = self.quantizer.storage(out, features, bits).format
         self.load_formats(formats, desc)
 
@@ -58,7 +61,7 @@ class WeightBank:
             for name in progress(self.pristine, desc=f"{desc} ({self.quantizer.name})", unit="module"):
                 kind = formats.get(name)
                 weight = self.pristine[name] if kind is None else self.quantized(name, kind)
-                self.model.get_submodule(name).weight.copy_(weight)
+                self.slots[name][0].copy_(weight)
 
     def _check_names(self, names: Mapping[str, object]) -> None:
         unknown = set(names) - set(self.pristine)

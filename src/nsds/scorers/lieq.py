@@ -2,12 +2,12 @@
 scores layers by how compact and effective their representations are).
 
 The model reads one fixed English sentence. For every attention projection (q, k, v, o; a fused qkv
-counts as one) the projection's output on its actual input, Y = X W^T, is compared with the output of a
-randomly initialised copy of the projection (Gaussian, fixed seed) on the same input. Compactness is
-measured by the effective rank erank(Y) = exp(entropy of the normalised singular values). A layer whose
-trained projections concentrate the representation far more than random ones (erank_random / erank
-large) carries learned structure, so it scores higher. One sentence stands in for calibration data;
-no dataset is read.
+counts as one; MLA's q_a, q_b, kv_a, kv_b) the projection's output on its actual input, Y = X W^T, is
+compared with the output of a randomly initialised copy of the projection (Gaussian, fixed seed) on the
+same input. Compactness is measured by the effective rank erank(Y) = exp(entropy of the normalised
+singular values). A layer whose trained projections concentrate the representation far more than random
+ones (erank_random / erank large) carries learned structure, so it scores higher. One sentence stands
+in for calibration data; no dataset is read.
 """
 
 import numpy as np
@@ -21,7 +21,6 @@ SENTENCE = (
     "The committee met on Tuesday morning to discuss the new budget, and after a long debate about schools, "
     "roads and taxes, the members agreed to postpone the final vote until the end of next month."
 )
-ATTENTION = ("q", "k", "v", "o", "qkv")
 SEED = 0
 
 
@@ -48,7 +47,7 @@ def score(subject: Subject) -> np.ndarray:
     if model is None or tokenizer is None:
         raise NsdsError("the LieQ scorer runs the model on one sentence: it needs the loaded model and tokenizer")
     conv1d = arch.family_of(model.config.model_type).conv1d
-    modules = [m for m in arch.linear_modules(model, fuse=False) if m.role in ATTENTION]
+    modules = [m for m in arch.linear_modules(model, fuse=False) if m.role in arch.ATTENTION_ROLES]
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         model.get_submodule(m.name).register_forward_pre_hook(

@@ -36,7 +36,7 @@ from nsds.metrics.spectra import (
 )
 from nsds.scorers.streaming import TimedReader, Workers, measure_layers
 from nsds.scorers.subject import Subject
-from nsds.scores import LayerScore, RoleScore, ScoreReport, ranking
+from nsds.scores import ExpertScore, LayerScore, RoleScore, ScoreReport, ranking
 from nsds.weights.base import WeightSource
 
 ROLES = ("qk", "ov", "up", "gate", "down")
@@ -68,6 +68,8 @@ class RawRole:
     nv: float
     se: float
     kept: float
+    params: int = 0  # weights measured (set for experts, whose means are weighted by it)
+    experts: dict[str, "RawRole"] | None = None  # a MoE layer's role: each expert's own measurement
 
 
 def _matrix_role(w: torch.Tensor, side: str, weights, energy: float, compute: Compute) -> RawRole:
@@ -93,27 +95,60 @@ def _circuit_role(
 
 
 def _heads(roles: arch.LayerRoles, geo: arch.Geometry, compute: Compute, left: str, right: str):
-    """Per-head factors (H, d, dh) of `left` and per-group factors (G, dh, d) of `right`, plus g(h)."""
-    heads, kv_heads, dh, d = geo.num_heads, geo.num_kv_heads, geo.head_dim, geo.hidden_size
-    group = torch.tensor([geo.kv_group(h) for h in range(heads)], device=compute.device)
+    """Per-head factors (H, d, dh) of `left` and per-group factors (G, dh, d) of `right`, plus g(h).
+
+    left/right: q/k (the QK circuit), o/v (OV), or q_rope/k_rope (MLA's rotary circuit: one key for all
+    heads). MLA's q/k/v are Products of their latent factors, formed here on the compute device."""
+    heads, kv_heads, d = geo.num_heads, geo.num_kv_heads, geo.hidden_size
+    dh = {"q": geo.head_dim, "o": geo.value_dim, "q_rope": geo.rope_head_dim}[left]
+    if left == "q_rope":
+        kv_heads = 1
+    group = torch.tensor([geo.kv_group(h) if kv_heads > 1 else 0 for h in range(heads)], device=compute.device)
     on_device = {name: getattr(roles, name).to(device=compute.device, dtype=compute.dtype) for name in (left, right)}
-    if left == "q":
-        a = on_device["q"].reshape(heads, dh, d).transpose(1, 2)  # W_Q^h^T
-    else:
+    if left == "o":
         a = on_device["o"].reshape(d, heads, dh).permute(1, 0, 2)  # W_O^h
+    else:
+        a = on_device[left].reshape(heads, dh, d).transpose(1, 2)  # W_Q^h^T
     return a, on_device[right].reshape(kv_heads, dh, d), group
+
+
+def _experts_role(experts: list[arch.Expert], role: str, side: str, weights, energy: float,
+                  compute: Compute) -> RawRole:  # fmt: skip
+    """One role (up, gate or down) of a MoE layer: each expert measured as a matrix of its own (read only
+    now, so one expert at a time is in memory), then their parameter-weighted mean (docs/METHOD.md §10)."""
+    parts = {}
+    for expert in experts:
+        w = getattr(expert, role)()
+        part = _matrix_role(w, side, weights, energy, compute)
+        parts[expert.name] = RawRole(part.nv, part.se, part.kept, params=w.numel())
+        del w
+    total = sum(p.params for p in parts.values())
+
+    def mean(aspect: str) -> float:
+        return sum(getattr(p, aspect) * p.params for p in parts.values()) / total
+
+    return RawRole(nv=mean("nv"), se=mean("se"), kept=mean("kept"), params=total, experts=parts)
+
+
+def _mlp_role(roles: arch.LayerRoles, role: str, side: str, weights, energy: float, compute: Compute) -> RawRole:
+    """A dense layer's up/gate/down, or the experts' mean in a MoE layer."""
+    if roles.experts:
+        return _experts_role(roles.experts, role, side, weights, energy, compute)
+    return _matrix_role(getattr(roles, role), side, weights, energy, compute)
 
 
 def measure_detectors(
     roles: arch.LayerRoles, geo: arch.Geometry, energy: float, compute: Compute
 ) -> dict[str, RawRole]:
-    """Raw NV and SE of the roles that read the residual stream: QK circuits (mean over heads), up, gate."""
-    raw = {
-        "qk": _circuit_role(*_heads(roles, geo, compute, "q", "k"), circuit_specificity, energy, right=True),
-        "up": _matrix_role(roles.up, "right", input_specificity, energy, compute),
-    }
-    if roles.gate is not None:
-        raw["gate"] = _matrix_role(roles.gate, "right", input_specificity, energy, compute)
+    """Raw NV and SE of the roles that read the residual stream: QK circuits (mean over heads; MLA's rotary
+    circuit as qk_rope), up, gate."""
+    raw = {"qk": _circuit_role(*_heads(roles, geo, compute, "q", "k"), circuit_specificity, energy, right=True)}
+    if roles.q_rope is not None:
+        rope = _heads(roles, geo, compute, "q_rope", "k_rope")
+        raw["qk_rope"] = _circuit_role(*rope, circuit_specificity, energy, right=True)
+    raw["up"] = _mlp_role(roles, "up", "right", input_specificity, energy, compute)
+    if roles.gate is not None or roles.experts:
+        raw["gate"] = _mlp_role(roles, "gate", "right", input_specificity, energy, compute)
     return raw
 
 
@@ -129,7 +164,7 @@ def measure_writers(
 
     return {
         "ov": _circuit_role(*_heads(roles, geo, compute, "o", "v"), density, energy, right=False),
-        "down": _matrix_role(roles.down, "left", density, energy, compute),
+        "down": _mlp_role(roles, "down", "left", density, energy, compute),
     }
 
 
@@ -188,6 +223,7 @@ def aggregate(raw: list[dict[str, RawRole]], params: NsdsParams) -> list[LayerSc
                     nv_p=prob("nv", role, i),
                     se_p=prob("se", role, i),
                     kept=raw[i][role].kept,
+                    experts=_expert_scores(raw[i][role]),
                 )
                 for role in present
             },
@@ -197,6 +233,12 @@ def aggregate(raw: list[dict[str, RawRole]], params: NsdsParams) -> list[LayerSc
         )
         for i in range(layers)
     ]
+
+
+def _expert_scores(raw: RawRole) -> dict[str, ExpertScore] | None:
+    if raw.experts is None:
+        return None
+    return {name: ExpertScore(e.nv, e.se, e.kept, e.params) for name, e in raw.experts.items()}
 
 
 def _finite(raw: dict[str, RawRole]) -> bool:
@@ -223,11 +265,15 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
     unembedding_names += [projection] if projection is not None else []
 
     def layer_names(i: int) -> list[str]:
-        return [f"{body}{family.layers}.{i}.{rel}" for rel in family.layer_tensors()]
+        """The layer's tensors to search for NaN/Inf: its role tensors, then (MoE) everything else it holds."""
+        prefix = f"{body}{family.layers}.{i}."
+        roles = [prefix + rel for rel in family.layer_tensors() if prefix + rel in names]
+        others = sorted(n for n in names if n.startswith(prefix) and n not in roles) if family.experts else []
+        return roles + others
 
     def layer(i: int) -> arch.LayerRoles:
-        prefix = f"{body}{family.layers}.{i}."
-        return arch.layer_roles(family, geo, lambda rel: read(prefix + rel))
+        view = arch.LayerView(f"{body}{family.layers}.{i}.", names, read, source.shape, read.part)
+        return arch.layer_roles(family, geo, view)
 
     def accept_readout(readout: tuple[torch.Tensor, int] | None) -> None:
         if readout is None:
@@ -311,7 +357,12 @@ def layer_scores(subject: Subject) -> np.ndarray:
 
 def raw_roles(report: ScoreReport) -> list[dict[str, RawRole]]:
     """The raw per-role measurements a report holds, ready to be aggregated again with other parameters."""
-    return [
-        {role: RawRole(nv=r.nv_raw, se=r.se_raw, kept=r.kept) for role, r in layer.roles.items()}
-        for layer in report.layers
-    ]
+    return [{role: _raw(r) for role, r in layer.roles.items()} for layer in report.layers]
+
+
+def _raw(role: RoleScore) -> RawRole:
+    experts = None
+    if role.experts is not None:
+        experts = {name: RawRole(e.nv_raw, e.se_raw, e.kept, e.params) for name, e in role.experts.items()}
+    params = sum(e.params for e in experts.values()) if experts else 0
+    return RawRole(nv=role.nv_raw, se=role.se_raw, kept=role.kept, params=params, experts=experts)

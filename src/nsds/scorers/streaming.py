@@ -6,6 +6,7 @@ prerequisite computed once (for NSDS: the readout basis of W_U, needed by the wr
 thread reads the next layer while workers measure; at most `max_layers` layers are held at once.
 """
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -33,15 +34,24 @@ class TimedReader:
         self.source = source
         self.names = source.names()
         self.seconds = 0.0
+        self._lock = threading.Lock()  # MoE experts are read on the workers that measure them
 
     def __call__(self, name: str) -> torch.Tensor:
+        return self._timed(name, lambda: self.source.tensor(name))
+
+    def part(self, name: str, index: int) -> torch.Tensor:
+        """One expert of a stacked 3-D tensor (source.part)."""
+        return self._timed(name, lambda: self.source.part(name, index))
+
+    def _timed(self, name: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
         if name not in self.names:
             raise NsdsError(f"the weights hold no tensor '{name}': the checkpoint is incomplete")
         start = time.perf_counter()
-        tensor = self.source.tensor(name)
+        tensor = read()
         if not tensor.is_floating_point():
             raise NsdsError(f"tensor '{name}' has dtype {tensor.dtype}; nsds scores floating-point weights")
-        self.seconds += time.perf_counter() - start
+        with self._lock:
+            self.seconds += time.perf_counter() - start
         return tensor
 
 

@@ -31,14 +31,21 @@ class Subject:
 
 def layer_matrices(source: WeightSource) -> Iterator[dict[str, torch.Tensor]]:
     """Each decoder layer's linear weights by role (q, k, v, o, up, gate, down; nn.Linear layout),
-    fused tensors split, read one layer at a time. `gate` is absent for MLPs without one."""
+    fused tensors split, read one layer at a time. `gate` is absent for MLPs without one. A MoE layer has
+    each expert's instead of up/gate/down ("up.0", ..., "down.shared"); MLA's q/k/v are formed from their
+    latent factors."""
     family = arch.family_of(source.config.model_type)
     geo = arch.geometry(source.config)
     body = arch.find_body(family, source.names())
     for i in range(geo.num_layers):
-        prefix = f"{body}{family.layers}.{i}."
-        roles = arch.layer_roles(family, geo, lambda rel, prefix=prefix: source.tensor(prefix + rel))
-        yield {name: getattr(roles, name) for name in MATRICES if getattr(roles, name) is not None}
+        roles = arch.layer_roles(family, geo, arch.source_layer(source, family, body, i))
+        matrices = {name: getattr(roles, name) for name in MATRICES if getattr(roles, name) is not None}
+        matrices = {
+            name: w.to(dtype=torch.float64) if isinstance(w, arch.Product) else w for name, w in matrices.items()
+        }
+        for expert in roles.experts:
+            matrices |= {f"{role}.{expert.name}": getattr(expert, role)() for role in ("up", "gate", "down")}
+        yield matrices
 
 
 def as_float64(w: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,11 @@ class WeightSource(ABC):
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor in nn.Module layout and the checkpoint's floating dtype (GGUF: dequantized float32)."""
 
+    def part(self, name: str, index: int) -> torch.Tensor:
+        """tensor[index] of a stacked tensor (one expert of a 3-D expert tensor); sources that can read it
+        alone do, so scoring a MoE layer never holds all its experts."""
+        return self.tensor(name)[index]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape in nn.Module layout; sources that have a header read it without the data."""
         return tuple(self.tensor(name).shape)

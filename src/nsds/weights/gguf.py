@@ -4,6 +4,11 @@ GGUF names are mapped to the Hugging Face names of the architecture with gguf-py
 and the two layout changes llama.cpp's converter makes are undone exactly as transformers undoes them
 when it loads a GGUF: Llama's rotary permutation of q/k rows, and GPT-2's Conv1D transposes.
 
+Mixture-of-experts files keep a layer's routed experts as one 3-D tensor per projection (ffn_gate_exps,
+ffn_up_exps, ffn_down_exps: (E, out, in)); they are presented under the stacked names arch.Experts reads
+(`mlp.experts.gate_proj.weight`), and `part` dequantizes one expert alone. DeepSeek's kv_b, which the
+converter splits into attn_k_b (transposed per head) and attn_v_b, is put back together.
+
 The header is read by nsds.gguf_header (gguf.GGUFReader is far slower on big vocabularies); the config
 is built from its scalars.
 """
@@ -16,6 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nsds import arch
 from nsds.arch import family_of, geometry
 from nsds.errors import NsdsError, first_line
 from nsds.gguf_header import GGUFHeader
@@ -24,14 +30,31 @@ from nsds.weights.base import WeightSource, build_config
 _ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 # GGUF architectures whose llama.cpp layout nsds knows how to undo, and their transformers model_type.
 MODEL_TYPES = {
-    "llama": "llama",
+    "llama": "llama",  # "mixtral" when the file has experts
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
     "phi3": "phi3",
     "gpt2": "gpt2",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "olmoe": "olmoe",
+    "deepseek2": "deepseek_v2",  # "deepseek_v3" with sigmoid expert gating
+    "gpt-oss": "gpt_oss",
 }
+# transformers config attribute <- GGUF metadata key (after "{arch}."), for the MoE and MLA geometry.
+_EXPERT_WIDTH = {"mixtral": "intermediate_size", "olmoe": "intermediate_size", "gpt_oss": "intermediate_size"}
+_MLA_SETTINGS = {
+    "q_lora_rank": "attention.q_lora_rank",  # absent: one q_proj, and the config must say None
+    "kv_lora_rank": "attention.kv_lora_rank",
+    "qk_rope_head_dim": "rope.dimension_count",
+    "v_head_dim": "attention.value_length_mla",
+    "first_k_dense_replace": "leading_dense_block_count",
+    "n_shared_experts": "expert_shared_count",
+}
+_SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID (DeepSeek-V3)
+_KV_B = "self_attn.kv_b_proj.weight"
 _GPT2_CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
@@ -92,6 +115,11 @@ class GGUFSource(WeightSource):
         if not all(isinstance(v, int) and v > 0 for v in (heads, hidden, layers)):
             raise NsdsError(f"'{self.path}' lacks the {self.arch}.block_count/embedding_length/head_count metadata")
         embedding = self._header.tensors.get("token_embd.weight")
+        model_type = MODEL_TYPES[self.arch]
+        if self.arch == "llama" and meta("expert_count"):
+            model_type = "mixtral"
+        if self.arch == "deepseek2" and meta("expert_gating_func") == _SIGMOID_GATING:
+            model_type = "deepseek_v3"
         settings = {
             "num_hidden_layers": layers,
             "hidden_size": hidden,
@@ -103,11 +131,31 @@ class GGUFSource(WeightSource):
             "max_position_embeddings": meta("context_length"),
             "tie_word_embeddings": "output.weight" not in self._header.tensors,
         }
-        settings = {k: v for k, v in settings.items() if v is not None}
+        settings |= self._moe_settings(model_type, meta)
+        settings = {k: v for k, v in settings.items() if v is not None or k == "q_lora_rank"}
         return build_config(
-            lambda: AutoConfig.for_model(MODEL_TYPES[self.arch], **settings),
+            lambda: AutoConfig.for_model(model_type, **settings),
             f"built from the metadata of '{self.path}'",
         )
+
+    @staticmethod
+    def _moe_settings(model_type: str, meta) -> dict[str, object]:
+        """The experts' and MLA's config attributes from the metadata llama.cpp's converter writes."""
+        family = family_of(model_type)
+        if family.experts is None:
+            return {}
+        width = _EXPERT_WIDTH.get(model_type, "moe_intermediate_size")
+        settings = {family.experts.count: meta("expert_count"), "num_experts_per_tok": meta("expert_used_count"),
+                    width: meta("expert_feed_forward_length")}  # fmt: skip
+        if model_type == "qwen2_moe":
+            settings["shared_expert_intermediate_size"] = meta("expert_shared_feed_forward_length")
+        if family.mla is not None:  # the converter writes MLA as MQA over the latent: heads from *_mla keys
+            settings |= {key: meta(name) for key, name in _MLA_SETTINGS.items()}
+            rope, key_length = meta("rope.dimension_count"), meta("attention.key_length_mla")
+            settings |= {"qk_nope_head_dim": key_length - rope if isinstance(key_length, int) and rope else None,
+                         "num_key_value_heads": meta("attention.head_count"), "head_dim": None,
+                         "n_group": 1, "topk_group": 1, "rope_scaling": None}  # fmt: skip
+        return settings
 
     def _name_map(self) -> dict[str, str]:
         """HF name -> GGUF name, for every tensor nsds may ask for."""
@@ -118,14 +166,24 @@ class GGUFSource(WeightSource):
                 "(corrupt metadata?)"
             )
         table = gguf.get_tensor_name_map(_ARCH_BY_NAME[self.arch], layers)
+        relative = list(fam.layer_tensors())
+        if fam.experts is not None:
+            spec = fam.experts
+            relative += [*spec.routers, *(f"{spec.module}.{p}.weight" for p in arch.PROJECTIONS)]
+            relative += [f"{spec.shared}.{p}.weight" for p in arch.PROJECTIONS] if spec.shared else []
         wanted = [fam.body + fam.embedding, fam.unembedding] + [
-            f"{fam.body}{fam.layers}.{i}.{rel}" for i in range(layers) for rel in fam.layer_tensors()
+            f"{fam.body}{fam.layers}.{i}.{rel}" for i in range(layers) for rel in relative
         ]
         found = {}
         for hf_name in wanted:
             name = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name in self._header.tensors:
                 found[hf_name] = name
+        if fam.mla is not None:  # kv_b, split by the converter into attn_k_b and attn_v_b
+            for i in range(layers):
+                hf_name = f"{fam.body}{fam.layers}.{i}.{_KV_B}"
+                if hf_name not in found and f"blk.{i}.attn_k_b.weight" in self._header.tensors:
+                    found[hf_name] = f"blk.{i}.attn_k_b.weight"
         return found
 
     def names(self) -> set[str]:
@@ -138,15 +196,31 @@ class GGUFSource(WeightSource):
     def shape(self, name: str) -> tuple[int, ...]:
         gguf_name = self._gguf_name[name]
         shape = self._header.tensors[gguf_name].shape
+        if gguf_name.endswith("attn_k_b.weight"):  # (H, r, nope) and v_b (H, v, r) -> (H * (nope + v), r)
+            v_b = self._header.tensors[gguf_name.replace("attn_k_b", "attn_v_b")].shape
+            return shape[0] * (shape[2] + v_b[1]), shape[1]
         return shape[::-1] if self.arch == "gpt2" and gguf_name.endswith(_GPT2_CONV1D) else shape
+
+    def _dequantized(self, gguf_name: str, index: int | None = None) -> np.ndarray:
+        entry = self._header.tensors[gguf_name]
+        data = self._header.array(entry)
+        try:
+            return _dequantize_rows(data if index is None else data[index], entry.qtype)
+        except (ValueError, NotImplementedError) as err:
+            raise NsdsError(f"cannot dequantize '{gguf_name}' ({entry.qtype.name}): {err}") from None
+
+    def part(self, name: str, index: int) -> torch.Tensor:
+        gguf_name = self._gguf_name[name]
+        if len(self._header.tensors[gguf_name].shape) != 3 or not 0 <= index < self.shape(name)[0]:
+            return super().part(name, index)
+        return torch.from_numpy(np.ascontiguousarray(self._dequantized(gguf_name, index)))
 
     def tensor(self, name: str) -> torch.Tensor:
         gguf_name = self._gguf_name[name]
-        entry = self._header.tensors[gguf_name]
-        try:
-            weights = _dequantize_rows(self._header.array(entry), entry.qtype)
-        except (ValueError, NotImplementedError) as err:
-            raise NsdsError(f"cannot dequantize '{gguf_name}' ({entry.qtype.name}): {err}") from None
+        weights = self._dequantized(gguf_name)
+        if gguf_name.endswith("attn_k_b.weight"):
+            v_b = self._dequantized(gguf_name.replace("attn_k_b", "attn_v_b"))
+            weights = np.concatenate([weights.swapaxes(1, 2), v_b], axis=1).reshape(self.shape(name))
         if self.arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             key = "num_attention_heads" if "attn_q" in gguf_name else "num_key_value_heads"
             heads = getattr(self.config, key)

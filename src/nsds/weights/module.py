@@ -26,3 +26,6 @@ class ModuleSource(WeightSource):
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._state[name].detach()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)

@@ -113,5 +113,11 @@ class SafetensorsSource(WeightSource):
         except SafetensorError as err:
             raise NsdsError(f"cannot read tensor '{name}' from '{self._where[name]}': {first_line(err)}") from None
 
+    def part(self, name: str, index: int) -> torch.Tensor:
+        try:
+            return self._open(self._where[name]).get_slice(name)[index]
+        except SafetensorError as err:
+            raise NsdsError(f"cannot read tensor '{name}' from '{self._where[name]}': {first_line(err)}") from None
+
     def close(self) -> None:
         self._handles.clear()
