@@ -4,12 +4,13 @@ For every decoder layer: split it into its five operational roles (arch.py), mea
 Numerical Vulnerability (kurtosis) and Structural Expressiveness (role-reweighted spectral capacity),
 then over all layers: MAD-Sigmoid each role's raw values, Soft-OR them over roles per aspect, and Soft-OR
 the two aspects into one score per layer. Weights stream from the source one layer at a time; W_U is
-read once, for the readout subspace the writers' Writing Density needs. Nothing here knows tensor names
-(arch.py does) or threads (streaming.py does).
+read once, a block of rows at a time, for the readout subspace the writers' Writing Density needs.
+Nothing here knows tensor names (arch.py does) or threads (streaming.py does).
 """
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -27,7 +28,8 @@ from nsds.metrics.spectra import (
     capacity,
     circuit_specificity,
     energy_rank,
-    gram_of_columns,
+    gram_block_rows,
+    gram_of_blocks,
     input_specificity,
     product_triplets,
     readout_complement,
@@ -140,10 +142,12 @@ def measure_layer(
     return measure_detectors(roles, geo, energy, compute) | measure_writers(roles, geo, complement, energy, compute)
 
 
-def _readout(unembedding: torch.Tensor, energy: float, compute: Compute) -> tuple[torch.Tensor, int] | None:
-    """The readout complement and k_U of W_U, or None if W_U holds NaN/Inf (its Gram diagonal sums every
-    squared entry, so checking it costs nothing)."""
-    gram = gram_of_columns(unembedding.to(compute.device), compute.dtype)
+def _readout(
+    unembedding: Iterable[torch.Tensor], width: int, energy: float, compute: Compute
+) -> tuple[torch.Tensor, int] | None:
+    """The readout complement and k_U of W_U, given as blocks of rows, or None if W_U holds NaN/Inf (its
+    Gram diagonal sums every squared entry, so checking it costs nothing)."""
+    gram = gram_of_blocks(unembedding, width, compute.dtype, compute.device)
     if not bool(torch.isfinite(gram.diagonal()).all()):
         return None
     return readout_complement(gram, energy)
@@ -251,7 +255,7 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
         geo.num_layers,
         read=layer,
         first=lambda roles: measure_detectors(roles, geo, params.energy, compute),
-        shared=partial(_readout, _unembedding(read, unembedding_names, geo, compute), params.energy, compute),
+        shared=partial(_readout, _unembedding(read, unembedding_names, geo, compute), d, params.energy, compute),
         accept=accept_readout,
         second=lambda roles, readout: measure_writers(roles, geo, readout[0], params.energy, compute),
         merge=merge,
@@ -279,14 +283,21 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
     )
 
 
-def _unembedding(read: TimedReader, names: list[str], geo: arch.Geometry, compute: Compute) -> torch.Tensor:
-    """W_U (d columns): the output head or tied embedding, through OPT's project_out when it has one."""
-    unembedding = read(names[0])
-    if len(names) > 1:
-        unembedding = unembedding.to(compute.dtype) @ read(names[1]).to(compute.dtype)
-    if unembedding.shape[-1] != geo.hidden_size:
-        raise NsdsError(f"unembedding has width {unembedding.shape[-1]}, expected hidden size {geo.hidden_size}")
-    return unembedding
+def _unembedding(read: TimedReader, names: list[str], geo: arch.Geometry, compute: Compute) -> Iterator[torch.Tensor]:
+    """W_U (d columns) in blocks of gram_block_rows rows: the output head or tied embedding, through OPT's
+    project_out when it has one. Its width is checked now; the blocks are read as they are consumed, so
+    W_U is never whole in memory (the blocks are those gram_of_columns takes: the same Gram, bit for bit)."""
+    width = read.shape(names[-1])[-1]
+    if width != geo.hidden_size:
+        raise NsdsError(f"unembedding has width {width}, expected hidden size {geo.hidden_size}")
+    rows = gram_block_rows(width, compute.dtype)
+
+    def blocks() -> Iterator[torch.Tensor]:
+        projection = read(names[1]).to(compute.dtype) if len(names) > 1 else None
+        for block in read.row_blocks(names[0], rows):
+            yield block if projection is None else block.to(compute.dtype) @ projection
+
+    return blocks()
 
 
 def _reject_non_finite(read: TimedReader, names: list[str]) -> None:

@@ -35,13 +35,37 @@ class TimedReader:
         self.seconds = 0.0
 
     def __call__(self, name: str) -> torch.Tensor:
+        self._check_name(name)
+        start = time.perf_counter()
+        tensor = self._checked(name, self.source.tensor(name))
+        self.seconds += time.perf_counter() - start
+        return tensor
+
+    def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """The tensor `rows` rows at a time (see WeightSource.row_blocks), each read timed."""
+        self._check_name(name)
+        blocks = self.source.row_blocks(name, rows)
+        while True:
+            start = time.perf_counter()
+            block = next(blocks, None)
+            self.seconds += time.perf_counter() - start
+            if block is None:
+                return
+            yield self._checked(name, block)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the source's header where it has one."""
+        self._check_name(name)
+        return self.source.shape(name)
+
+    def _check_name(self, name: str) -> None:
         if name not in self.names:
             raise NsdsError(f"the weights hold no tensor '{name}': the checkpoint is incomplete")
-        start = time.perf_counter()
-        tensor = self.source.tensor(name)
+
+    @staticmethod
+    def _checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
             raise NsdsError(f"tensor '{name}' has dtype {tensor.dtype}; nsds scores floating-point weights")
-        self.seconds += time.perf_counter() - start
         return tensor
 
 
