@@ -113,7 +113,10 @@ def measure_layers(
     """
     schedule = _Schedule(first, second, merge, accept, workers)
     threads = 1 if workers.count > 1 else torch.get_num_threads()
-    with _torch_threads(threads), ThreadPoolExecutor(workers.count) as pool:
+    # Each worker thread sets its own count: MKL and OpenMP in a new thread otherwise use every core,
+    # whatever the main thread set (two "single-threaded" workers each ran eigh on all cores).
+    initial = {"initializer": torch.set_num_threads, "initargs": (threads,)}
+    with _torch_threads(threads), ThreadPoolExecutor(workers.count, **initial) as pool:
         task = pool.submit(shared)
         del shared
         return schedule.run(pool, count, read, task)
