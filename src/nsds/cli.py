@@ -219,7 +219,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     groups = args.budgets if isinstance(args.budgets, list) else [args.budgets]  # the default is one group
     budgets = tuple(b for group in groups for b in group)
-    result = compare(_config(CompareConfig, args, fuse=not args.no_fuse, budgets=budgets))
+    result = compare(_config(CompareConfig, args, fuse=not args.no_fuse, budgets=budgets), args.ray, args.ray_workers)
     print(result.protocol.describe())
     print(f"reference PPL {result.reference_ppl:.2f}; lowest PPL per quantizer and budget (data-free):")
     for q, by_budget in result.best_allocators().items():

@@ -14,13 +14,19 @@ single-threaded CPU worker (what that path does on a multi-core CPU), so the sco
 import logging
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from nsds import arch
 from nsds.compute import PRECISIONS, Compute
+from nsds.config import CompareConfig
 from nsds.errors import NsdsError
+from nsds.evaluate.jobs import Evaluation, measure
+from nsds.evaluate.loading import load_model
 from nsds.progress import progress, stage
+from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers import nsds
 from nsds.scorers.streaming import TimedReader
 from nsds.scores import ScoreReport
@@ -151,3 +157,51 @@ def as_completed(calls: list[Callable[[], Any]], workers: int) -> Iterator[Any]:
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         yield _get(ready[0])
+
+
+class ModelCopy:
+    """One worker's copy of the model and the token windows (a Ray actor). It keeps one quantizer's bank at
+    a time, as `nsds compare` goes through its quantizers in turn, and measures jobs as the driver does."""
+
+    def __init__(self, path: str, device: str, windows: torch.Tensor, cfg: CompareConfig) -> None:
+        torch.set_num_threads(THREADS)
+        self.model = load_model(Path(path), device)
+        self.windows, self.cfg = windows, cfg
+        self.names = [m.name for m in arch.linear_modules(self.model, fuse=cfg.fuse)]
+        self.bank: WeightBank | None = None
+
+    def evaluate(self, index: int, quantizer: str | None, job: Evaluation) -> tuple[int, float]:
+        if self.bank is not None and self.bank.quantizer.name != quantizer:
+            self.bank.restore()  # the checkpoint's weights back: a new bank copies them as its pristine ones
+            self.bank = None  # and its quantized variants freed before the next bank makes its own
+        if quantizer is not None and self.bank is None:
+            made = make_quantizer(quantizer, self.cfg.group_size, self.cfg.symmetric)
+            self.bank = WeightBank(self.model, self.names, made)
+        return index, measure(self.model, self.windows, self.bank, job)
+
+
+class EvaluationPool:
+    """`workers` ModelCopy actors (one CPU, or one GPU, each); a job goes to whichever copy is free."""
+
+    def __init__(self, path: str, windows: torch.Tensor, cfg: CompareConfig, compute: Compute, workers: int) -> None:
+        import ray
+        from ray.util import ActorPool
+
+        stage(f"loading {workers} copies of the model on Ray ({compute.device})")
+        actor = ray.remote(ModelCopy).options(**_options(compute))
+        shared = ray.put(windows)
+        self.pool = ActorPool([actor.remote(path, compute.device, shared, cfg) for _ in range(workers)])
+
+    def run(self, bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
+        """As Here.run; the copies build their own bank of `bank`'s quantizer."""
+        from ray.exceptions import RayTaskError
+
+        quantizer = None if bank is None else bank.quantizer.name
+        try:
+            yield from self.pool.map_unordered(
+                lambda copy, item: copy.evaluate.remote(item[0], quantizer, item[1]), list(enumerate(jobs))
+            )
+        except RayTaskError as err:
+            if isinstance(err.cause, NsdsError):
+                raise err.cause from None
+            raise

@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -48,11 +49,12 @@ class Counter:
         self.calls: list[int] = []
         self.fail_at = fail_at
 
-    def __call__(self, layer: int) -> float:
-        if layer == self.fail_at:
-            raise KeyboardInterrupt
-        self.calls.append(layer)
-        return 100.0 + layer
+    def __call__(self, layers: list[int]) -> Iterator[tuple[int, float]]:
+        for layer in layers:
+            if layer == self.fail_at:
+                raise KeyboardInterrupt
+            self.calls.append(layer)
+            yield layer, 100.0 + layer
 
 
 def test_cache_resumes_after_an_interruption_and_skips_finished_layers(tmp_path):

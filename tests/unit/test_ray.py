@@ -7,12 +7,14 @@ import sys
 import pytest
 
 from nsds import cluster
+from nsds.compare import compare
 from nsds.compute import Compute
+from nsds.config import CompareConfig
 from nsds.errors import NsdsError
 from nsds.scorers.nsds import NsdsParams, score
 from nsds.weights import open_source
 
-from tiny_models import tiny_model, write_gguf
+from tiny_models import save_tiny_tokenizer, tiny_model, write_gguf
 
 ray = pytest.importorskip("ray")
 
@@ -89,3 +91,38 @@ def test_ray_option_without_ray_is_a_one_line_error(tiny_llama_folder, tmp_path)
     done = run_python(code)
     assert done.returncode == 2
     assert done.stderr.strip() == "nsds: error: --ray needs Ray: pip install 'nsds[ray]'"
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. A lazy dog sleeps while the quick fox runs. " * 30
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-compare")
+    tiny_model("llama", vocab_size=300, num_hidden_layers=6).save_pretrained(folder)
+    save_tiny_tokenizer(folder, TEXT)
+    (folder / "text.txt").write_text(TEXT)
+    return folder
+
+
+def compare_config(folder, out) -> CompareConfig:
+    return CompareConfig(model=str(folder), budgets=(2.5, 3.0), quantizers=("rtn", "hqq"), scorers=("nsds", "zd"),
+                         seeds=2, group_size=32, text=str(folder / "text.txt"), tokens=150, window=32, out=out,
+                         device="cpu")  # fmt: skip
+
+
+def test_ray_compare_equals_single_process_compare(local_ray, tiny_compare, tmp_path, monkeypatch):
+    """Every perplexity (reference, oracle layers, plans) from the Ray model copies equals the one measured
+    here, exactly; each run starts with an empty oracle cache."""
+    monkeypatch.setenv("NSDS_CACHE", str(tmp_path / "cache-here"))
+    here = compare(compare_config(tiny_compare, tmp_path / "here"))
+    monkeypatch.setenv("NSDS_CACHE", str(tmp_path / "cache-ray"))
+    on_ray = compare(compare_config(tiny_compare, tmp_path / "ray"), ray="", workers=2)
+    assert on_ray.reference_ppl == here.reference_ppl
+    for q in ("rtn", "hqq"):
+        assert on_ray.quantizers[q].oracle == here.quantizers[q].oracle
+        assert on_ray.quantizers[q].scores == here.quantizers[q].scores
+    assert [(c.label, c.budget, c.plan, c.ppl) for c in on_ray.cells] == [
+        (c.label, c.budget, c.plan, c.ppl) for c in here.cells
+    ]
+    assert (on_ray.counts.evaluated, on_ray.counts.reused) == (here.counts.evaluated, here.counts.reused)

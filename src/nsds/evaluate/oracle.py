@@ -9,7 +9,7 @@ size and token windows, and written after every layer (an interrupted run resume
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,14 @@ def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:
 
 
 def single_layer_sensitivity(
-    layers: int, measure: Callable[[int], float], key: dict[str, Any], path: Path | None = None
-) -> list[float]:
-    """measure(l) for every layer l, reusing the layers already cached under `key` (a file whose key
-    differs is started afresh; one that cannot be read or holds anything but layer -> perplexity is
-    reported as damaged and measured again)."""
+    layers: int, measure: Callable[[list[int]], Iterable[tuple[int, float]]], key: dict[str, Any],
+    path: Path | None = None,
+) -> list[float]:  # fmt: skip
+    """The perplexity of every layer quantized alone, reusing the layers already cached under `key` (a file
+    whose key differs is started afresh; one that cannot be read or holds anything but layer -> perplexity
+    is reported as damaged and measured again). `measure(todo)` yields (layer, perplexity) for each layer
+    of `todo`, in whatever order they finish (one at a time here, in parallel on Ray); each is cached as
+    it arrives."""
     path = path or cache_path(key)
     done: dict[str, float] = {}
     if path.exists():
@@ -41,15 +44,15 @@ def single_layer_sensitivity(
             done = _cached_ppl(path, key, layers)
         except NsdsError as err:  # a damaged cache is only lost work: measure again
             note(f"{err}; measuring the oracle again")
-    for layer in progress(range(layers), desc="oracle (one layer at a time)", unit="layer"):
-        if str(layer) not in done:
-            done[str(layer)] = float(measure(layer))
-            try:
-                write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
-            except OSError as err:
-                raise NsdsError(
-                    f"cannot write the oracle cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
-                ) from None
+    todo = [layer for layer in range(layers) if str(layer) not in done]
+    for layer, ppl in progress(measure(todo), desc="oracle (one layer at a time)", total=len(todo), unit="layer"):
+        done[str(layer)] = float(ppl)
+        try:
+            write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
+        except OSError as err:
+            raise NsdsError(
+                f"cannot write the oracle cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
+            ) from None
     return [done[str(layer)] for layer in range(layers)]
 
 
