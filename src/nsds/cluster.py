@@ -1,7 +1,7 @@
 """Ray: `nsds score --ray` scores layers as tasks, `nsds compare --ray` evaluates on one model copy per worker.
 
-Ray is optional: nothing else in nsds imports this module, and it imports Ray only inside its functions,
-so the default path never loads Ray. Every task opens the weights itself from a path on the shared
+Ray is optional: only the CLI and `compare` import this module, and only with `--ray`; it imports Ray
+inside its functions, so the default path never loads Ray. Every task opens the weights itself from a path on the shared
 filesystem (a picklable description) and returns only numbers: a layer's raw metrics, a perplexity.
 
 Scoring: one task computes W_U's readout complement; one task per layer reads its tensors, measures
@@ -14,6 +14,7 @@ single-threaded CPU worker (what that path does on a multi-core CPU), so the sco
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +82,24 @@ def _options(compute: Compute) -> dict[str, Any]:
     return {"num_cpus": THREADS, "num_gpus": 1 if compute.device == "cuda" else 0}
 
 
-def _get(refs: Any) -> Any:
-    """ray.get, with an NsdsError raised in a task re-raised as itself (one line, exit 2)."""
-    import ray
+@contextmanager
+def _task_errors() -> Iterator[None]:
+    """An NsdsError raised in a task or an actor re-raised as itself (one line, exit 2)."""
     from ray.exceptions import RayTaskError
 
     try:
-        return ray.get(refs)
+        yield
     except RayTaskError as err:
         if isinstance(err.cause, NsdsError):
             raise err.cause from None
         raise
+
+
+def _get(refs: Any) -> Any:
+    import ray
+
+    with _task_errors():
+        return ray.get(refs)
 
 
 def _readout_task(path: str, energy: float, compute: Compute) -> tuple[tuple[torch.Tensor, int], float]:
@@ -147,8 +155,8 @@ def as_completed(calls: list[Callable[[], Any]], workers: int) -> Iterator[Any]:
     result as it finishes."""
     import ray
 
-    pending, waiting = [], iter(calls)
-    for call in waiting:
+    pending = []
+    for call in calls:
         pending.append(call())
         if len(pending) < workers:
             continue
@@ -194,14 +202,8 @@ class EvaluationPool:
 
     def run(self, bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
         """As Here.run; the copies build their own bank of `bank`'s quantizer."""
-        from ray.exceptions import RayTaskError
-
         quantizer = None if bank is None else bank.quantizer.name
-        try:
+        with _task_errors():
             yield from self.pool.map_unordered(
                 lambda copy, item: copy.evaluate.remote(item[0], quantizer, item[1]), list(enumerate(jobs))
             )
-        except RayTaskError as err:
-            if isinstance(err.cause, NsdsError):
-                raise err.cause from None
-            raise
