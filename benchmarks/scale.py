@@ -156,10 +156,12 @@ def main() -> None:
             folder = work / f"{layers}-layers"
             start = time.perf_counter()
             size = write_checkpoint(shape, layers, folder, getattr(torch, args.dtype))
-            print(f"wrote {layers} layers, {size / 1e9:.2f} GB, in {time.perf_counter() - start:.0f} s")
+            print(f"wrote {layers} layers, {size / 1e9:.2f} GB, in {time.perf_counter() - start:.0f} s", flush=True)
             for _ in range(args.runs):  # modes interleaved, so a busy moment of the machine hits all of them
                 for mode, workers in modes.items():
-                    results[mode].setdefault(layers, []).append(run(folder, workers))
+                    result = run(folder, workers)
+                    results[mode].setdefault(layers, []).append(result)
+                    print(f"  {mode}: {result['wall_s']:.1f} s, peak {result['largest_mb']:.0f} MiB", flush=True)
             scores = {json.dumps(r["scores"]) for runs in (results[m][layers] for m in modes) for r in runs}
             print(f"  every mode and run gave the same scores: {len(scores) == 1}")
             shutil.rmtree(folder)
@@ -173,7 +175,7 @@ def report(results: dict[str, dict[int, list[dict]]], shape: Shape, few: int, mo
         return statistics.median(r[key] for r in results[mode][layers])
 
     print(f"\n{'mode':<18} {'wall ' + str(few) + 'L':>9} {'wall ' + str(more) + 'L':>9} {'s/layer':>8} "
-          f"{'fixed s':>8} {'peak proc MB':>13} {'peak all MB':>12}")  # fmt: skip
+          f"{'fixed s':>8} {'peak proc MiB':>13} {'peak all MiB':>12}")  # fmt: skip
     slopes = {}
     for mode in results:
         t_few, t_more = median(mode, few, "wall_s"), median(mode, more, "wall_s")
