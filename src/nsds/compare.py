@@ -14,6 +14,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,9 @@ from nsds.config import CompareConfig
 from nsds.distortion import ErrorTable, measure_errors
 from nsds.documents import build, plain
 from nsds.errors import NsdsError
-from nsds.evaluate.loading import load_for_evaluation
+from nsds.evaluate.jobs import Evaluation, Evaluator, Here
+from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
-from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, read_document, write_bytes, write_json
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
@@ -58,7 +59,7 @@ from nsds.results import (
 from nsds.runtime import GGUFTarget
 from nsds.scorers.specs import ScorerSpec, get_scorers
 from nsds.scorers.subject import Subject
-from nsds.weights import open_source
+from nsds.weights import open_source, resolve
 
 CELLS_SCHEMA = "nsds.compare-cells/1"
 
@@ -208,18 +209,34 @@ def _distinct_presets(
     return kept, {b: " = ".join(n) for b, n in names.items()}
 
 
-def compare(cfg: CompareConfig) -> CompareResult:
-    """Run the comparison; write compare.json, compare.md and the figures into cfg.out."""
+def compare(cfg: CompareConfig, ray: str | None = None, workers: int | None = None) -> CompareResult:
+    """Run the comparison; write compare.json, compare.md and the figures into cfg.out.
+
+    With `ray` (an address, or "" for a local Ray), the evaluations run on `workers` copies of the model
+    (default: one per GPU of the cluster, else one per CPU); the results are the same."""
     with tempfile.TemporaryDirectory(prefix="nsds-gguf-") as work:
-        return _compare(cfg, Path(work))
+        return _compare(cfg, Path(work), ray, workers)
 
 
-def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
+def _evaluator(cfg: CompareConfig, loaded: Loaded, ray: str | None, workers: int | None) -> Evaluator:
+    """Where the evaluations run: here, or on Ray model copies (connected only once the options are checked)."""
+    if ray is None:
+        return Here(loaded.model, loaded.windows)
+    from nsds import cluster
+
+    cluster.connect(ray)
+    compute = cluster.compute_for(cfg.device, "float64")
+    path = str(resolve(cfg.model, cfg.gguf_file))
+    return cluster.EvaluationPool(path, loaded.windows, cfg, compute, cluster.workers_for(compute, workers))
+
+
+def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | None) -> CompareResult:
     started = time.perf_counter()
     ready = prepare(cfg, work)
     low = min(cfg.widths)
     loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
     model, windows = loaded.model, loaded.windows
+    evaluator = _evaluator(cfg, loaded, ray, workers)
     provenance = loaded.source.provenance()
     modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
     layers = arch.geometry(model.config).num_layers
@@ -237,13 +254,14 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
     store = _Cells(cfg.out / "cells.json", fingerprint)
     evaluated = reused = 0
 
-    def evaluate(desc: str) -> float:
+    def evaluate(bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
         nonlocal evaluated
-        evaluated += 1
-        return perplexity(model, windows, desc=desc)
+        for i, ppl in evaluator.run(bank, jobs):
+            evaluated += 1
+            yield i, ppl
 
     if store.data.reference is None:
-        store.data.reference = evaluate("perplexity (reference)")
+        [(_, store.data.reference)] = evaluate(None, [Evaluation("perplexity (reference)", {})])
         store.save()
 
     memo: dict[str, Any] = {}  # NSDS's run, shared by its ablations across quantizers
@@ -257,9 +275,10 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
         key = {k: fingerprint[k] for k in ("model", "group_size", "symmetric", "windows", "nsds_version")}
         key |= {"quantizer": q, "bits": low}
 
-        def measure(layer: int, bank: WeightBank = bank) -> float:
-            bank.load({m.name: low for m in modules if m.layer == layer}, desc=f"oracle layer {layer}")
-            return evaluate(f"oracle layer {layer}")
+        def measure(todo: list[int], bank: WeightBank = bank) -> Iterator[tuple[int, float]]:
+            jobs = [Evaluation(f"oracle layer {layer}", _alone(modules, layer, low, bank.quantizer)) for layer in todo]
+            for i, ppl in evaluate(bank, jobs):
+                yield todo[i], ppl
 
         stage(f"oracle ({q}): one layer at {low} bits at a time")
         start = time.perf_counter()
@@ -294,17 +313,24 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
             if target is not None and target.preset is not None:
                 preset = runtime.preset_plan(target, modules, quantizer, provenance["id"])
                 rows.append((budget, _Row("llama.cpp preset", "baseline allocator", None, preset)))
-        stage(f"evaluating {len(rows)} plans ({q})")
         start = time.perf_counter()
-        for budget, row in progress(rows, desc=f"plans ({q})", unit="plan"):
-            name = budget if isinstance(budget, str) else f"{budget:g} bits"
+        jobs: dict[str, Evaluation] = {}  # plan digest -> its evaluation, each distinct plan once
+        for budget, row in rows:
+            digest = _plan_digest(q, row.plan)
+            if digest in store.data.plans or digest in jobs:
+                reused += 1
+            else:
+                _check_plan(row.plan, bank.quantizer)
+                jobs[digest] = Evaluation(f"{row.label} at {_budget_name(budget)} ({q})", row.plan.formats())
+        stage(f"evaluating {len(jobs)} distinct plans of {len(rows)} ({q})")
+        digests = list(jobs)
+        for i, ppl in progress(evaluate(bank, list(jobs.values())), f"plans ({q})", len(jobs), "plan"):
+            store.data.plans[digests[i]] = ppl
+            store.save()
+        for budget, row in rows:
+            name = _budget_name(budget)
             cell_id = f"{q}|{name}|{row.label}"
             digest = _plan_digest(q, row.plan)
-            if digest not in store.data.plans:
-                bank.load_plan(row.plan)
-                store.data.plans[digest] = evaluate(f"{row.label} at {name} ({q})")
-            else:
-                reused += 1
             target = ready.targets.get(budget) if q == "gguf" else None
             if target is not None and row.label in RUNTIME_LABELS and digest not in store.data.runtime:
                 store.data.runtime[digest] = _runtime_ppl(row, target, work, cfg, ready.window)
@@ -344,6 +370,21 @@ def _compare(cfg: CompareConfig, work: Path) -> CompareResult:
     )
     write_outputs(result, cfg.out)
     return result
+
+
+def _alone(modules: list[Module], layer: int, bits: int, quantizer: Quantizer) -> dict[str, str]:
+    """The storage formats that put one layer alone at `bits` (the oracle's evaluation of that layer)."""
+    return {m.name: quantizer.storage(m.out_features, m.in_features, bits).format for m in modules if m.layer == layer}
+
+
+def _budget_name(budget: float | str) -> str:
+    return budget if isinstance(budget, str) else f"{budget:g} bits"
+
+
+def _check_plan(plan: Plan, quantizer: Quantizer) -> None:
+    """A plan evaluated as formats must have been made for this quantizer and its settings."""
+    if plan.quantizer != quantizer.name or plan.symmetric != quantizer.symmetric:
+        raise NsdsError(f"the plan was made for {plan.quantizer} with other settings than {quantizer.describe()}")
 
 
 def _runtime_ppl(row: _Row, target: GGUFTarget, work: Path, cfg: CompareConfig, window: int) -> float:

@@ -5,6 +5,7 @@ oracle caches, and pip's output during `nsds assets fetch`. Every case uses real
 import json
 import shutil
 import zipfile
+from collections.abc import Iterator
 
 import gguf
 import numpy as np
@@ -248,9 +249,10 @@ class Counter:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def __call__(self, layer: int) -> float:
-        self.calls.append(layer)
-        return 100.0 + layer
+    def __call__(self, layers: list[int]) -> Iterator[tuple[int, float]]:
+        for layer in layers:
+            self.calls.append(layer)
+            yield layer, 100.0 + layer
 
 
 @pytest.mark.parametrize(

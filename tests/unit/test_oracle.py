@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -55,11 +56,12 @@ class Counter:
         self.calls: list[int] = []
         self.fail_at = fail_at
 
-    def __call__(self, layer: int) -> float:
-        if layer == self.fail_at:
-            raise KeyboardInterrupt
-        self.calls.append(layer)
-        return 100.0 + layer
+    def __call__(self, layers: list[int]) -> Iterator[tuple[int, float]]:
+        for layer in layers:
+            if layer == self.fail_at:
+                raise KeyboardInterrupt
+            self.calls.append(layer)
+            yield layer, 100.0 + layer
 
 
 def test_cache_resumes_after_an_interruption_and_skips_finished_layers(tmp_path):
@@ -100,12 +102,13 @@ def test_module_group_units_resume_and_reject_foreign_units(tmp_path, capsys):
     units = ["0.qkv", "0.o", "1.qkv", "1.o"]
     calls: list[str] = []
 
-    def measure(unit: str) -> float:
-        if unit == "1.qkv" and "interrupted" not in calls:
-            calls.append("interrupted")
-            raise KeyboardInterrupt
-        calls.append(unit)
-        return 10.0 + units.index(unit)
+    def measure(todo: list[str]) -> Iterator[tuple[str, float]]:
+        for unit in todo:
+            if unit == "1.qkv" and "interrupted" not in calls:
+                calls.append("interrupted")
+                raise KeyboardInterrupt
+            calls.append(unit)
+            yield unit, 10.0 + units.index(unit)
 
     with pytest.raises(KeyboardInterrupt):
         unit_sensitivity(units, measure, key, path)

@@ -10,7 +10,7 @@ written after every unit (an interrupted run resumes where it stopped).
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +36,32 @@ def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:
 
 
 def single_layer_sensitivity(
-    layers: int, measure: Callable[[int], float], key: dict[str, Any], path: Path | None = None
-) -> list[float]:
-    """measure(l) for every layer l (see unit_sensitivity)."""
+    layers: int, measure: Callable[[list[int]], Iterable[tuple[int, float]]], key: dict[str, Any],
+    path: Path | None = None,
+) -> list[float]:  # fmt: skip
+    """The perplexity of every layer quantized alone (see unit_sensitivity; measure(todo) takes and yields
+    layer indices)."""
+
+    def by_name(todo: list[str]) -> Iterable[tuple[str, float]]:
+        for layer, ppl in measure([int(unit) for unit in todo]):
+            yield str(layer), ppl
+
     units = [str(layer) for layer in range(layers)]
-    return unit_sensitivity(units, lambda unit: measure(int(unit)), key, path, "oracle (one layer at a time)")
+    return unit_sensitivity(units, by_name, key, path, "oracle (one layer at a time)")
 
 
 def unit_sensitivity(
     units: Sequence[str],
-    measure: Callable[[str], float],
+    measure: Callable[[list[str]], Iterable[tuple[str, float]]],
     key: dict[str, Any],
     path: Path | None = None,
     desc: str = "oracle (one unit at a time)",
 ) -> list[float]:
-    """measure(u) for every unit u, reusing the units already cached under `key` (a file whose key
-    differs is started afresh; one that cannot be read or holds anything but unit -> perplexity is
-    reported as damaged and measured again)."""
+    """The perplexity of every unit (a layer, a module group) quantized alone, reusing the units already
+    cached under `key` (a file whose key differs is started afresh; one that cannot be read or holds
+    anything but unit -> perplexity is reported as damaged and measured again). `measure(todo)` yields
+    (unit, perplexity) for each unit of `todo`, in whatever order they finish (one at a time here, in
+    parallel on Ray); each is cached as it arrives."""
     path = path or cache_path(key)
     done: dict[str, float] = {}
     if path.exists():
@@ -60,15 +69,15 @@ def unit_sensitivity(
             done = _cached_ppl(path, key, units)
         except NsdsError as err:  # a damaged cache is only lost work: measure again
             note(f"{err}; measuring the oracle again")
-    for unit in progress(units, desc=desc, unit="unit"):
-        if unit not in done:
-            done[unit] = float(measure(unit))
-            try:
-                write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
-            except OSError as err:
-                raise NsdsError(
-                    f"cannot write the oracle cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
-                ) from None
+    todo = [unit for unit in units if unit not in done]
+    for unit, ppl in progress(measure(todo), desc=desc, total=len(todo), unit="unit"):
+        done[unit] = float(ppl)
+        try:
+            write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
+        except OSError as err:
+            raise NsdsError(
+                f"cannot write the oracle cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
+            ) from None
     return [done[unit] for unit in units]
 
 

@@ -9,6 +9,7 @@ Everything is batched over leading dimensions (heads).
 """
 
 import itertools
+from collections.abc import Iterable
 
 import torch
 
@@ -20,16 +21,32 @@ def gram_of_columns(
 ) -> torch.Tensor:
     """The lower triangle of W^T W in `dtype` (the upper stays zero; eigh reads only the lower).
 
-    Computing only the strips G[i, :i+1] of `strips` column blocks saves almost half the flops of a full
-    product (BLAS has syrk for this, but torch does not expose it). Rows are taken in blocks so a huge W
-    (an unembedding) is never copied to `dtype` whole.
+    Rows are taken in blocks of `gram_block_rows` so a huge W (an unembedding) is never copied to `dtype`
+    whole; see gram_of_blocks.
     """
-    n = w.shape[1]
-    rows = max(1, block_bytes // (torch.finfo(dtype).bits // 8 * n))
+    rows = gram_block_rows(w.shape[1], dtype, block_bytes)
+    blocks = (w[start : start + rows] for start in range(0, w.shape[0], rows))
+    return gram_of_blocks(blocks, w.shape[1], dtype, w.device, strips)
+
+
+def gram_block_rows(n: int, dtype: torch.dtype, block_bytes: int = BLOCK_BYTES) -> int:
+    """Rows of an n-column matrix per block of gram_of_columns (a block in `dtype` takes `block_bytes`)."""
+    return max(1, block_bytes // (torch.finfo(dtype).bits // 8 * n))
+
+
+def gram_of_blocks(
+    blocks: Iterable[torch.Tensor], n: int, dtype: torch.dtype, device: torch.device | str = "cpu", strips: int = 8
+) -> torch.Tensor:
+    """The lower triangle of W^T W in `dtype`, summed over W's row blocks as they arrive (W is never whole).
+
+    Computing only the strips G[i, :i+1] of `strips` column blocks saves almost half the flops of a full
+    product (BLAS has syrk for this, but torch does not expose it). The same blocks in the same order give
+    the same bits as gram_of_columns on the whole W.
+    """
     edges = [round(i * n / strips) for i in range(strips + 1)]
-    gram = torch.zeros(n, n, dtype=dtype, device=w.device)
-    for start in range(0, w.shape[0], rows):
-        block = w[start : start + rows].to(dtype)
+    gram = torch.zeros(n, n, dtype=dtype, device=device)
+    for rows in blocks:
+        block = rows.to(device=device, dtype=dtype)
         for lo, hi in itertools.pairwise(edges):
             gram[lo:hi, :hi].addmm_(block[:, lo:hi].T, block[:, :hi])
     return gram

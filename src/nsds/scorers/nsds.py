@@ -4,13 +4,13 @@ For every decoder layer: split it into its five operational roles (arch.py), mea
 Numerical Vulnerability (kurtosis) and Structural Expressiveness (role-reweighted spectral capacity),
 then over all layers: MAD-Sigmoid each role's raw values, Soft-OR them over roles per aspect, and Soft-OR
 the two aspects into one score per layer. Weights stream from the source one layer at a time; W_U is
-read once, for the readout subspace the writers' Writing Density needs. Nothing here knows tensor names
-(arch.py does) or threads (streaming.py does).
+read once, a block of rows at a time, for the readout subspace the writers' Writing Density needs.
+Nothing here knows tensor names (arch.py does) or threads (streaming.py does).
 """
 
 import math
 import time
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -27,7 +27,8 @@ from nsds.metrics.spectra import (
     capacity,
     circuit_specificity,
     energy_rank,
-    gram_of_columns,
+    gram_block_rows,
+    gram_of_blocks,
     input_specificity,
     product_triplets,
     readout_complement,
@@ -175,10 +176,12 @@ def measure_layer(
     return measure_detectors(roles, geo, energy, compute) | measure_writers(roles, geo, complement, energy, compute)
 
 
-def _readout(unembedding: torch.Tensor, energy: float, compute: Compute) -> tuple[torch.Tensor, int] | None:
-    """The readout complement and k_U of W_U, or None if W_U holds NaN/Inf (its Gram diagonal sums every
-    squared entry, so checking it costs nothing)."""
-    gram = gram_of_columns(unembedding.to(compute.device), compute.dtype)
+def _readout(
+    unembedding: Iterable[torch.Tensor], width: int, energy: float, compute: Compute
+) -> tuple[torch.Tensor, int] | None:
+    """The readout complement and k_U of W_U, given as blocks of rows, or None if W_U holds NaN/Inf (its
+    Gram diagonal sums every squared entry, so checking it costs nothing)."""
+    gram = gram_of_blocks(unembedding, width, compute.dtype, compute.device)
     if not bool(torch.isfinite(gram.diagonal()).all()):
         return None
     return readout_complement(gram, energy)
@@ -245,64 +248,111 @@ def _finite(raw: dict[str, RawRole]) -> bool:
     return all(math.isfinite(value) for role in raw.values() for value in (role.nv, role.se))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which tensors scoring reads: the family, geometry, decoder body and W_U's names (then OPT's
+    project_out when it has one). Built from a source's config and names, and picklable, so a Ray task
+    builds the same one from the source it opens itself."""
+
+    family: arch.Family
+    geo: arch.Geometry
+    body: str
+    unembedding: list[str]
+
+    @classmethod
+    def of(cls, source: WeightSource) -> "Layout":
+        family, geo, names = arch.family_of(source.config.model_type), arch.geometry(source.config), source.names()
+        body = arch.find_body(family, names)
+        projection = arch.unembedding_projection_name(family, body, names)
+        unembedding = [arch.unembedding_name(family, geo, body, names)] + ([projection] if projection else [])
+        return cls(family, geo, body, unembedding)
+
+    def layer_names(self, read: TimedReader, i: int) -> list[str]:
+        """Layer i's tensors to search for NaN/Inf: its role tensors, then (MoE) everything else it holds."""
+        prefix = f"{self.body}{self.family.layers}.{i}."
+        roles = [prefix + rel for rel in self.family.layer_tensors() if prefix + rel in read.names]
+        others = (
+            []
+            if self.family.experts is None
+            else sorted(n for n in read.names if n.startswith(prefix) and n not in roles)
+        )
+        return roles + others
+
+    def roles(self, read: TimedReader, i: int) -> arch.LayerRoles:
+        """Layer i's roles, its tensors (and MoE experts, one at a time) read through `read`."""
+        view = arch.LayerView(f"{self.body}{self.family.layers}.{i}.", read.names, read, read.shape, read.part)
+        return arch.layer_roles(self.family, self.geo, view)
+
+
 def score(source: WeightSource, params: NsdsParams | None = None, compute: Compute | None = None) -> ScoreReport:
     """Score every decoder layer of the model behind `source` (docs/METHOD.md §1-§4).
 
     W_U's readout basis is computed once, alongside the first layers' detector roles; each layer's
-    writer roles need it. The scheduling is streaming.measure_layers; the method is the three measure_*
-    functions and `aggregate`.
+    writer roles need it. The scheduling is streaming.measure_layers (or, on a cluster, nsds.cluster);
+    the method is the three measure_* functions and `aggregate`.
     """
     params = params or NsdsParams()
     compute = compute or Compute()
     start = time.perf_counter()
-    family = arch.family_of(source.config.model_type)
-    geo = arch.geometry(source.config)
-    names = source.names()
-    body = arch.find_body(family, names)
-    read = TimedReader(source)
-    unembedding_names = [arch.unembedding_name(family, geo, body, names)]
-    projection = arch.unembedding_projection_name(family, body, names)
-    unembedding_names += [projection] if projection is not None else []
-
-    def layer_names(i: int) -> list[str]:
-        """The layer's tensors to search for NaN/Inf: its role tensors, then (MoE) everything else it holds."""
-        prefix = f"{body}{family.layers}.{i}."
-        roles = [prefix + rel for rel in family.layer_tensors() if prefix + rel in names]
-        others = sorted(n for n in names if n.startswith(prefix) and n not in roles) if family.experts else []
-        return roles + others
-
-    def layer(i: int) -> arch.LayerRoles:
-        view = arch.LayerView(f"{body}{family.layers}.{i}.", names, read, source.shape, read.part)
-        return arch.layer_roles(family, geo, view)
-
-    def accept_readout(readout: tuple[torch.Tensor, int] | None) -> None:
-        if readout is None:
-            _reject_non_finite(read, unembedding_names)
-            raise NsdsError("the unembedding gave a non-finite Gram matrix (values too large?)")
-
-    def merge(i: int, parts: list[Future]) -> dict[str, RawRole]:
-        try:
-            raw = {role: metrics for part in parts for role, metrics in part.result().items()}
-        except torch.linalg.LinAlgError:  # eigh/svd do not converge on NaN input
-            _reject_non_finite(read, layer_names(i))
-            raise
-        if not _finite(raw):
-            _reject_non_finite(read, layer_names(i))
-            raise NsdsError(f"layer {i} gave non-finite metrics from finite weights (values too large?)")
-        return raw
-
+    layout = Layout.of(source)
+    geo, read = layout.geo, TimedReader(source)
     d = geo.hidden_size
     layer_bytes = (3 * 4 * d * d + 4 * d * d) * torch.finfo(compute.dtype).bits // 8  # 4d MLP, q/k/v/o
     raw, readout = measure_layers(
         geo.num_layers,
-        read=layer,
+        read=partial(layout.roles, read),
         first=lambda roles: measure_detectors(roles, geo, params.energy, compute),
-        shared=partial(_readout, _unembedding(read, unembedding_names, geo, compute), params.energy, compute),
-        accept=accept_readout,
+        shared=partial(_readout, _unembedding(read, layout.unembedding, geo, compute), d, params.energy, compute),
+        accept=partial(check_readout, read, layout),
         second=lambda roles, readout: measure_writers(roles, geo, readout[0], params.energy, compute),
-        merge=merge,
+        merge=lambda i, parts: checked_layer(read, layout, i, [part.result for part in parts]),
         workers=Workers.for_layers(layer_bytes, compute),
     )
+    return score_report(source, geo, params, compute, raw, readout[1], read.seconds, start)
+
+
+def measure_readout(read: TimedReader, layout: Layout, energy: float, compute: Compute) -> tuple[torch.Tensor, int]:
+    """W_U's readout complement and k_U, read and checked in one go (what a Ray task does)."""
+    blocks = _unembedding(read, layout.unembedding, layout.geo, compute)
+    found = _readout(blocks, layout.geo.hidden_size, energy, compute)
+    check_readout(read, layout, found)
+    return found
+
+
+def check_readout(read: TimedReader, layout: Layout, readout: tuple[torch.Tensor, int] | None) -> None:
+    """Name the W_U tensor holding NaN/Inf when the readout came out non-finite."""
+    if readout is None:
+        _reject_non_finite(read, layout.unembedding)
+        raise NsdsError("the unembedding gave a non-finite Gram matrix (values too large?)")
+
+
+def checked_layer(
+    read: TimedReader, layout: Layout, i: int, parts: list[Callable[[], dict[str, RawRole]]]
+) -> dict[str, RawRole]:
+    """Layer i's raw metrics, merged from its parts (each computed or awaited when called); a non-finite
+    result is traced back to the tensor holding NaN/Inf."""
+    try:
+        raw = {role: metrics for part in parts for role, metrics in part().items()}
+    except torch.linalg.LinAlgError:  # eigh/svd do not converge on NaN input
+        _reject_non_finite(read, layout.layer_names(read, i))
+        raise
+    if not _finite(raw):
+        _reject_non_finite(read, layout.layer_names(read, i))
+        raise NsdsError(f"layer {i} gave non-finite metrics from finite weights (values too large?)")
+    return raw
+
+
+def score_report(
+    source: WeightSource,
+    geo: arch.Geometry,
+    params: NsdsParams,
+    compute: Compute,
+    raw: list[dict[str, RawRole]],
+    unembedding_rank: int,
+    read_s: float,
+    start: float,
+) -> ScoreReport:
+    """The score report of every layer's raw metrics, aggregated (`start`: perf_counter when scoring began)."""
     layers = aggregate(raw, params)
     return ScoreReport(
         scorer="nsds",
@@ -320,19 +370,26 @@ def score(source: WeightSource, params: NsdsParams | None = None, compute: Compu
         ranking=ranking([layer.score for layer in layers]),
         nsds_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        timing={"read_s": read.seconds, "total_s": time.perf_counter() - start},
-        unembedding_rank=readout[1],
+        timing={"read_s": read_s, "total_s": time.perf_counter() - start},
+        unembedding_rank=unembedding_rank,
     )
 
 
-def _unembedding(read: TimedReader, names: list[str], geo: arch.Geometry, compute: Compute) -> torch.Tensor:
-    """W_U (d columns): the output head or tied embedding, through OPT's project_out when it has one."""
-    unembedding = read(names[0])
-    if len(names) > 1:
-        unembedding = unembedding.to(compute.dtype) @ read(names[1]).to(compute.dtype)
-    if unembedding.shape[-1] != geo.hidden_size:
-        raise NsdsError(f"unembedding has width {unembedding.shape[-1]}, expected hidden size {geo.hidden_size}")
-    return unembedding
+def _unembedding(read: TimedReader, names: list[str], geo: arch.Geometry, compute: Compute) -> Iterator[torch.Tensor]:
+    """W_U (d columns) in blocks of gram_block_rows rows: the output head or tied embedding, through OPT's
+    project_out when it has one. Its width is checked now; the blocks are read as they are consumed, so
+    W_U is never whole in memory (the blocks are those gram_of_columns takes: the same Gram, bit for bit)."""
+    width = read.shape(names[-1])[-1]
+    if width != geo.hidden_size:
+        raise NsdsError(f"unembedding has width {width}, expected hidden size {geo.hidden_size}")
+    rows = gram_block_rows(width, compute.dtype)
+
+    def blocks() -> Iterator[torch.Tensor]:
+        projection = read(names[1]).to(compute.dtype) if len(names) > 1 else None
+        for block in read.row_blocks(names[0], rows):
+            yield block if projection is None else block.to(compute.dtype) @ projection
+
+    return blocks()
 
 
 def _reject_non_finite(read: TimedReader, names: list[str]) -> None:

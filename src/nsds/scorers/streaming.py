@@ -37,21 +37,47 @@ class TimedReader:
         self._lock = threading.Lock()  # MoE experts are read on the workers that measure them
 
     def __call__(self, name: str) -> torch.Tensor:
+        self._check_name(name)
         return self._timed(name, lambda: self.source.tensor(name))
 
     def part(self, name: str, index: int) -> torch.Tensor:
         """One expert of a stacked 3-D tensor (source.part)."""
+        self._check_name(name)
         return self._timed(name, lambda: self.source.part(name, index))
 
+    def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """The tensor `rows` rows at a time (see WeightSource.row_blocks), each read timed."""
+        self._check_name(name)
+        blocks = self.source.row_blocks(name, rows)
+        while True:
+            start = time.perf_counter()
+            block = next(blocks, None)
+            with self._lock:
+                self.seconds += time.perf_counter() - start
+            if block is None:
+                return
+            yield self._checked(name, block)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the source's header where it has one."""
+        self._check_name(name)
+        return self.source.shape(name)
+
     def _timed(self, name: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if name not in self.names:
-            raise NsdsError(f"the weights hold no tensor '{name}': the checkpoint is incomplete")
         start = time.perf_counter()
-        tensor = read()
-        if not tensor.is_floating_point():
-            raise NsdsError(f"tensor '{name}' has dtype {tensor.dtype}; nsds scores floating-point weights")
+        tensor = self._checked(name, read())
         with self._lock:
             self.seconds += time.perf_counter() - start
+        return tensor
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.names:
+            raise NsdsError(f"the weights hold no tensor '{name}': the checkpoint is incomplete")
+
+    @staticmethod
+    def _checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            raise NsdsError(f"tensor '{name}' has dtype {tensor.dtype}; nsds scores floating-point weights")
         return tensor
 
 
@@ -99,7 +125,10 @@ def measure_layers(
     """
     schedule = _Schedule(first, second, merge, accept, workers)
     threads = 1 if workers.count > 1 else torch.get_num_threads()
-    with _torch_threads(threads), ThreadPoolExecutor(workers.count) as pool:
+    # Each worker thread sets its own count: MKL and OpenMP in a new thread otherwise use every core,
+    # whatever the main thread set (two "single-threaded" workers each ran eigh on all cores).
+    initial = {"initializer": torch.set_num_threads, "initargs": (threads,)}
+    with _torch_threads(threads), ThreadPoolExecutor(workers.count, **initial) as pool:
         task = pool.submit(shared)
         del shared
         return schedule.run(pool, count, read, task)

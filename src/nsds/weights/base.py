@@ -1,7 +1,7 @@
 """The weight-source interface: named tensors, read one at a time, in Hugging Face names and layouts."""
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,13 @@ class WeightSource(ABC):
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape in nn.Module layout; sources that have a header read it without the data."""
         return tuple(self.tensor(name).shape)
+
+    def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """A tensor's rows, `rows` at a time. Sources that can read a range of rows read only it, so a sum
+        over the blocks (W_U's Gram) never holds the whole tensor; the others slice the whole one."""
+        tensor = self.tensor(name)
+        for start in range(0, tensor.shape[0], rows):
+            yield tensor[start : start + rows]
 
     def provenance(self) -> dict[str, Any]:
         """Where the weights came from, with a SHA-256 per file, for the score report."""

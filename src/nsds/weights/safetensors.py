@@ -1,6 +1,15 @@
-"""A Hugging Face folder of safetensors (one file or shards with an index), memory-mapped."""
+"""A Hugging Face folder of safetensors (one file or shards with an index).
+
+Headers (names, shapes) come from safetensors' memory maps; tensor data is read with pread into memory
+the caller owns. Reading through the map instead would leave every page read mapped, and counted in the
+process's RSS, until the file is closed: the whole checkpoint by the end of a scoring run.
+"""
 
 import json
+import math
+import os
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -12,6 +21,11 @@ from nsds.errors import NsdsError, first_line
 from nsds.weights.base import WeightSource, build_config
 
 INDEX = "model.safetensors.index.json"
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 def read_config(folder: Path):
@@ -59,6 +73,7 @@ class SafetensorsSource(WeightSource):
         self.config = read_config(self.folder)
         self.model_id = model_id or str(self.folder)
         self._handles: dict[str, object] = {}
+        self._spans: dict[str, dict[str, tuple[str, tuple[int, ...], int]]] = {}  # file -> name -> where
         self._where = self._index()
         self.files = sorted({self.folder / f for f in self._where.values()})
 
@@ -108,10 +123,53 @@ class SafetensorsSource(WeightSource):
             raise NsdsError(f"cannot read tensor '{name}' from '{self._where[name]}': {first_line(err)}") from None
 
     def tensor(self, name: str) -> torch.Tensor:
+        dtype, shape, _ = self._span(name)
+        return self._read(name, 0, math.prod(shape)).view(dtype).reshape(shape)
+
+    def row_blocks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """Only each block's bytes are read: rows are contiguous in a safetensors file."""
+        dtype, shape, _ = self._span(name)
+        row = math.prod(shape[1:])
+        for start in range(0, shape[0], rows):
+            count = min(rows, shape[0] - start)
+            yield self._read(name, start * row, count * row).view(dtype).reshape(count, *shape[1:])
+
+    def _span(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+        """A tensor's dtype, shape and the file offset of its data, from its file's header."""
+        file = self._where[name]
+        if file not in self._spans:
+            self._open(file)  # safetensors checks the header and the file's length
+            with open(self.folder / file, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self._spans[file] = {
+                key: (entry["dtype"], tuple(entry["shape"]), 8 + size + entry["data_offsets"][0])
+                for key, entry in header.items()
+            }
+        if name not in self._spans[file]:
+            raise NsdsError(f"cannot read tensor '{name}' from '{file}': the file does not hold it")
+        kind, shape, offset = self._spans[file][name]
+        if kind not in _DTYPES:
+            raise NsdsError(f"tensor '{name}' in '{file}' has dtype {kind}, which nsds cannot read")
+        return _DTYPES[kind], shape, offset
+
+    def _read(self, name: str, first: int, count: int) -> torch.Tensor:
+        """Elements first..first+count of a tensor, as bytes read from its file."""
+        dtype, _, offset = self._span(name)
+        size = torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(count * size, dtype=torch.uint8)
+        view, done = memoryview(out.numpy()), 0
+        fd = os.open(self.folder / self._where[name], os.O_RDONLY)
         try:
-            return self._open(self._where[name]).get_tensor(name)
-        except SafetensorError as err:
-            raise NsdsError(f"cannot read tensor '{name}' from '{self._where[name]}': {first_line(err)}") from None
+            while done < len(view):  # one read returns at most ~2 GiB on Linux
+                got = os.preadv(fd, [view[done:]], offset + first * size + done)
+                if got == 0:
+                    raise NsdsError(f"'{self._where[name]}' ends inside tensor '{name}' (truncated file?)")
+                done += got
+        finally:
+            os.close(fd)
+        return out
 
     def part(self, name: str, index: int) -> torch.Tensor:
         try:
@@ -121,3 +179,4 @@ class SafetensorsSource(WeightSource):
 
     def close(self) -> None:
         self._handles.clear()
+        self._spans.clear()
