@@ -143,6 +143,8 @@ def gguf_glance(runs: dict[str, CompareResult]) -> list[str]:
         return []
     lines = []
     for label, name in (("error", "nsds's default (`error`)"), ("nsds", "the NSDS paper's allocation")):
+        if any(_runtime(rows, label) is None for _, rows in pairs):
+            continue  # measured before that allocator existed
         wins = sum(rows[label].runtime_ppl < rows["llama.cpp preset"].runtime_ppl for _, rows in pairs)
         uniform = sum(rows[label].runtime_ppl < rows["uniform"].runtime_ppl for _, rows in pairs)
         excess = [rows[label].runtime_ppl / rows["llama.cpp preset"].runtime_ppl - 1 for _, rows in pairs]
@@ -170,11 +172,22 @@ def readme_table(runs: dict[str, CompareResult]) -> str:
             if row is None:
                 cells.append("-")
                 continue
-            ppl = {label: row[label].runtime_ppl for label in ("llama.cpp preset", "error", "uniform", "higgs")}
-            best = min(ppl.values())
-            cells.append(" / ".join(f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in ppl.values()))
+            ppl = {label: _runtime(row, label) for label in ("llama.cpp preset", "error", "uniform", "higgs")}
+            cells.append(_ppl_cells(ppl, " / "))
         lines.append(f"| {preset} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _runtime(rows: dict, label: str) -> float | None:
+    """llama-perplexity of a row's GGUF file; None when the row was not measured (an older compare.json)."""
+    row = rows.get(label)
+    return None if row is None else row.runtime_ppl
+
+
+def _ppl_cells(ppl: dict[str, float | None], sep: str) -> str:
+    """Perplexities joined by `sep`, the lowest in bold, "-" where absent."""
+    lowest = min(v for v in ppl.values() if v is not None)
+    return sep.join("-" if v is None else f"**{v:.2f}**" if v == lowest else f"{v:.2f}" for v in ppl.values())
 
 
 def gguf_section(result: CompareResult, folder: str) -> str:
@@ -199,12 +212,10 @@ def gguf_section(result: CompareResult, folder: str) -> str:
     labels = ("llama.cpp preset", "error", "nsds", "higgs", "uniform", "llama.cpp")
     for budget in result.budgets("gguf"):
         rows = result.rows("gguf", budget)
-        ppl = {label: rows[label].runtime_ppl for label in labels}
+        ppl = {label: _runtime(rows, label) for label in labels}
         name = rows["llama.cpp preset"].budget_name
-        change = 100 * (ppl["error"] / ppl["llama.cpp preset"] - 1)
-        lowest = min(ppl.values())
-        shown = " | ".join(f"**{v:.2f}**" if v == lowest else f"{v:.2f}" for v in ppl.values())
-        lines.append(f"| {name} | {budget:.3f} | {shown} | {change:+.1f} % |")
+        change = "-" if ppl["error"] is None else f"{100 * (ppl['error'] / ppl['llama.cpp preset'] - 1):+.1f} %"
+        lines.append(f"| {name} | {budget:.3f} | {_ppl_cells(ppl, ' | ')} | {change} |")
     lines += ["", quantizer_section(result, "gguf", "###", f"results/{folder}/")]
     return "\n".join(lines)
 
