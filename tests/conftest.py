@@ -41,3 +41,12 @@ def real_nsds_cache() -> Path:
 def test_nsds_cache() -> Path:
     """The session's temporary nsds cache (NSDS_CACHE), with the real cache's assets symlinked in."""
     return TEST_CACHE
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with two CPUs for one test module (the --ray tests; they skip without Ray)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

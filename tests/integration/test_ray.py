@@ -8,14 +8,7 @@ from nsds.scorers.nsds import NsdsParams, score
 from nsds.weights import open_source
 
 pytestmark = pytest.mark.integration
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytest.importorskip("ray")
 
 
 @pytest.mark.parametrize("asset", ["smollm2_gguf", "gemma3_gguf"])

@@ -16,14 +16,7 @@ from nsds.weights import open_source
 
 from tiny_models import save_tiny_tokenizer, tiny_model, write_gguf
 
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytest.importorskip("ray")
 
 
 def same_report(got, expected) -> None:
