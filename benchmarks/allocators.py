@@ -7,11 +7,14 @@ would otherwise get (uniform, llama.cpp's rule, the HIGGS-style program, the NSD
 Prints one row per model x quantizer x budget (perplexity per allocator, the lowest in brackets) and a
 summary over every cell of `--out` (an existing file with the same settings keeps its other cells, so
 quantizers can be added one run at a time): cells where `error` is lowest, never worse than uniform,
-and each allocator's mean excess perplexity over the reference. The constants of `error` were chosen
-on brown-tune (docs/METHOD.md §9); report on brown-test and moby-dick. GGUF budgets count storage bits.
+and each allocator's mean excess perplexity over the reference. The constants of `error` were chosen on
+brown-tune (docs/METHOD.md §9); report on brown-test and moby-dick. GGUF budgets count storage bits.
+Error tables and every evaluated plan's perplexity are kept under the nsds cache (both deterministic), so a
+rerun evaluates only plans it has not seen.
 """
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,10 +22,10 @@ from pathlib import Path
 from nsds import arch
 from nsds.allocate import Evidence, allocation_setting, plan_for
 from nsds.compute import Compute
-from nsds.distortion import measure_errors
+from nsds.distortion import ErrorTable, measure_errors
 from nsds.evaluate.loading import load_for_evaluation
 from nsds.evaluate.perplexity import perplexity
-from nsds.files import write_json
+from nsds.files import cache_dir, write_json
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers.nsds import score
 
@@ -36,22 +39,24 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     modules = arch.linear_modules(model, fuse=True)
     reference = perplexity(model, loaded.windows, desc="reference")
     scores = score(loaded.source, compute=loaded.compute).scores
+    measured_at = cache_dir() / "ppl" / f"{model_id}-{text}-{tokens}.json"
+    measured = json.loads(measured_at.read_text()) if measured_at.exists() else {}
     found = []
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = measure_errors(bank, modules, widths, arch.input_gains(model, modules))
+        errors = _errors(bank, modules, widths, model, f"{model_id}-{q}-w{'-'.join(map(str, widths))}")
         evidence = Evidence(scores=scores, errors=errors)
-        measured: dict[str, float] = {}
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
             row = {}
             for label in ALLOCATORS:
                 plan = plan_for(label, modules, evidence, setting)
-                key = json.dumps(sorted(plan.formats().items()))
-                if key not in measured:
+                key = hashlib.sha256(json.dumps([q, sorted(plan.formats().items())]).encode()).hexdigest()
+                if key not in measured:  # perplexity is deterministic: a plan measured once, by any allocator
                     bank.load_plan(plan)
                     measured[key] = perplexity(model, loaded.windows, desc=f"{label} at {budget:g} ({q})")
+                    write_json(measured_at, measured)
                 row[label] = measured[key]
             found.append({"model": model_id, "quantizer": q, "budget": budget, "counts": setting.budget_counts,
                           "reference": reference, "ppl": row})  # fmt: skip
@@ -60,6 +65,18 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
             print(f"{model_id:12s} {q:5s} {budget:5.2f}  ref {reference:.2f}  {shown}", flush=True)
         bank.restore()
     return found
+
+
+def _errors(bank: WeightBank, modules: list, widths: tuple[int, ...], model, key: str) -> ErrorTable:
+    """The error table, measured once per model x quantizer x widths and kept under the nsds cache: it does not
+    depend on the text, and HQQ's takes minutes on a CPU."""
+    path = cache_dir() / "errors" / f"{key}.json"
+    if path.exists():
+        return ErrorTable.load(path)
+    errors = measure_errors(bank, modules, widths, arch.input_gains(model, modules))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    errors.save(path)
+    return errors
 
 
 def summary(found: list[dict]) -> list[str]:

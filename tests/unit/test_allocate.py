@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nsds.allocate import (
+    MIN_PREDICTED_GAIN,
     Evidence,
     Setting,
     allocate,
@@ -237,7 +238,7 @@ def test_least_error_is_the_exact_optimum_over_every_assignment(measure, exponen
 
     for budget in (2.4, 3.0, 3.6):
         s = setting(budget, widths=widths)
-        plan = least_error(modules, errors, s, measure=measure, size_exponent=exponent, edge_weight=3.0)
+        plan = least_error(modules, errors, s, measure=measure, size_exponent=exponent, edge_weight=3.0, min_gain=0)
         params = sum(m.params for m in modules)
         best = min(
             (sum(predicted(m, w) for m, w in zip(modules, ws, strict=True)), ws)
@@ -246,6 +247,29 @@ def test_least_error_is_the_exact_optimum_over_every_assignment(measure, exponen
         )
         assert tuple(m.bits for m in plan.modules) == best[1]
         assert plan.weight_bits <= budget and plan.allocator == "error"
+
+
+def test_least_error_keeps_uniform_unless_predicted_clearly_better():
+    # Four equal modules at 3 bits (error 1 each, 4 in all). Raising one to 4 bits saves 0.75; it is paid for
+    # by lowering m2 to 2 bits, which costs m2 `loss`: the optimum is predicted (0.75 - loss) / 4 better than
+    # uniform, and only a gain of MIN_PREDICTED_GAIN or more leaves the uniform plan.
+    modules = [Module(f"m{i}", i, "down", 64, 64, f"{i}") for i in range(4)]
+    s = setting(3.0, widths=(2, 3, 4))
+    for loss, leaves in ((0.0, True), (0.7, False)):
+        low = {m.name: 1 + loss if m.name == "m2" else 4.0 for m in modules}  # error at 2 bits
+        errors = table(modules, (2, 3, 4), lambda m, w, low=low: {2: low[m.name], 3: 1.0, 4: 0.25}[w])
+        gain = (0.75 - loss) / 4
+        assert (gain >= MIN_PREDICTED_GAIN) == leaves
+        optimum = least_error(modules, errors, s, edge_weight=1.0, min_gain=0)
+        assert sorted(m.bits for m in optimum.modules) == [2, 3, 3, 4]
+        plan = least_error(modules, errors, s, edge_weight=1.0)
+        assert plan.allocator == "error" and plan.weight_bits <= 3.0
+        if leaves:
+            assert plan.modules == optimum.modules
+        else:
+            assert [m.bits for m in plan.modules] == [3, 3, 3, 3]
+            assert plan.modules[0].reason == {"allocator": "error", "fallback": "uniform",
+                                              "predicted_gain": pytest.approx(gain)}  # fmt: skip
 
 
 def test_higgs_weighs_every_module_by_one_on_relative_error():
