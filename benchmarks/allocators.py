@@ -118,6 +118,8 @@ def main() -> None:
         if saved["settings"] == settings:  # the same evidence: new cells replace their old selves, others stay
             fresh = {(c["model"], c["quantizer"], c["budget"]) for c in found}
             found = [c for c in saved["cells"] if (c["model"], c["quantizer"], c["budget"]) not in fresh] + found
+    order = {"rtn": 0, "hqq": 1, "gguf": 2}
+    found.sort(key=lambda c: (c["model"] != "smollm2", c["model"], order.get(c["quantizer"], 3), c["budget"]))
     lines = summary(found)
     print("\n".join(lines))
     print(f"{time.perf_counter() - started:.0f} s")
