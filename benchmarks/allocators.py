@@ -19,13 +19,16 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from nsds import arch
 from nsds.allocate import Evidence, allocation_setting, plan_for
 from nsds.compute import Compute
 from nsds.distortion import ErrorTable, measure_errors
-from nsds.evaluate.loading import load_for_evaluation
+from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.perplexity import perplexity
 from nsds.files import cache_dir, write_json
+from nsds.plan import Module, Plan
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers.nsds import score
 
@@ -39,25 +42,19 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     modules = arch.linear_modules(model, fuse=True)
     reference = perplexity(model, loaded.windows, desc="reference")
     scores = score(loaded.source, compute=loaded.compute).scores
-    measured_at = cache_dir() / "ppl" / f"{model_id}-{text}-{tokens}.json"
-    measured = json.loads(measured_at.read_text()) if measured_at.exists() else {}
+    evaluated = Evaluated(model_id, loaded)
     found = []
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = _errors(bank, modules, widths, model, f"{model_id}-{q}-w{'-'.join(map(str, widths))}")
+        errors = measured_errors(bank, modules, widths, model, model_id)
         evidence = Evidence(scores=scores, errors=errors)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
             row = {}
             for label in ALLOCATORS:
                 plan = plan_for(label, modules, evidence, setting)
-                key = hashlib.sha256(json.dumps([q, sorted(plan.formats().items())]).encode()).hexdigest()
-                if key not in measured:  # perplexity is deterministic: a plan measured once, by any allocator
-                    bank.load_plan(plan)
-                    measured[key] = perplexity(model, loaded.windows, desc=f"{label} at {budget:g} ({q})")
-                    write_json(measured_at, measured)
-                row[label] = measured[key]
+                row[label] = evaluated.ppl(bank, plan, f"{label} at {budget:g} ({q})")
             found.append({"model": model_id, "quantizer": q, "budget": budget, "counts": setting.budget_counts,
                           "reference": reference, "ppl": row})  # fmt: skip
             best = min(row.values())
@@ -67,16 +64,37 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     return found
 
 
-def _errors(bank: WeightBank, modules: list, widths: tuple[int, ...], model, key: str) -> ErrorTable:
+def measured_errors(bank: WeightBank, modules: list[Module], widths: tuple[int, ...], model: torch.nn.Module,
+                    model_id: str) -> ErrorTable:  # fmt: skip
     """The error table, measured once per model x quantizer x widths and kept under the nsds cache: it does not
     depend on the text, and HQQ's takes minutes on a CPU."""
-    path = cache_dir() / "errors" / f"{key}.json"
+    path = cache_dir() / "errors" / f"{model_id}-{bank.quantizer.name}-w{'-'.join(map(str, widths))}.json"
     if path.exists():
         return ErrorTable.load(path)
     errors = measure_errors(bank, modules, widths, arch.input_gains(model, modules))
     path.parent.mkdir(parents=True, exist_ok=True)
     errors.save(path)
     return errors
+
+
+class Evaluated:
+    """Perplexities of the plans already evaluated on one model x text x length, kept under the nsds cache:
+    perplexity is deterministic, so a plan is measured once, whichever allocator (or study) made it."""
+
+    def __init__(self, model_id: str, loaded: Loaded) -> None:
+        self.loaded = loaded
+        tokens = loaded.protocol.windows * loaded.protocol.window
+        self.path = cache_dir() / "ppl" / f"{model_id}-{loaded.protocol.text}-{tokens}.json"
+        self.known: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def ppl(self, bank: WeightBank, plan: Plan, desc: str) -> float:
+        """The plan's perplexity, put into the model through `bank` when not known yet."""
+        key = hashlib.sha256(json.dumps([bank.quantizer.name, sorted(plan.formats().items())]).encode()).hexdigest()
+        if key not in self.known:
+            bank.load_plan(plan)
+            self.known[key] = perplexity(self.loaded.model, self.loaded.windows, desc=desc)
+            write_json(self.path, self.known)
+        return self.known[key]
 
 
 def summary(found: list[dict]) -> list[str]:

@@ -6,7 +6,7 @@ and how well each data-free sensitivity ranks the groups by it.
 
 For every group g: the oracle is the perplexity with only g quantized to `--bits` (cached per unit in the
 nsds cache, so an interrupted run resumes). The sensitivities ranked against it (Spearman rho, Kendall
-tau-b): nsds's `error` objective at that width (sum over g of p_layer * sqrt(n) * r_m(b)), HIGGS's (sum of
+tau-b): nsds's `error` objective at that width (its PredictedLoss with only g quantized), HIGGS's (sum of
 r_m(b)), the output-error energy (sum of n * r_m(b)), and the NSDS paper's layer score of g's layer (the
 layer-level ranking, for reference: every group of a layer shares it).
 """
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nsds import arch
-from nsds.allocate import module_weight
+from nsds.allocate import PredictedLoss
 from nsds.compute import Compute
 from nsds.distortion import measure_errors
 from nsds.evaluate.loading import load_for_evaluation
@@ -32,7 +32,6 @@ def study(model_id: str, quantizer_name: str, bits: int, text: str, tokens: int)
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
     model = loaded.model
     modules = arch.linear_modules(model, fuse=True)
-    layers = arch.geometry(model.config).num_layers
     reference = perplexity(model, loaded.windows, desc="reference")
     layer_scores = score(loaded.source, compute=loaded.compute).scores
     quantizer = make_quantizer(quantizer_name)
@@ -58,11 +57,13 @@ def study(model_id: str, quantizer_name: str, bits: int, text: str, tokens: int)
     oracle = unit_sensitivity(groups, measure, key, desc="oracle (one width group at a time)")
     bank.restore()
 
+    predicted = PredictedLoss(modules, errors)  # the group alone at the low width, every other module unquantized
+
     def total(weight) -> list[float]:
         return [sum(weight(m) * errors.of(m.name, bits, "relative") for m in members[g]) for g in groups]
 
     sensitivities = {
-        "error (nsds default)": total(lambda m: module_weight(m, layers)),
+        "error (nsds default)": [predicted({m.name: bits for m in members[g]}) for g in groups],
         "higgs (sum r)": total(lambda m: 1.0),
         "energy (sum n r)": total(lambda m: m.params),
         "NSDS paper layer score": [layer_scores[members[g][0].layer] for g in groups],

@@ -289,7 +289,7 @@ def module_oracle_section() -> list[str]:
             "",
             "Each width group (a layer's q/k/v, o, gate/up or down) alone at the low width, every other weight "
             "the reference's; the perplexity it gives is that group's measured sensitivity. Ranked against it: "
-            "`error`'s objective at that width (p_layer x sqrt(n) x relative error, summed over the group), "
+            "`error`'s predicted loss with only that group at that width (docs/METHOD.md §9), "
             "HIGGS's (relative errors summed), the output-error energy (n x relative error) and, for reference, "
             "the NSDS paper's layer score (every group of a layer shares it: layer-level ranking). "
             "`python benchmarks/module_oracle.py`.",

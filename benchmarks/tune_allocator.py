@@ -1,25 +1,25 @@
-"""The study that chooses the `error` allocator's constants: a grid of size exponents and edge weights on
+"""The study that chooses the `error` allocator's constants: a grid of energy weights and edge weights on
 the tuning text only (brown-tune), every model x quantizer x budget, against HIGGS and uniform.
 
     python benchmarks/tune_allocator.py --models smollm2,gemma3-270m --quantizers rtn,hqq \\
-        --exponents 0,0.25,0.35,0.5 --edges 1,2 [--budgets 3.5,4.25,5] [--text brown-tune]
+        --energies 0,30,100 --edges 2 [--budgets 3.5,4.25,5] [--text brown-tune] [--tokens 8192]
 
 Prints each variant's perplexity per cell and its sum of log perplexities (lower is better), the
-criterion docs/METHOD.md §9 uses. Never run it on the texts the results are reported on.
+criterion docs/METHOD.md §9 uses. Never run it on the texts the results are reported on. Error tables and
+plan perplexities are shared with benchmarks/allocators.py's cache.
 """
 
 import argparse
-import json
 import math
 import time
 
 from nsds import arch
 from nsds.allocate import Evidence, allocation_setting, least_error, plan_for
 from nsds.compute import Compute
-from nsds.distortion import measure_errors
 from nsds.evaluate.loading import load_for_evaluation
-from nsds.evaluate.perplexity import perplexity
 from nsds.quantize import WeightBank, make_quantizer
+
+from allocators import Evaluated, measured_errors
 
 
 def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tuple[int, ...], text: str,
@@ -28,25 +28,22 @@ def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
     model = loaded.model
     modules = arch.linear_modules(model, fuse=True)
+    evaluated = Evaluated(model_id, loaded)
     found: dict[str, dict[str, float]] = {}
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = measure_errors(bank, modules, widths, {})
-        measured: dict[str, float] = {}
+        errors = measured_errors(bank, modules, widths, model, model_id)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
-            plans = {f"g={g:g} edge={e:g}": least_error(modules, errors, setting, size_exponent=g, edge_weight=e)
+            plans = {f"energy={g:g} edge={e:g}": least_error(modules, errors, setting, edge_weight=e,
+                                                             energy_weight=g, min_gain=0)
                      for g, e in variants}  # fmt: skip
             evidence = Evidence(errors=errors)
             plans |= {label: plan_for(label, modules, evidence, setting) for label in ("higgs", "uniform")}
             cell = found.setdefault(f"{model_id} {q} {budget:g}", {})
             for label, plan in plans.items():
-                key = json.dumps(sorted(plan.formats().items()))
-                if key not in measured:
-                    bank.load_plan(plan)
-                    measured[key] = perplexity(model, loaded.windows, desc=f"{label} {q} {budget:g}")
-                cell[label] = measured[key]
+                cell[label] = evaluated.ppl(bank, plan, f"{label} {q} {budget:g}")
             print(f"{model_id} {q} {budget:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in cell.items()), flush=True)
         bank.restore()
     return found
@@ -58,13 +55,13 @@ def main() -> None:
     parser.add_argument("--quantizers", default="rtn")
     parser.add_argument("--budgets", default="3.5,4.25,5")
     parser.add_argument("--widths", default="2,3,4,5,6,8")
-    parser.add_argument("--exponents", default="0,0.25,0.35,0.5")
-    parser.add_argument("--edges", default="1,2")
+    parser.add_argument("--energies", default="0,30,100")
+    parser.add_argument("--edges", default="2")
     parser.add_argument("--text", default="brown-tune")
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
     started = time.perf_counter()
-    variants = [(float(g), float(e)) for g in args.exponents.split(",") for e in args.edges.split(",")]
+    variants = [(float(g), float(e)) for g in args.energies.split(",") for e in args.edges.split(",")]
     found: dict[str, dict[str, float]] = {}
     for model_id in args.models.split(","):
         found |= study(model_id, args.quantizers.split(","), [float(b) for b in args.budgets.split(",")],

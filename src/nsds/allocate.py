@@ -333,14 +333,48 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     return _plan(modules, bits, reasons, setting, "llama.cpp", widths)
 
 
-# The `error` allocator's constants (docs/METHOD.md §9), chosen on brown-tune for both models together:
-# a module's error counts with the square root of its size (between HIGGS's 1 and the output-error
-# energy's n), and the first and last decoder layers count twice (nothing downstream corrects them).
-# It keeps the uniform plan unless its own is predicted clearly better: the objective is a model, and a plan
-# that left uniform for a predicted gain of 0.6 % was worse than uniform on brown-tune (SmolLM2, 5 bits).
-SIZE_EXPONENT = 0.5
+# The `error` allocator's model of what quantization costs (docs/METHOD.md §9), its constants chosen on
+# brown-tune: HIGGS's first-order sum of relative weight errors plus a second-order term in the output noise
+# energy (the size-weighted mean relative error), the first and last decoder layers counted twice (nothing
+# downstream corrects them). The second-order term is negligible at 5+ bits, where every module counts
+# alike, and gives the large matrices their bits at 3-4 bits, where their noise dominates. The uniform plan
+# is kept unless the optimum is predicted clearly better (a model's 0.6 % was worse on brown-tune).
 EDGE_WEIGHT = 2.0
+ENERGY_WEIGHT = 100.0
 MIN_PREDICTED_GAIN = 0.03
+_REFITS = 10  # linearisations tried, from the uniform plan; each is a fixed point or better than the last
+
+
+class PredictedLoss:
+    """`error`'s model of the loss of a plan (bits per module name; a module not in it is unquantized):
+
+        L = sum_m p_m r_m(b_m) + (energy_weight / 2) * M * R^2,    R = sum_m p_m n_m r_m(b_m) / N,
+
+    with r_m(b) module m's measured error (`measure`), n_m its weights, N their sum over the M modules, and
+    p_m = edge_weight on the first and last decoder layers, 1 elsewhere."""
+
+    def __init__(self, modules: Sequence[Module], errors: ErrorTable, measure: str = "relative",
+                 edge_weight: float = EDGE_WEIGHT, energy_weight: float = ENERGY_WEIGHT) -> None:  # fmt: skip
+        layers = max(m.layer for m in modules) + 1
+        self.modules, self.errors, self.measure, self.energy_weight = modules, errors, measure, energy_weight
+        self.edge = {m.name: edge_weight if m.layer in (0, layers - 1) else 1.0 for m in modules}
+        self.params = sum(m.params for m in modules)
+
+    def _error(self, m: Module, bits: Mapping[str, int]) -> float:
+        return self.errors.of(m.name, bits[m.name], self.measure) if m.name in bits else 0.0
+
+    def energy(self, bits: Mapping[str, int]) -> float:
+        """R: the edge- and size-weighted mean error, a data-free proxy of the output noise energy."""
+        return sum(self.edge[m.name] * m.params * self._error(m, bits) for m in self.modules) / self.params
+
+    def __call__(self, bits: Mapping[str, int]) -> float:
+        first = sum(self.edge[m.name] * self._error(m, bits) for m in self.modules)
+        return first + self.energy_weight / 2 * len(self.modules) * self.energy(bits) ** 2
+
+    def linearised(self, energy: float) -> Callable[[Module], float]:
+        """dL/dr_m at energy R: p_m (1 + energy_weight * R * n_m / (N / M)), each module's weight in the knapsack."""
+        mean = self.params / len(self.modules)
+        return lambda m: self.edge[m.name] * (1 + self.energy_weight * energy * m.params / mean)
 
 
 def least_error(
@@ -348,43 +382,46 @@ def least_error(
     errors: ErrorTable,
     setting: Setting,
     measure: str = "relative",
-    size_exponent: float = SIZE_EXPONENT,
     edge_weight: float = EDGE_WEIGHT,
+    energy_weight: float = ENERGY_WEIGHT,
     min_gain: float = MIN_PREDICTED_GAIN,
 ) -> Plan:
-    """nsds's default: the widths minimising the predicted loss under the budget, solved exactly (knapsack),
-
-        sum_m  p_layer(m) * n_m^size_exponent * r_m(b_m),
-
-    where r_m(b) is module m's relative error measured at width b with the plans' own quantizer
-    (distortion.py; `measure` "gained" folds in the input norm's gains), n_m its weights, and p_layer =
-    edge_weight on the first and last decoder layers, 1 elsewhere. Every module's error is its own: one
-    that quantizes well at a low width does not take bits from one that does not. When that optimum is
-    predicted less than `min_gain` better than the uniform baseline, the uniform plan is returned instead
-    (each module's reason says "fallback")."""
-    layers = max(m.layer for m in modules) + 1
-
-    def weight(m: Module) -> float:
-        return module_weight(m, layers, size_exponent, edge_weight)
-
-    def predicted(plan: Plan) -> float:
-        return sum(weight(m) * errors.of(m.name, p.bits, measure) for m, p in zip(modules, plan.modules, strict=True))
-
-    best = _by_error(modules, errors, setting, measure, weight, "error")
+    """nsds's default: the widths minimising PredictedLoss under the budget. The knapsack minimises the loss
+    linearised at the current plan's energy exactly; starting from the uniform plan, it is solved again at
+    each new plan's energy until a plan repeats (at most _REFITS times), and the plan with the lowest
+    predicted loss is kept (with energy_weight 0 that is the exact optimum of sum_m p_m r_m). When it is
+    predicted less than `min_gain` better than the uniform plan, the uniform plan is returned (each module's
+    reason says "fallback"). Every module's error is its own, measured with the plans' own quantizer."""
+    widths = _check_table(errors, setting, modules)
+    loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight)
     baseline = uniform(modules, uniform_setting(setting))
-    gain = 1 - predicted(best) / predicted(baseline) if predicted(baseline) > 0 else 0.0
-    if gain >= min_gain:
+    best = current = baseline
+    for _ in range(_REFITS):
+        fitted = _by_error(modules, errors, setting, measure, loss.linearised(loss.energy(_bits(current))), "error")
+        if loss(_bits(fitted)) < loss(_bits(best)):
+            best = fitted
+        if _bits(fitted) == _bits(current):
+            break
+        current = fitted
+    predicted = loss(_bits(baseline))
+    gain = 1 - loss(_bits(best)) / predicted if predicted > 0 else 0.0
+    if best is not baseline and gain >= min_gain:
         return best
-    bits = {p.name: p.bits for p in baseline.modules}
     reasons = {p.name: {"allocator": "error", "fallback": "uniform", "predicted_gain": gain} for p in baseline.modules}
-    return _plan(modules, bits, reasons, setting, "error", tuple(setting.widths))
+    return _plan(modules, _bits(baseline), reasons, setting, "error", widths)
 
 
-def module_weight(
-    m: Module, layers: int, size_exponent: float = SIZE_EXPONENT, edge_weight: float = EDGE_WEIGHT
-) -> float:
-    """What one unit of module m's relative error costs in `error`'s objective: p_layer(m) * n_m^size_exponent."""
-    return (edge_weight if m.layer in (0, layers - 1) else 1.0) * m.params**size_exponent
+def _bits(plan: Plan) -> dict[str, int]:
+    return {p.name: p.bits for p in plan.modules}
+
+
+def _check_table(errors: ErrorTable, setting: Setting, modules: Sequence[Module]) -> tuple[int, ...]:
+    """The setting's widths, after checking the table was measured with its quantizer at those widths."""
+    widths = check_setting(setting, modules)
+    if sorted(set(widths) - set(errors.widths)) or errors.quantizer != setting.quantizer.name:
+        raise NsdsError(f"the error table was measured for {errors.quantizer} at widths {list(errors.widths)}, "
+                        f"not {setting.quantizer.name} at {list(widths)}")  # fmt: skip
+    return widths
 
 
 def _by_error(
@@ -395,12 +432,8 @@ def _by_error(
     weight: Callable[[Module], float],
     name: str,
 ) -> Plan:
-    """The knapsack over width groups of sum_m weight(m) * e_m(b) by `measure` (relative or gained), after
-    checking the table was measured with the setting's quantizer at its widths."""
-    widths = check_setting(setting, modules)
-    if sorted(set(widths) - set(errors.widths)) or errors.quantizer != setting.quantizer.name:
-        raise NsdsError(f"the error table was measured for {errors.quantizer} at widths {list(errors.widths)}, "
-                        f"not {setting.quantizer.name} at {list(widths)}")  # fmt: skip
+    """The knapsack over width groups of sum_m weight(m) * e_m(b) by `measure` (relative or gained)."""
+    widths = _check_table(errors, setting, modules)
     units = _by_group(modules)
     error = [[sum(errors.of(m.name, w, measure) * weight(m) for m in unit) for w in widths] for unit in units]
     chosen = knapsack(units, error, widths, setting)
@@ -442,7 +475,7 @@ class AllocatorSpec:
 # fmt: off
 ALLOCATORS: dict[str, AllocatorSpec] = {
     "error": AllocatorSpec(lambda m, e, s: least_error(m, e.errors, s), "errors",
-                           "measured per-module error at every width, size- and edge-weighted, knapsack (default)"),
+                           "measured per-module error at every width, first plus second order, knapsack (default)"),
     "topk": AllocatorSpec(lambda m, e, s: topk(m, e.scores, s), "scores", "the paper's rule: top layers high"),
     "budget": AllocatorSpec(lambda m, e, s: budgeted(m, e.scores, s), "scores",
                             "layer scores x 4^-b, knapsack over width groups"),

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from nsds.allocate import (
     MIN_PREDICTED_GAIN,
     Evidence,
+    PredictedLoss,
     Setting,
     allocate,
     budgeted,
@@ -219,34 +220,63 @@ def table(modules: list[Module], widths: tuple[int, ...], relative, gained=None)
     })  # fmt: skip
 
 
-@pytest.mark.parametrize(("measure", "exponent"), [("relative", 0.5), ("gained", 1.0)])
-def test_least_error_is_the_exact_optimum_over_every_assignment(measure, exponent):
-    """Brute force over all width assignments of 6 modules of different sizes, layers and errors."""
+def modules_and_errors(seed: int) -> tuple[list[Module], ErrorTable]:
+    """Six modules of different sizes over three layers, errors falling ~4x per bit with seeded scales."""
     roles = ["q", "k", "v", "o", "down", "up"]
     modules = [Module(f"m{i}", i // 2, role, 64 * (1 + i % 3), 64, f"{i}") for i, role in enumerate(roles)]
-    widths = (2, 3, 4)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     scale = {m.name: rng.uniform(0.1, 10) for m in modules}
 
     def error(m: Module, w: int) -> float:
         return scale[m.name] * 4.0**-w * (1 + 0.1 * w)
 
-    errors = table(modules, widths, error, lambda m, w: 2 * error(m, w))
+    return modules, table(modules, (2, 3, 4), error, lambda m, w: 2 * error(m, w))
 
-    def predicted(m: Module, w: int) -> float:  # layers 0 and 2 are the edges
-        return (3.0 if m.layer in (0, 2) else 1.0) * m.params**exponent * errors.of(m.name, w, measure)
+
+def best_widths(modules: list[Module], budget: float, loss) -> tuple[int, ...]:
+    """The width assignment with the lowest loss(bits) within the budget, over every assignment."""
+    params = sum(m.params for m in modules)
+    feasible = (ws for ws in itertools.product((2, 3, 4), repeat=len(modules))
+                if sum(m.params * w for m, w in zip(modules, ws, strict=True)) <= budget * params)  # fmt: skip
+    return min(feasible, key=lambda ws: loss({m.name: w for m, w in zip(modules, ws, strict=True)}))
+
+
+@pytest.mark.parametrize(("measure", "edge"), [("relative", 3.0), ("gained", 1.0)])
+def test_least_error_first_order_is_the_exact_optimum(measure, edge):
+    """Without the energy term the knapsack minimises sum_m p_m r_m exactly (layers 0 and 2 are the edges)."""
+    modules, errors = modules_and_errors(0)
+
+    def loss(bits):
+        return sum((edge if m.layer in (0, 2) else 1.0) * errors.of(m.name, bits[m.name], measure) for m in modules)
 
     for budget in (2.4, 3.0, 3.6):
-        s = setting(budget, widths=widths)
-        plan = least_error(modules, errors, s, measure=measure, size_exponent=exponent, edge_weight=3.0, min_gain=0)
-        params = sum(m.params for m in modules)
-        best = min(
-            (sum(predicted(m, w) for m, w in zip(modules, ws, strict=True)), ws)
-            for ws in itertools.product(widths, repeat=len(modules))
-            if sum(m.params * w for m, w in zip(modules, ws, strict=True)) <= budget * params
-        )
-        assert tuple(m.bits for m in plan.modules) == best[1]
+        s = setting(budget, widths=(2, 3, 4))
+        plan = least_error(modules, errors, s, measure=measure, edge_weight=edge, energy_weight=0, min_gain=0)
+        assert tuple(m.bits for m in plan.modules) == best_widths(modules, budget, loss)
         assert plan.weight_bits <= budget and plan.allocator == "error"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_least_error_finds_the_optimum_of_the_second_order_loss(seed):
+    """With the energy term the refitted knapsack reaches the brute-force optimum of PredictedLoss, written
+    out here independently of the class."""
+    modules, errors = modules_and_errors(seed)
+    params = sum(m.params for m in modules)
+    for energy_weight in (30.0, 300.0):
+
+        def loss(bits, energy_weight=energy_weight):
+            edge = {m.name: 2.0 if m.layer in (0, 2) else 1.0 for m in modules}
+            r = {m.name: errors.of(m.name, bits[m.name], "relative") for m in modules}
+            energy = sum(edge[m.name] * m.params * r[m.name] for m in modules) / params
+            return sum(edge[m.name] * r[m.name] for m in modules) + energy_weight / 2 * len(modules) * energy**2
+
+        for budget in (2.5, 3.0, 3.5):
+            plan = least_error(modules, errors, setting(budget, widths=(2, 3, 4)), energy_weight=energy_weight,
+                               min_gain=0)  # fmt: skip
+            bits = {m.name: m.bits for m in plan.modules}
+            assert loss(bits) == pytest.approx(PredictedLoss(modules, errors, energy_weight=energy_weight)(bits))
+            optimum = best_widths(modules, budget, loss)
+            assert tuple(bits.values()) == optimum, (energy_weight, budget)
 
 
 def test_least_error_keeps_uniform_unless_predicted_clearly_better():
@@ -260,9 +290,9 @@ def test_least_error_keeps_uniform_unless_predicted_clearly_better():
         errors = table(modules, (2, 3, 4), lambda m, w, low=low: {2: low[m.name], 3: 1.0, 4: 0.25}[w])
         gain = (0.75 - loss) / 4
         assert (gain >= MIN_PREDICTED_GAIN) == leaves
-        optimum = least_error(modules, errors, s, edge_weight=1.0, min_gain=0)
+        optimum = least_error(modules, errors, s, edge_weight=1.0, energy_weight=0, min_gain=0)
         assert sorted(m.bits for m in optimum.modules) == [2, 3, 3, 4]
-        plan = least_error(modules, errors, s, edge_weight=1.0)
+        plan = least_error(modules, errors, s, edge_weight=1.0, energy_weight=0)
         assert plan.allocator == "error" and plan.weight_bits <= 3.0
         if leaves:
             assert plan.modules == optimum.modules
@@ -280,7 +310,7 @@ def test_higgs_weighs_every_module_by_one_on_relative_error():
                    lambda m, w: {"a": 1.0, "b": 5.0, "c": 0.0}[m.name] * 4.0**-w)  # fmt: skip
     s = setting(2 + 2 / 3)  # one of the three at 4 bits
     assert {m.name: m.bits for m in higgs(modules, errors, s).modules} == {"a": 4, "b": 2, "c": 2}
-    plan = least_error(modules, errors, s, measure="gained", size_exponent=0.0, edge_weight=1.0)
+    plan = least_error(modules, errors, s, measure="gained", edge_weight=1.0, energy_weight=0)
     assert {m.name: m.bits for m in plan.modules} == {"a": 2, "b": 4, "c": 2}
     plan = allocate("higgs", modules, Evidence(errors=errors), s)
     assert plan.allocator == "higgs" and plan.modules[0].reason["predicted_error"] == pytest.approx(2.0 / 256)
