@@ -395,20 +395,22 @@ def least_error(
     widths = _check_table(errors, setting, modules)
     loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight)
     baseline = uniform(modules, uniform_setting(setting))
-    best = current = baseline
+    uniform_bits = current = _bits(baseline)
+    best, best_loss = baseline, loss(uniform_bits)
     for _ in range(_REFITS):
-        fitted = _by_error(modules, errors, setting, measure, loss.linearised(loss.energy(_bits(current))), "error")
-        if loss(_bits(fitted)) < loss(_bits(best)):
-            best = fitted
-        if _bits(fitted) == _bits(current):
+        fitted = _by_error(modules, errors, setting, measure, loss.linearised(loss.energy(current)), "error")
+        fitted_bits = _bits(fitted)
+        if loss(fitted_bits) < best_loss:
+            best, best_loss = fitted, loss(fitted_bits)
+        if fitted_bits == current:
             break
-        current = fitted
-    predicted = loss(_bits(baseline))
-    gain = 1 - loss(_bits(best)) / predicted if predicted > 0 else 0.0
+        current = fitted_bits
+    predicted = loss(uniform_bits)
+    gain = 1 - best_loss / predicted if predicted > 0 else 0.0
     if best is not baseline and gain >= min_gain:
         return best
     reasons = {p.name: {"allocator": "error", "fallback": "uniform", "predicted_gain": gain} for p in baseline.modules}
-    return _plan(modules, _bits(baseline), reasons, setting, "error", widths)
+    return _plan(modules, uniform_bits, reasons, setting, "error", widths)
 
 
 def _bits(plan: Plan) -> dict[str, int]:
