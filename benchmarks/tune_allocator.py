@@ -1,8 +1,8 @@
-"""The study that chooses the `error` allocator's constants: a grid of energy weights and edge weights on
-the tuning text only (brown-tune), every model x quantizer x budget, against HIGGS and uniform.
+"""The study that chooses the `error` allocator's constants: a grid of energy exponents, energy weights and
+edge weights on the tuning text only (brown-tune), every model x quantizer x budget, against HIGGS and uniform.
 
     python benchmarks/tune_allocator.py --models smollm2,gemma3-270m --quantizers rtn,hqq \\
-        --energies 0,30,100 --edges 2 [--budgets 3.5,4.25,5] [--text brown-tune] [--tokens 8192]
+        --exponents 2,3 --energies 100,10000 --edges 2 [--budgets 3.5,4.25,5] [--text brown-tune] [--tokens 8192]
 
 Prints each variant's perplexity per cell and its sum of log perplexities (lower is better), the
 criterion docs/METHOD.md §9 uses. Never run it on the texts the results are reported on. Error tables and
@@ -23,7 +23,7 @@ from allocators import Evaluated, measured_errors
 
 
 def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tuple[int, ...], text: str,
-          tokens: int, variants: list[tuple[float, float]]) -> dict[str, dict[str, float]]:  # fmt: skip
+          tokens: int, variants: list[tuple[float, float, float]]) -> dict[str, dict[str, float]]:  # fmt: skip
     """Perplexity of every variant (and of higgs, uniform) per cell "quantizer budget"."""
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
     model = loaded.model
@@ -36,9 +36,9 @@ def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
         errors = measured_errors(bank, modules, widths, model, model_id)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
-            plans = {f"energy={g:g} edge={e:g}": least_error(modules, errors, setting, edge_weight=e,
-                                                             energy_weight=g, min_gain=0)
-                     for g, e in variants}  # fmt: skip
+            plans = {f"R^{k:g} x {g:g} edge={e:g}": least_error(modules, errors, setting, edge_weight=e,
+                                                                energy_weight=g, energy_exponent=k, min_gain=0)
+                     for k, g, e in variants}  # fmt: skip
             evidence = Evidence(errors=errors)
             plans |= {label: plan_for(label, modules, evidence, setting) for label in ("higgs", "uniform")}
             cell = found.setdefault(f"{model_id} {q} {budget:g}", {})
@@ -55,22 +55,24 @@ def main() -> None:
     parser.add_argument("--quantizers", default="rtn")
     parser.add_argument("--budgets", default="3.5,4.25,5")
     parser.add_argument("--widths", default="2,3,4,5,6,8")
+    parser.add_argument("--exponents", default="2")
     parser.add_argument("--energies", default="0,30,100")
     parser.add_argument("--edges", default="2")
     parser.add_argument("--text", default="brown-tune")
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
     started = time.perf_counter()
-    variants = [(float(g), float(e)) for g in args.energies.split(",") for e in args.edges.split(",")]
+    variants = [(float(k), float(g), float(e)) for k in args.exponents.split(",") for g in args.energies.split(",")
+                for e in args.edges.split(",")]  # fmt: skip
     found: dict[str, dict[str, float]] = {}
     for model_id in args.models.split(","):
         found |= study(model_id, args.quantizers.split(","), [float(b) for b in args.budgets.split(",")],
                        tuple(int(w) for w in args.widths.split(",")), args.text, args.tokens, variants)  # fmt: skip
     labels = list(next(iter(found.values())))
-    print(f"\n{'variant':16s} " + " ".join(f"{c:>22s}" for c in found) + "   sum log PPL")
+    print(f"\n{'variant':22s} " + " ".join(f"{c:>22s}" for c in found) + "   sum log PPL")
     for label in labels:
         row = [found[c][label] for c in found]
-        print(f"{label:16s} " + " ".join(f"{v:22.2f}" for v in row) + f"   {sum(map(math.log, row)):.4f}")
+        print(f"{label:22s} " + " ".join(f"{v:22.2f}" for v in row) + f"   {sum(map(math.log, row)):.4f}")
     print(f"{time.perf_counter() - started:.0f} s")
 
 

@@ -341,6 +341,7 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
 # is kept unless the optimum is predicted clearly better (a model's 0.6 % was worse on brown-tune).
 EDGE_WEIGHT = 2.0
 ENERGY_WEIGHT = 100.0
+ENERGY_EXPONENT = 2.0
 MIN_PREDICTED_GAIN = 0.03
 _REFITS = 10  # linearisations tried, from the uniform plan; each is a fixed point or better than the last
 
@@ -348,15 +349,18 @@ _REFITS = 10  # linearisations tried, from the uniform plan; each is a fixed poi
 class PredictedLoss:
     """`error`'s model of the loss of a plan (bits per module name; a module not in it is unquantized):
 
-        L = sum_m p_m r_m(b_m) + (energy_weight / 2) * M * R^2,    R = sum_m p_m n_m r_m(b_m) / N,
+        L = sum_m p_m r_m(b_m) + (energy_weight / k) * M * R^k,    R = sum_m p_m n_m r_m(b_m) / N,
 
-    with r_m(b) module m's measured error (`measure`), n_m its weights, N their sum over the M modules, and
-    p_m = edge_weight on the first and last decoder layers, 1 elsewhere."""
+    with r_m(b) module m's measured error (`measure`), n_m its weights, N their sum over the M modules,
+    p_m = edge_weight on the first and last decoder layers, 1 elsewhere, and k = energy_exponent (2: the
+    default; 3 was tried on brown-tune and did no better, docs/METHOD.md §9)."""
 
     def __init__(self, modules: Sequence[Module], errors: ErrorTable, measure: str = "relative",
-                 edge_weight: float = EDGE_WEIGHT, energy_weight: float = ENERGY_WEIGHT) -> None:  # fmt: skip
+                 edge_weight: float = EDGE_WEIGHT, energy_weight: float = ENERGY_WEIGHT,
+                 energy_exponent: float = ENERGY_EXPONENT) -> None:  # fmt: skip
         layers = max(m.layer for m in modules) + 1
         self.modules, self.errors, self.measure, self.energy_weight = modules, errors, measure, energy_weight
+        self.exponent = energy_exponent
         self.edge = {m.name: edge_weight if m.layer in (0, layers - 1) else 1.0 for m in modules}
         self.params = sum(m.params for m in modules)
 
@@ -369,12 +373,13 @@ class PredictedLoss:
 
     def __call__(self, bits: Mapping[str, int]) -> float:
         first = sum(self.edge[m.name] * self._error(m, bits) for m in self.modules)
-        return first + self.energy_weight / 2 * len(self.modules) * self.energy(bits) ** 2
+        return first + self.energy_weight / self.exponent * len(self.modules) * self.energy(bits) ** self.exponent
 
     def linearised(self, energy: float) -> Callable[[Module], float]:
-        """dL/dr_m at energy R: p_m (1 + energy_weight * R * n_m / (N / M)), each module's weight in the knapsack."""
+        """dL/dr_m at energy R: p_m (1 + energy_weight * R^(k-1) * n_m / (N / M)), each module's knapsack weight."""
         mean = self.params / len(self.modules)
-        return lambda m: self.edge[m.name] * (1 + self.energy_weight * energy * m.params / mean)
+        slope = self.energy_weight * energy ** (self.exponent - 1)
+        return lambda m: self.edge[m.name] * (1 + slope * m.params / mean)
 
 
 def least_error(
@@ -385,6 +390,7 @@ def least_error(
     edge_weight: float = EDGE_WEIGHT,
     energy_weight: float = ENERGY_WEIGHT,
     min_gain: float = MIN_PREDICTED_GAIN,
+    energy_exponent: float = ENERGY_EXPONENT,
 ) -> Plan:
     """nsds's default: the widths minimising PredictedLoss under the budget. The knapsack minimises the loss
     linearised at the current plan's energy exactly; starting from the uniform plan, it is solved again at
@@ -393,7 +399,7 @@ def least_error(
     predicted less than `min_gain` better than the uniform plan, the uniform plan is returned (each module's
     reason says "fallback"). Every module's error is its own, measured with the plans' own quantizer."""
     widths = _check_table(errors, setting, modules)
-    loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight)
+    loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight, energy_exponent)
     baseline = uniform(modules, uniform_setting(setting))
     uniform_bits = current = _bits(baseline)
     best, best_loss = baseline, loss(uniform_bits)

@@ -257,26 +257,26 @@ def test_least_error_first_order_is_the_exact_optimum(measure, edge):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_least_error_finds_the_optimum_of_the_second_order_loss(seed):
-    """With the energy term the refitted knapsack reaches the brute-force optimum of PredictedLoss, written
-    out here independently of the class."""
+def test_least_error_finds_the_optimum_of_the_higher_order_loss(seed):
+    """With the energy term (squared or cubed) the refitted knapsack reaches the brute-force optimum of
+    PredictedLoss, written out here independently of the class."""
     modules, errors = modules_and_errors(seed)
     params = sum(m.params for m in modules)
-    for energy_weight in (30.0, 300.0):
+    for exponent, weight in ((2.0, 30.0), (2.0, 300.0), (3.0, 100.0), (3.0, 1000.0)):
 
-        def loss(bits, energy_weight=energy_weight):
+        def loss(bits, exponent=exponent, weight=weight):
             edge = {m.name: 2.0 if m.layer in (0, 2) else 1.0 for m in modules}
             r = {m.name: errors.of(m.name, bits[m.name], "relative") for m in modules}
             energy = sum(edge[m.name] * m.params * r[m.name] for m in modules) / params
-            return sum(edge[m.name] * r[m.name] for m in modules) + energy_weight / 2 * len(modules) * energy**2
+            return sum(edge[m.name] * r[m.name] for m in modules) + weight / exponent * len(modules) * energy**exponent
 
         for budget in (2.5, 3.0, 3.5):
-            plan = least_error(modules, errors, setting(budget, widths=(2, 3, 4)), energy_weight=energy_weight,
-                               min_gain=0)  # fmt: skip
+            plan = least_error(modules, errors, setting(budget, widths=(2, 3, 4)), energy_weight=weight,
+                               energy_exponent=exponent, min_gain=0)  # fmt: skip
             bits = {m.name: m.bits for m in plan.modules}
-            assert loss(bits) == pytest.approx(PredictedLoss(modules, errors, energy_weight=energy_weight)(bits))
-            optimum = best_widths(modules, budget, loss)
-            assert tuple(bits.values()) == optimum, (energy_weight, budget)
+            predicted = PredictedLoss(modules, errors, energy_weight=weight, energy_exponent=exponent)(bits)
+            assert loss(bits) == pytest.approx(predicted)
+            assert tuple(bits.values()) == best_widths(modules, budget, loss), (exponent, weight, budget)
 
 
 def test_least_error_keeps_uniform_unless_predicted_clearly_better():
