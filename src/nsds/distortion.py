@@ -51,7 +51,7 @@ class ErrorTable:
             if len(e.relative) != len(self.widths) or len(e.gained) != len(self.widths):
                 raise NsdsError(f"module '{name}' has errors at {len(e.relative)} widths, the table {len(self.widths)}")
 
-    def of(self, name: str, width: int, measure: str = "gained") -> float:
+    def of(self, name: str, width: int, measure: str) -> float:
         """Module `name`'s error at `width` by `measure` (relative or gained)."""
         if name not in self.modules:
             raise NsdsError(f"the error table has no module '{name}': it was measured on another model")

@@ -61,8 +61,8 @@ def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
             gain = gains.get(m.name, torch.ones(w.shape[1]))
             expected = float((((w - q) * gain) ** 2).sum() / ((w * gain) ** 2).sum())
             assert table.of(m.name, bits, "gained") == pytest.approx(expected)
-        assert table.of(m.name, 2) > table.of(m.name, 4) > 0
+        assert table.of(m.name, 2, "relative") > table.of(m.name, 4, "relative") > 0
     table.save(tmp_path / "errors.json")
     assert ErrorTable.load(tmp_path / "errors.json") == table
     with pytest.raises(NsdsError, match="no width 3"):
-        table.of(modules[0].name, 3)
+        table.of(modules[0].name, 3, "relative")
