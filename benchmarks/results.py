@@ -32,8 +32,17 @@ DOCS = ROOT / "docs"
 MODELS = ("smollm2", "gemma3-270m")
 WIDTHS = {"": (2, 4), "-w234": (2, 3, 4)}  # folder suffix -> candidate widths
 GROUP_SIZE = 64  # at 128, 2-bit HQQ wrecks these small models (single-layer PPL up to ~900): nothing left to rank
-GGUF_WIDTHS = (2, 3, 4, 5, 6, 8)
-GGUF_COMMAND = "nsds compare {model} --quantizer gguf --budgets presets --widths 2,3,4,5,6,8 --scorers all --out {out}"
+# Against the presets only the paper's scorer is run: each further scorer adds a llama-perplexity run per preset
+GGUF_SETTINGS = {
+    "widths": (2, 3, 4, 5, 6, 8),
+    "quantizers": ("gguf",),
+    "budgets": ("presets",),
+    "scorers": ("nsds",),
+    "seeds": 1,
+}
+GGUF_COMMAND = (
+    "nsds compare {model} --quantizer gguf --budgets presets --widths 2,3,4,5,6,8 --scorers nsds --seeds 1 --out {out}"
+)
 COMMAND = (
     "nsds compare {model} --budgets 2.5 3 3.5 --widths {widths} --quantizer rtn,hqq --scorers all "
     "--group-size {group_size} --out {out}"
@@ -355,7 +364,7 @@ def main() -> int:
     runs = {}
     settings_by_suffix = {
         suffix: {"widths": widths, "group_size": args.group_size} for suffix, widths in WIDTHS.items()
-    } | {"-gguf": {"widths": GGUF_WIDTHS, "quantizers": ("gguf",), "budgets": ("presets",)}}
+    } | {"-gguf": GGUF_SETTINGS}
     for suffix, settings in settings_by_suffix.items():
         for model in args.models:
             out = DOCS / "results" / f"{model}{suffix}"
