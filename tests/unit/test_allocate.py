@@ -19,9 +19,11 @@ from nsds.allocate import (
     knapsack,
     least_error,
     llama_cpp,
+    plan_for,
     random_scores,
     topk,
     uniform,
+    uniform_setting,
     use_more_bits,
 )
 from nsds.distortion import ErrorTable, ModuleError
@@ -117,6 +119,19 @@ def test_uniform_baseline():
     high = sorted({m.layer for m in plan.modules if m.bits == 4})
     assert len(high) == 3 and plan.weight_bits == 2.5  # spread over depth, no scores used
     assert high == [2, 6, 10]
+
+
+def test_uniform_baseline_is_the_budgets_width_whenever_the_quantizer_has_it():
+    """At 3 bits with candidates 2/4 the baseline is 3-bit everywhere (what a user would otherwise run);
+    `error`'s fallback stays within its candidates, the 2/4 mix."""
+    modules = layered(12)
+    assert uniform_setting(setting(3.0)).widths == (3,)
+    assert uniform_setting(setting(3.0), candidates_only=True).widths == (2, 4)
+    assert {m.bits for m in plan_for("uniform", modules, Evidence(), setting(3.0)).modules} == {3}
+    errors = table(modules, (2, 4), lambda m, w: 4.0**-w)  # every module alike: no plan beats another
+    plan = least_error(modules, errors, setting(3.0), edge_weight=1.0, energy_weight=0)
+    assert sorted({m.bits for m in plan.modules}) == [2, 4] and plan.weight_bits == 3.0
+    assert all(p.reason["fallback"] == "uniform" for p in plan.modules)
 
 
 def test_plan_bits_accounting_and_json_roundtrip(tmp_path):
