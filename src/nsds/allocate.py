@@ -52,13 +52,12 @@ def allocation_setting(
     return setting
 
 
-def uniform_setting(setting: Setting, candidates_only: bool = False) -> Setting:
+def uniform_setting(setting: Setting) -> Setting:
     """The uniform baseline's widths: the budget itself when it is a width the quantizer has (3.0 -> 3-bit
     everywhere, even with candidates 2/4: what a user would otherwise run), else the candidate widths, mixed
-    evenly over depth. With `candidates_only`, the budget must be a candidate (the plan `error` can make)."""
+    evenly over depth."""
     budget = setting.budget
-    widths = setting.widths if candidates_only else setting.quantizer.widths
-    if setting.budget_counts == "weights" and budget == int(budget) and int(budget) in widths:
+    if setting.budget_counts == "weights" and budget == int(budget) and int(budget) in setting.quantizer.widths:
         return replace(setting, widths=(int(budget),))
     return setting
 
@@ -402,7 +401,7 @@ def least_error(
     reason says "fallback"). Every module's error is its own, measured with the plans' own quantizer."""
     widths = _check_table(errors, setting, modules)
     loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight, energy_exponent)
-    baseline = uniform(modules, uniform_setting(setting, candidates_only=True))
+    baseline = uniform(modules, setting)  # among the candidates: a budget that is one gives it everywhere
     uniform_bits = current = _bits(baseline)
     best, best_loss = baseline, loss(uniform_bits)
     for _ in range(_REFITS):

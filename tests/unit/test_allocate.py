@@ -126,7 +126,6 @@ def test_uniform_baseline_is_the_budgets_width_whenever_the_quantizer_has_it():
     `error`'s fallback stays within its candidates, the 2/4 mix."""
     modules = layered(12)
     assert uniform_setting(setting(3.0)).widths == (3,)
-    assert uniform_setting(setting(3.0), candidates_only=True).widths == (2, 4)
     assert {m.bits for m in plan_for("uniform", modules, Evidence(), setting(3.0)).modules} == {3}
     errors = table(modules, (2, 4), lambda m, w: 4.0**-w)  # every module alike: no plan beats another
     plan = least_error(modules, errors, setting(3.0), edge_weight=1.0, energy_weight=0)
