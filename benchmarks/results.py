@@ -26,6 +26,7 @@ from nsds.files import write_bytes
 from nsds.report import correlation_table, quantizer_section
 from nsds.results import CompareResult, SummaryRow, data_free_best
 from nsds.runtime import PRESETS
+from nsds.scorers.specs import GROUPS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -40,13 +41,22 @@ GGUF_SETTINGS = {
     "scorers": ("nsds",),
     "seeds": 1,
 }
-GGUF_COMMAND = (
-    "nsds compare {model} --quantizer gguf --budgets presets --widths 2,3,4,5,6,8 --scorers nsds --seeds 1 --out {out}"
-)
-COMMAND = (
-    "nsds compare {model} --budgets 2.5 3 3.5 --widths {widths} --quantizer rtn,hqq --scorers all "
-    "--group-size {group_size} --out {out}"
-)
+
+
+def command_line(config: CompareConfig, folder: str) -> str:
+    """The `nsds compare` invocation a run's recorded config stands for, writing into docs/results/`folder` (a
+    scorer list that is a whole group, as `--scorers all` expands to, is shown by the group's name)."""
+    scorers = next((name for name, members in GROUPS.items() if list(config.scorers) == members), None)
+    flags = {
+        "--quantizer": ",".join(config.quantizers),
+        "--budgets": " ".join(b if isinstance(b, str) else f"{b:g}" for b in config.budgets),
+        "--widths": ",".join(str(w) for w in config.widths),
+        "--scorers": scorers or ",".join(config.scorers),
+        "--seeds": config.seeds,
+        "--group-size": config.group_size,
+        "--out": f"docs/results/{folder}",
+    }
+    return " ".join([f"nsds compare {config.model}"] + [f"{k} {v}" for k, v in flags.items() if v is not None])
 
 
 def _nsds_rank(rows: dict[str, SummaryRow]) -> tuple[int, int]:
@@ -118,8 +128,7 @@ def tally(runs: dict[str, CompareResult]) -> list[str]:
 def model_section(result: CompareResult, folder: str) -> str:
     model = result.model["id"]
     config = result.config
-    widths = ",".join(str(w) for w in config.widths)
-    command = COMMAND.format(model=model, widths=widths, group_size=config.group_size, out=f"docs/results/{folder}")
+    command = command_line(config, folder)
     parts = [
         f"## {model}, widths {'/'.join(str(w) for w in config.widths)} ({result.allocator} allocator)",
         "",
@@ -201,7 +210,7 @@ def _ppl_cells(ppl: dict[str, float | None], sep: str) -> str:
 
 def gguf_section(result: CompareResult, folder: str) -> str:
     model = result.model["id"]
-    command = GGUF_COMMAND.format(model=model, out=f"docs/results/{folder}")
+    command = command_line(result.config, folder)
     lines = [
         f"## {model}: GGUF against llama.cpp's presets, at each preset's own size",
         "",
