@@ -28,6 +28,8 @@ from nsds.results import CompareResult, SummaryRow, data_free_best
 from nsds.runtime import PRESETS
 from nsds.scorers.specs import GROUPS
 
+from allocators import summary as contest_summary
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 MODELS = ("smollm2", "gemma3-270m")
@@ -239,18 +241,23 @@ def gguf_section(result: CompareResult, folder: str) -> str:
 
 
 def allocators_section() -> list[str]:
-    """The held-out contest of nsds's default allocator (benchmarks/allocators.py outputs), one table per text."""
+    """The held-out contest of nsds's default allocator (benchmarks/allocators.py outputs): one table per text
+    and length, then the acceptance summary over every text at each length."""
+    saved = [
+        json.loads(path.read_text()) | {"file": path.name} for path in (DOCS / "results").glob("allocators-*.json")
+    ]
+    saved.sort(key=lambda s: (s["settings"]["tokens"], s["settings"]["text"]))
     parts = []
-    for path in sorted((DOCS / "results").glob("allocators-*.json")):
-        saved = json.loads(path.read_text())
-        settings, cells = saved["settings"], saved["cells"]
+    for one in saved:
+        settings, cells = one["settings"], one["cells"]
         labels = list(cells[0]["ppl"])
         parts += [
             f"### `{settings['text']}` ({settings['tokens']} tokens, windows of {settings['window']}; widths "
             f"{'/'.join(map(str, settings['widths']))})",
             "",
-            f"`python benchmarks/allocators.py --text {settings['text']} ...` ({path.name}). Perplexity at equal "
-            "bits (weight bits for RTN/HQQ, storage bits for GGUF types); bold: the lowest per row.",
+            f"`python benchmarks/allocators.py --text {settings['text']} --tokens {settings['tokens']} ...` "
+            f"({one['file']}). Perplexity at equal bits (weight bits for RTN/HQQ, storage bits for GGUF types); "
+            "bold: the lowest per row.",
             "",
             "| model | quantizer | bits | reference | " + " | ".join(labels) + " |",
             "|---|---|---|---|" + "---|" * len(labels),
@@ -261,7 +268,14 @@ def allocators_section() -> list[str]:
             bits = f"{c['budget']:g}" + (" (storage)" if c.get("counts") == "storage" else "")
             parts.append(f"| {c['model']} | {c['quantizer']} | {bits} | {c['reference']:.2f} | "
                          + " | ".join(shown) + " |")  # fmt: skip
-        parts += ["", *(f"- {line}" for line in saved["summary"]), ""]
+        parts += ["", *(f"- {line}" for line in one["summary"]), ""]
+    for tokens in dict.fromkeys(one["settings"]["tokens"] for one in saved):
+        same = [one for one in saved if one["settings"]["tokens"] == tokens]
+        if len(same) > 1:
+            texts = " and ".join(f"`{one['settings']['text']}`" for one in same)
+            parts += [f"### Every held-out cell at {tokens} tokens ({texts})", ""]
+            every = [c for one in same for c in one["cells"]]
+            parts += [*(f"- {line}" for line in contest_summary(every)), ""]
     if parts:
         parts = [
             "## nsds's default allocator on held-out text",
