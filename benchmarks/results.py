@@ -198,6 +198,30 @@ def readme_table(runs: dict[str, CompareResult]) -> str:
     return "\n".join(lines)
 
 
+def readme_allocator_tables() -> str:
+    """The README's held-out tables at the longest length measured: per quantizer, one row per model x text, one
+    column per budget, each cell reference / error / uniform / llama.cpp / higgs / paper."""
+    saved = [json.loads(p.read_text()) for p in sorted((DOCS / "results").glob("allocators-*.json"))]
+    tokens = max(s["settings"]["tokens"] for s in saved)
+    longest = [s for s in saved if s["settings"]["tokens"] == tokens]
+    cells = [c | {"text": s["settings"]["text"]} for s in longest for c in s["cells"]]
+    names = {"smollm2": "SmolLM2", "gemma3-270m": "Gemma-3"}
+    parts = []
+    for q in dict.fromkeys(c["quantizer"] for c in cells):
+        mine = [c for c in cells if c["quantizer"] == q]
+        budgets = sorted({c["budget"] for c in mine})
+        unit = "storage bits" if mine[0].get("counts") == "storage" else "bits"
+        parts += [f"| {q.upper()}: model, text | " + " | ".join(f"{b:g} {unit}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]  # fmt: skip
+        for model in dict.fromkeys(c["model"] for c in mine):
+            for text in dict.fromkeys(c["text"] for c in mine):
+                row = {c["budget"]: c for c in mine if c["model"] == model and c["text"] == text}
+                shown = [f"{row[b]['reference']:.1f} / " + _ppl_cells(row[b]["ppl"], " / ") for b in budgets]
+                parts.append(f"| {names.get(model, model)}, {text} | " + " | ".join(shown) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def _runtime(rows: dict, label: str) -> float | None:
     """llama-perplexity of a row's GGUF file; None when the row was not measured (an older compare.json)."""
     row = rows.get(label)
@@ -382,7 +406,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
-    parser.add_argument("--readme-table", action="store_true", help="also print the README's GGUF table")
+    parser.add_argument("--readme-table", action="store_true", help="also print the README's GGUF and held-out tables")
     args = parser.parse_args()
     runs = {}
     settings_by_suffix = {
@@ -404,6 +428,7 @@ def main() -> int:
     print(f"wrote {DOCS / 'RESULTS.md'}")
     if args.readme_table:
         print(readme_table(runs))
+        print(readme_allocator_tables())
     return 0
 
 
