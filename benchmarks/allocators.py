@@ -2,7 +2,7 @@
 would otherwise get (uniform, llama.cpp's rule, the HIGGS-style program, the NSDS paper's allocation).
 
     python benchmarks/allocators.py --models smollm2,gemma3-270m --quantizers rtn --text brown-test \\
-        --budgets 3.25,3.5,4.5 [--tokens 2048] [--out docs/results/allocators-brown-test.json]
+        --budgets 3.25,3.5,4.5 [--tokens 2048] [--out docs/results/allocators-brown-test.json] [--allocators error]
 
 Prints one row per model x quantizer x budget (perplexity per allocator, the lowest in brackets) and a
 summary over every cell of `--out` (an existing file with the same settings keeps its other cells, so
@@ -10,7 +10,8 @@ quantizers can be added one run at a time): cells where `error` is lowest, never
 and each allocator's mean excess perplexity over the reference. The constants of `error` were chosen on
 brown-tune (docs/METHOD.md §9); report on brown-test and moby-dick. GGUF budgets count storage bits.
 Error tables and every evaluated plan's perplexity are kept under the nsds cache (both deterministic), so a
-rerun evaluates only plans it has not seen.
+rerun evaluates only plans it has not seen. `--allocators` evaluates only those (after a change to one of
+them) and takes the others' perplexities from the cells of `--out`, which must hold them at the same settings.
 """
 
 import argparse
@@ -36,7 +37,8 @@ ALLOCATORS = ("error", "uniform", "llama.cpp", "higgs", "paper")
 
 
 def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tuple[int, ...], text: str,
-          tokens: int) -> list[dict]:  # fmt: skip
+          tokens: int, allocators: tuple[str, ...], saved: dict[tuple, dict]) -> list[dict]:  # fmt: skip
+    """One cell per quantizer x budget: every allocator's perplexity, those not in `allocators` from `saved`."""
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
     model = loaded.model
     modules = arch.linear_modules(model, fuse=True)
@@ -51,10 +53,19 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
         evidence = Evidence(scores=scores, errors=errors)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
+            kept = saved.get((model_id, q, budget), {}).get("ppl", {})
             row = {}
             for label in ALLOCATORS:
-                plan = plan_for(label, modules, evidence, setting)
-                row[label] = evaluated.ppl(bank, plan, f"{label} at {budget:g} ({q})")
+                if label in allocators:
+                    plan = plan_for(label, modules, evidence, setting)
+                    row[label] = evaluated.ppl(bank, plan, f"{label} at {budget:g} ({q})")
+                elif label in kept:
+                    row[label] = kept[label]
+                else:
+                    raise SystemExit(
+                        f"--out holds no {label} perplexity for {model_id} {q} {budget:g}: "
+                        f"evaluate {label} too (leave out --allocators)"
+                    )
             found.append({"model": model_id, "quantizer": q, "budget": budget, "counts": setting.budget_counts,
                           "reference": reference, "ppl": row})  # fmt: skip
             best = min(row.values())
@@ -123,19 +134,22 @@ def main() -> None:
     parser.add_argument("--text", default="brown-test")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--allocators", default=",".join(ALLOCATORS), help="those to evaluate; the rest from --out")
     args = parser.parse_args()
     started = time.perf_counter()
     widths = tuple(int(w) for w in args.widths.split(","))
     budgets = [float(b) for b in args.budgets.split(",")]
+    settings = {"text": args.text, "tokens": args.tokens, "window": 512, "widths": list(widths)}
+    saved = json.loads(args.out.read_text()) if args.out and args.out.exists() else {"settings": None, "cells": []}
+    # the same evidence: new cells replace their old selves, others stay
+    saved_cells = {(c["model"], c["quantizer"], c["budget"]): c for c in saved["cells"]
+                   if saved["settings"] == settings}  # fmt: skip
     found = []
     for model_id in args.models.split(","):
-        found += cells(model_id, args.quantizers.split(","), budgets, widths, args.text, args.tokens)
-    settings = {"text": args.text, "tokens": args.tokens, "window": 512, "widths": list(widths)}
-    if args.out and args.out.exists():
-        saved = json.loads(args.out.read_text())
-        if saved["settings"] == settings:  # the same evidence: new cells replace their old selves, others stay
-            fresh = {(c["model"], c["quantizer"], c["budget"]) for c in found}
-            found = [c for c in saved["cells"] if (c["model"], c["quantizer"], c["budget"]) not in fresh] + found
+        found += cells(model_id, args.quantizers.split(","), budgets, widths, args.text, args.tokens,
+                       tuple(args.allocators.split(",")), saved_cells)  # fmt: skip
+    fresh = {(c["model"], c["quantizer"], c["budget"]) for c in found}
+    found = [c for key, c in saved_cells.items() if key not in fresh] + found
     order = {"rtn": 0, "hqq": 1, "gguf": 2}
     found.sort(key=lambda c: (c["model"] != "smollm2", c["model"], order.get(c["quantizer"], 3), c["budget"]))
     lines = summary(found)

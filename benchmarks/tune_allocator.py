@@ -1,8 +1,10 @@
-"""The study that chooses the `error` allocator's constants: a grid of energy exponents, energy weights and
-edge weights on the tuning text only (brown-tune), every model x quantizer x budget, against HIGGS and uniform.
+"""The study that chooses the `error` allocator's constants: a grid of energy exponents, energy weights, edge
+weights and llama.cpp-prior weights on the tuning text only (brown-tune), every model x quantizer x budget,
+against the `--baselines` (HIGGS and uniform by default).
 
     python benchmarks/tune_allocator.py --models smollm2,gemma3-270m --quantizers rtn,hqq \\
-        --exponents 2,3 --energies 100,10000 --edges 2 [--budgets 3.5,4.25,5] [--text brown-tune] [--tokens 8192]
+        --exponents 2,3 --energies 100,10000 --edges 2 --priors 1,1.5 [--budgets 3.5,4.25,5] [--text brown-tune] \\
+        [--tokens 8192] [--baselines higgs,uniform]
 
 Prints each variant's perplexity per cell and its sum of log perplexities (lower is better), the
 criterion docs/METHOD.md §9 uses. Never run it on the texts the results are reported on. Error tables and
@@ -10,6 +12,7 @@ plan perplexities are shared with benchmarks/allocators.py's cache.
 """
 
 import argparse
+import itertools
 import math
 import time
 
@@ -23,8 +26,9 @@ from allocators import Evaluated, measured_errors
 
 
 def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tuple[int, ...], text: str,
-          tokens: int, variants: list[tuple[float, float, float]]) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Perplexity of every variant (and of higgs, uniform) per cell "quantizer budget"."""
+          tokens: int, variants: list[tuple[float, float, float, float]], baselines: list[str],
+          ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Perplexity of every variant (and of the baselines) per cell "model quantizer budget"."""
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
     model = loaded.model
     modules = arch.linear_modules(model, fuse=True)
@@ -36,11 +40,12 @@ def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
         errors = measured_errors(bank, modules, widths, model, model_id)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
-            plans = {f"R^{k:g} x {g:g} edge={e:g}": least_error(modules, errors, setting, edge_weight=e,
-                                                                energy_weight=g, energy_exponent=k, min_gain=0)
-                     for k, g, e in variants}  # fmt: skip
+            plans = {f"R^{k:g}x{g:g} edge={e:g} prior={p:g}":
+                     least_error(modules, errors, setting, edge_weight=e, energy_weight=g, energy_exponent=k,
+                                 prior_weight=p)
+                     for k, g, e, p in variants}  # fmt: skip
             evidence = Evidence(errors=errors)
-            plans |= {label: plan_for(label, modules, evidence, setting) for label in ("higgs", "uniform")}
+            plans |= {label: plan_for(label, modules, evidence, setting) for label in baselines}
             cell = found.setdefault(f"{model_id} {q} {budget:g}", {})
             for label, plan in plans.items():
                 cell[label] = evaluated.ppl(bank, plan, f"{label} {q} {budget:g}")
@@ -58,16 +63,19 @@ def main() -> None:
     parser.add_argument("--exponents", default="2")
     parser.add_argument("--energies", default="0,30,100")
     parser.add_argument("--edges", default="2")
+    parser.add_argument("--priors", default="1", help="weights of the modules llama.cpp's mixes favour")
+    parser.add_argument("--baselines", default="higgs,uniform", help="allocators shown beside the variants")
     parser.add_argument("--text", default="brown-tune")
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
     started = time.perf_counter()
-    variants = [(float(k), float(g), float(e)) for k in args.exponents.split(",") for g in args.energies.split(",")
-                for e in args.edges.split(",")]  # fmt: skip
+    grid = (args.exponents, args.energies, args.edges, args.priors)
+    variants = [tuple(float(v) for v in values) for values in itertools.product(*(g.split(",") for g in grid))]
     found: dict[str, dict[str, float]] = {}
     for model_id in args.models.split(","):
         found |= study(model_id, args.quantizers.split(","), [float(b) for b in args.budgets.split(",")],
-                       tuple(int(w) for w in args.widths.split(",")), args.text, args.tokens, variants)  # fmt: skip
+                       tuple(int(w) for w in args.widths.split(",")), args.text, args.tokens, variants,
+                       [b for b in args.baselines.split(",") if b])  # fmt: skip
     labels = list(next(iter(found.values())))
     print(f"\n{'variant':22s} " + " ".join(f"{c:>22s}" for c in found) + "   sum log PPL")
     for label in labels:

@@ -300,6 +300,12 @@ def use_more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
+def llama_cpp_favours(module: Module, layers: int) -> bool:
+    """Whether llama.cpp's k-quant mixes favour this module: attn_v (or a fused qkv) and ffn_down on the
+    layers `use_more_bits` picks."""
+    return module.role in ("v", "qkv", "down") and use_more_bits(module.layer, layers)
+
+
 def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     """llama.cpp's mixture heuristic at an exact average-bit budget.
 
@@ -343,6 +349,7 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
 EDGE_WEIGHT = 2.0
 ENERGY_WEIGHT = 100.0
 ENERGY_EXPONENT = 2.0
+PRIOR_WEIGHT = 1.0
 MIN_PREDICTED_GAIN = 0.03
 _REFITS = 10  # linearisations tried, from the uniform plan; each is a fixed point or better than the last
 
@@ -353,16 +360,18 @@ class PredictedLoss:
         L = sum_m p_m r_m(b_m) + (energy_weight / k) * M * R^k,    R = sum_m p_m n_m r_m(b_m) / N,
 
     with r_m(b) module m's measured error (`measure`), n_m its weights, N their sum over the M modules,
-    p_m = edge_weight on the first and last decoder layers, 1 elsewhere, and k = energy_exponent (2: the
-    default; 3 was tried on brown-tune and did no better, docs/METHOD.md §9)."""
+    p_m = edge_weight on the first and last decoder layers, 1 elsewhere, times prior_weight on the modules
+    llama.cpp's mixes favour (`llama_cpp_favours`), and k = energy_exponent (2: the default; 3 was tried on
+    brown-tune and did no better, docs/METHOD.md §9)."""
 
     def __init__(self, modules: Sequence[Module], errors: ErrorTable, measure: str = "relative",
                  edge_weight: float = EDGE_WEIGHT, energy_weight: float = ENERGY_WEIGHT,
-                 energy_exponent: float = ENERGY_EXPONENT) -> None:  # fmt: skip
+                 energy_exponent: float = ENERGY_EXPONENT, prior_weight: float = PRIOR_WEIGHT) -> None:  # fmt: skip
         layers = max(m.layer for m in modules) + 1
         self.modules, self.errors, self.measure, self.energy_weight = modules, errors, measure, energy_weight
         self.exponent = energy_exponent
-        self.edge = {m.name: edge_weight if m.layer in (0, layers - 1) else 1.0 for m in modules}
+        self.edge = {m.name: (edge_weight if m.layer in (0, layers - 1) else 1.0)
+                     * (prior_weight if llama_cpp_favours(m, layers) else 1.0) for m in modules}  # fmt: skip
         self.params = sum(m.params for m in modules)
 
     def _error(self, m: Module, bits: Mapping[str, int]) -> float:
@@ -392,6 +401,7 @@ def least_error(
     energy_weight: float = ENERGY_WEIGHT,
     min_gain: float = MIN_PREDICTED_GAIN,
     energy_exponent: float = ENERGY_EXPONENT,
+    prior_weight: float = PRIOR_WEIGHT,
 ) -> Plan:
     """nsds's default: the widths minimising PredictedLoss under the budget. The knapsack minimises the loss
     linearised at the current plan's energy exactly; starting from the uniform plan, it is solved again at
@@ -400,7 +410,7 @@ def least_error(
     predicted less than `min_gain` better than the uniform plan, the uniform plan is returned (each module's
     reason says "fallback"). Every module's error is its own, measured with the plans' own quantizer."""
     widths = _check_table(errors, setting, modules)
-    loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight, energy_exponent)
+    loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight, energy_exponent, prior_weight)
     baseline = uniform(modules, setting)  # among the candidates: a budget that is one gives it everywhere
     uniform_bits = current = _bits(baseline)
     best, best_loss = baseline, loss(uniform_bits)

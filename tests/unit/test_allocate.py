@@ -19,6 +19,7 @@ from nsds.allocate import (
     knapsack,
     least_error,
     llama_cpp,
+    llama_cpp_favours,
     plan_for,
     random_scores,
     topk,
@@ -268,6 +269,25 @@ def test_least_error_first_order_is_the_exact_optimum(measure, edge):
         plan = least_error(modules, errors, s, measure=measure, edge_weight=edge, energy_weight=0, min_gain=0)
         assert tuple(m.bits for m in plan.modules) == best_widths(modules, budget, loss)
         assert plan.weight_bits <= budget and plan.allocator == "error"
+
+
+def test_prior_weight_scales_the_modules_llama_cpp_favours():
+    """prior_weight multiplies p_m of attn_v/qkv and ffn_down on use_more_bits layers, on top of the edge weight;
+    the first-order knapsack is then the exact optimum of that weighted sum."""
+    modules, errors = modules_and_errors(1)
+    favoured = {m.name for m in modules if llama_cpp_favours(m, 3)}
+    assert favoured == {"m4"}  # of three layers, use_more_bits picks only the last; there, only down is favoured
+    assert llama_cpp_favours(Module("x", 2, "qkv", 8, 8, "x"), 3) and not llama_cpp_favours(modules[2], 3)
+    loss_of = PredictedLoss(modules, errors, edge_weight=2.0, energy_weight=0, prior_weight=5.0)
+    assert loss_of.edge == {"m0": 2.0, "m1": 2.0, "m2": 1.0, "m3": 1.0, "m4": 10.0, "m5": 2.0}
+
+    def loss(bits):
+        return sum((5.0 if m.name in favoured else 1.0) * errors.of(m.name, bits[m.name], "relative") for m in modules)
+
+    for budget in (2.4, 3.0, 3.6):
+        s = setting(budget, widths=(2, 3, 4))
+        plan = least_error(modules, errors, s, edge_weight=1.0, energy_weight=0, min_gain=0, prior_weight=5.0)
+        assert tuple(m.bits for m in plan.modules) == best_widths(modules, budget, loss)
 
 
 @pytest.mark.parametrize("seed", range(4))
