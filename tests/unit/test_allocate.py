@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nsds.allocate import (
     MIN_PREDICTED_GAIN,
+    PRIOR_WEIGHT,
     Evidence,
     PredictedLoss,
     Setting,
@@ -258,11 +259,14 @@ def best_widths(modules: list[Module], budget: float, loss) -> tuple[int, ...]:
 
 @pytest.mark.parametrize(("measure", "edge"), [("relative", 3.0), ("gained", 1.0)])
 def test_least_error_first_order_is_the_exact_optimum(measure, edge):
-    """Without the energy term the knapsack minimises sum_m p_m r_m exactly (layers 0 and 2 are the edges)."""
+    """Without the energy term the knapsack minimises sum_m p_m r_m exactly (layers 0 and 2 are the edges; the
+    down module of layer 2 also carries the default prior weight)."""
     modules, errors = modules_and_errors(0)
+    weight = {m.name: (edge if m.layer in (0, 2) else 1.0) * (PRIOR_WEIGHT if m.name == "m4" else 1.0)
+              for m in modules}  # fmt: skip
 
     def loss(bits):
-        return sum((edge if m.layer in (0, 2) else 1.0) * errors.of(m.name, bits[m.name], measure) for m in modules)
+        return sum(weight[m.name] * errors.of(m.name, bits[m.name], measure) for m in modules)
 
     for budget in (2.4, 3.0, 3.6):
         s = setting(budget, widths=(2, 3, 4))
@@ -299,7 +303,8 @@ def test_least_error_finds_the_optimum_of_the_higher_order_loss(seed):
     for exponent, weight in ((2.0, 30.0), (2.0, 300.0), (3.0, 100.0), (3.0, 1000.0)):
 
         def loss(bits, exponent=exponent, weight=weight):
-            edge = {m.name: 2.0 if m.layer in (0, 2) else 1.0 for m in modules}
+            edge = {m.name: (2.0 if m.layer in (0, 2) else 1.0) * (PRIOR_WEIGHT if m.name == "m4" else 1.0)
+                    for m in modules}  # fmt: skip
             r = {m.name: errors.of(m.name, bits[m.name], "relative") for m in modules}
             energy = sum(edge[m.name] * m.params * r[m.name] for m in modules) / params
             return sum(edge[m.name] * r[m.name] for m in modules) + weight / exponent * len(modules) * energy**exponent
@@ -316,7 +321,8 @@ def test_least_error_finds_the_optimum_of_the_higher_order_loss(seed):
 def test_least_error_keeps_uniform_unless_predicted_clearly_better():
     # Four equal modules at 3 bits (error 1 each, 4 in all). Raising one to 4 bits saves 0.75; it is paid for
     # by lowering m2 to 2 bits, which costs m2 `loss`: the optimum is predicted (0.75 - loss) / 4 better than
-    # uniform, and only a gain of MIN_PREDICTED_GAIN or more leaves the uniform plan.
+    # uniform, and only a gain of MIN_PREDICTED_GAIN or more leaves the uniform plan. (No prior weight: m2 and
+    # m3 are down modules on layers llama.cpp favours.)
     modules = [Module(f"m{i}", i, "down", 64, 64, f"{i}") for i in range(4)]
     s = setting(3.0, widths=(2, 3, 4))
     for loss, leaves in ((0.0, True), (0.7, False)):
@@ -324,9 +330,9 @@ def test_least_error_keeps_uniform_unless_predicted_clearly_better():
         errors = table(modules, (2, 3, 4), lambda m, w, low=low: {2: low[m.name], 3: 1.0, 4: 0.25}[w])
         gain = (0.75 - loss) / 4
         assert (gain >= MIN_PREDICTED_GAIN) == leaves
-        optimum = least_error(modules, errors, s, edge_weight=1.0, energy_weight=0, min_gain=0)
+        optimum = least_error(modules, errors, s, edge_weight=1.0, energy_weight=0, min_gain=0, prior_weight=1.0)
         assert sorted(m.bits for m in optimum.modules) == [2, 3, 3, 4]
-        plan = least_error(modules, errors, s, edge_weight=1.0, energy_weight=0)
+        plan = least_error(modules, errors, s, edge_weight=1.0, energy_weight=0, prior_weight=1.0)
         assert plan.allocator == "error" and plan.weight_bits <= 3.0
         if leaves:
             assert plan.modules == optimum.modules
