@@ -3,8 +3,8 @@ weights and llama.cpp-prior weights on the tuning text only (brown-tune), every 
 against the `--baselines` (HIGGS and uniform by default).
 
     python benchmarks/tune_allocator.py --models smollm2,gemma3-270m --quantizers rtn,hqq \\
-        --exponents 2,3 --energies 100,10000 --edges 2 --priors 1,1.5 [--budgets 3.5,4.25,5] [--text brown-tune] \\
-        [--tokens 8192] [--baselines higgs,uniform]
+        --exponents 2,3 --energies 100,10000 --edges 2 --priors 1,1.25,1.5,2 [--budgets 3.5,4.25,5] \\
+        [--text brown-tune] [--tokens 8192] [--baselines higgs,uniform]
 
 Prints each variant's perplexity per cell and its sum of log perplexities (lower is better), the
 criterion docs/METHOD.md §9 uses. Never run it on the texts the results are reported on. Error tables and
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--exponents", default="2")
     parser.add_argument("--energies", default="0,30,100")
     parser.add_argument("--edges", default="2")
-    parser.add_argument("--priors", default="1", help="weights of the modules llama.cpp's mixes favour")
+    parser.add_argument("--priors", default="1.25", help="weights of the modules llama.cpp's mixes favour")
     parser.add_argument("--baselines", default="higgs,uniform", help="allocators shown beside the variants")
     parser.add_argument("--text", default="brown-tune")
     parser.add_argument("--tokens", type=int, default=8192)
