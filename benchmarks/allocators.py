@@ -11,7 +11,8 @@ and each allocator's mean excess perplexity over the reference. The constants of
 brown-tune (docs/METHOD.md §9); report on brown-test and moby-dick. GGUF budgets count storage bits.
 Error tables and every evaluated plan's perplexity are kept under the nsds cache (both deterministic), so a
 rerun evaluates only plans it has not seen. `--allocators` evaluates only those (after a change to one of
-them) and takes the others' perplexities from the cells of `--out`, which must hold them at the same settings.
+them) and takes the others' perplexities from the cells of `--out`, which must hold them at the same settings
+(a plan identical to one of those takes its perplexity).
 """
 
 import argparse
@@ -54,11 +55,16 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
             kept = saved.get((model_id, q, budget), {}).get("ppl", {})
+            plans = {label: plan_for(label, modules, evidence, setting) for label in ALLOCATORS}
             row = {}
             for label in ALLOCATORS:
                 if label in allocators:
-                    plan = plan_for(label, modules, evidence, setting)
-                    row[label] = evaluated.ppl(bank, plan, f"{label} at {budget:g} ({q})")
+                    # a plan identical to a kept one takes its perplexity: one plan, one measurement (evaluations
+                    # in other sessions can differ in the fifth digit, which must not rank two identical plans)
+                    same = [other for other in kept if other not in allocators and other in plans
+                            and plans[other].formats() == plans[label].formats()]  # fmt: skip
+                    desc = f"{label} at {budget:g} ({q})"
+                    row[label] = kept[same[0]] if same else evaluated.ppl(bank, plans[label], desc)
                 elif label in kept:
                     row[label] = kept[label]
                 else:
