@@ -9,8 +9,8 @@ summary over every cell of `--out` (an existing file with the same settings keep
 quantizers can be added one run at a time): cells where `error` is lowest, never worse than uniform,
 and each allocator's mean excess perplexity over the reference. The constants of `error` were chosen on
 brown-tune (docs/METHOD.md §9); report on brown-test and moby-dick. GGUF budgets count storage bits.
-Error tables and every evaluated plan's perplexity are kept under the nsds cache (both deterministic), so a
-rerun evaluates only plans it has not seen. `--allocators` evaluates only those (after a change to one of
+Error tables and every evaluated plan's perplexity are kept under the nsds cache (both deterministic on one
+machine), so a rerun evaluates only plans it has not seen. `--allocators` evaluates only those (after a change to one of
 them) and takes the others' perplexities from the cells of `--out`, which must hold them at the same settings
 (a plan identical to one of those takes its perplexity).
 """
@@ -61,8 +61,11 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
                 if label in allocators:
                     # a plan identical to a kept one takes its perplexity: one plan, one measurement (evaluations
                     # in other sessions can differ in the fifth digit, which must not rank two identical plans)
-                    same = [other for other in kept if other not in allocators and other in plans
-                            and plans[other].formats() == plans[label].formats()]  # fmt: skip
+                    same = [
+                        other
+                        for other in kept
+                        if other not in allocators and plans[other].formats() == plans[label].formats()
+                    ]
                     desc = f"{label} at {budget:g} ({q})"
                     row[label] = kept[same[0]] if same else evaluated.ppl(bank, plans[label], desc)
                 elif label in kept:
