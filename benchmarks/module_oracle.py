@@ -6,7 +6,8 @@ and how well each data-free sensitivity ranks the groups by it.
 
 For every group g: the oracle is the perplexity with only g quantized to `--bits` (cached per unit in the
 nsds cache, so an interrupted run resumes). The sensitivities ranked against it (Spearman rho, Kendall
-tau-b): nsds's `error` objective at that width (its PredictedLoss with only g quantized), HIGGS's (sum of
+tau-b): nsds's `error` objective at that width (its PredictedLoss with only g quantized), the Fisher-weighted
+error on the model's own samples (error's model where the noise is small), HIGGS's (sum of
 r_m(b)), the output-error energy (sum of n * r_m(b)), and the NSDS paper's layer score of g's layer (the
 layer-level ranking, for reference: every group of a layer shares it).
 """
@@ -24,6 +25,7 @@ from nsds.evaluate.loading import load_for_evaluation
 from nsds.evaluate.oracle import kendall, spearman, unit_sensitivity, windows_digest
 from nsds.evaluate.perplexity import perplexity
 from nsds.files import write_json
+from nsds.fisher import measure_fisher
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers.nsds import score
 
@@ -36,7 +38,7 @@ def study(model_id: str, quantizer_name: str, bits: int, text: str, tokens: int)
     layer_scores = score(loaded.source, compute=loaded.compute).scores
     quantizer = make_quantizer(quantizer_name)
     bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-    errors = measure_errors(bank, modules, (bits,), {})
+    errors = measure_errors(bank, modules, (bits,), {}, measure_fisher(model, loaded.tokenizer, modules))
     groups = list(dict.fromkeys(m.group for m in modules))
     members = {g: [m for m in modules if m.group == g] for g in groups}
     provenance = loaded.source.provenance()
@@ -64,6 +66,7 @@ def study(model_id: str, quantizer_name: str, bits: int, text: str, tokens: int)
 
     sensitivities = {
         "error (nsds default)": [predicted({m.name: bits for m in members[g]}) for g in groups],
+        "fisher (sum F d^2)": [sum(errors.of(m.name, bits, "fisher") for m in members[g]) for g in groups],
         "higgs (sum r)": total(lambda m: 1.0),
         "energy (sum n r)": total(lambda m: m.params),
         "NSDS paper layer score": [layer_scores[members[g][0].layer] for g in groups],

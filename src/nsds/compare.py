@@ -41,6 +41,7 @@ from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, read_document, write_bytes, write_json
+from nsds.fisher import measure_fisher
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import progress, stage
@@ -269,6 +270,10 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     timing: dict[str, float] = {"load_s": loaded.seconds}
     per_quantizer: dict[str, QuantizerResult] = {}
     cells: list[Cell] = []
+    stage("Fisher information on the model's own samples")
+    start = time.perf_counter()
+    fisher = measure_fisher(model, loaded.tokenizer, modules)  # the checkpoint's: before any bank loads a plan
+    timing["fisher_s"] = time.perf_counter() - start
     for q, quantizer in ready.quantizers.items():
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
         # the oracle does not depend on the other widths nor on fusing, so it is shared across those settings
@@ -303,7 +308,7 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
         per_quantizer[q] = QuantizerResult(Oracle(low, oracle), scores, correlations)
 
         stage(f"measuring every module's error at every width ({q})")
-        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
+        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules), fisher)
         rows = []
         for budget in ready.budgets:
             setting = ready.settings[q, budget]

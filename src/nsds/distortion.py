@@ -1,15 +1,18 @@
 """Every module's quantization error at every candidate width, measured from the weights alone.
 
 Quantize each module with the plans' own quantizer at each width and measure what it lost (docs/METHOD.md
-§9). Two measures per module and width:
+§9). Three measures per module and width:
 
 - relative: ||W - Q_b(W)||_F^2 / ||W||_F^2, HIGGS's relative weight error (arXiv:2411.17525);
 - gained:   ||(W - Q_b(W)) diag(g)||_F^2 / ||W diag(g)||_F^2, where g is the gain of the norm the module
   reads (arch.input_gains): the relative error of the module's output for a normalised input with
   uncorrelated unit-variance channels, a data-free proxy of the output error. Equal to `relative` for
-  modules fed by no norm (o, down).
+  modules fed by no norm (o, down);
+- fisher:   sum_i F_ii (W - Q_b(W))_i^2, with F the diagonal Fisher information per token on text the model
+  wrote itself (nsds.fisher): twice the second-order estimate of what the module's quantization costs the
+  model's predictions, in nats per token.
 
-No data is read: only the weights, the norm gains and the quantizer.
+No data is read: only the weights, the norm gains, the quantizer and the model's own samples.
 """
 
 from collections.abc import Mapping, Sequence
@@ -26,7 +29,7 @@ from nsds.plan import Module
 from nsds.progress import progress
 from nsds.quantize.bank import WeightBank
 
-SCHEMA = "nsds.errors/1"
+SCHEMA = "nsds.errors/2"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class ModuleError:
 
     relative: tuple[float, ...]
     gained: tuple[float, ...]
+    fisher: tuple[float, ...]
 
 
 @dataclass
@@ -48,11 +52,11 @@ class ErrorTable:
 
     def __post_init__(self) -> None:
         for name, e in self.modules.items():
-            if len(e.relative) != len(self.widths) or len(e.gained) != len(self.widths):
+            if {len(e.relative), len(e.gained), len(e.fisher)} != {len(self.widths)}:
                 raise NsdsError(f"module '{name}' has errors at {len(e.relative)} widths, the table {len(self.widths)}")
 
     def of(self, name: str, width: int, measure: str) -> float:
-        """Module `name`'s error at `width` by `measure` (relative or gained)."""
+        """Module `name`'s error at `width` by `measure` (relative, gained or fisher)."""
         if name not in self.modules:
             raise NsdsError(f"the error table has no module '{name}': it was measured on another model")
         if width not in self.widths:
@@ -70,6 +74,12 @@ class ErrorTable:
         return read_document(path, SCHEMA, "error table", lambda data: build(cls, data))
 
 
+def fisher_error(weight: torch.Tensor, quantized: torch.Tensor, fisher: torch.Tensor) -> float:
+    """sum_i F_ii (W - Q)_i^2 in float64."""
+    difference = weight.double() - quantized.double()
+    return float((fisher.double().to(difference.device) * difference.square()).sum())
+
+
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, gain: torch.Tensor | None = None) -> float:
     """||(W - Q) diag(g)||_F^2 / ||W diag(g)||_F^2 in float64 (g = 1 when None); 0 for an all-zero W."""
     w = weight.double()
@@ -80,19 +90,25 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, gain: torch.Tens
 
 
 def measure_errors(
-    bank: WeightBank, modules: Sequence[Module], widths: Sequence[int], gains: Mapping[str, torch.Tensor]
+    bank: WeightBank,
+    modules: Sequence[Module],
+    widths: Sequence[int],
+    gains: Mapping[str, torch.Tensor],
+    fisher: Mapping[str, torch.Tensor],
 ) -> ErrorTable:
     """The error table of the bank's quantizer over `modules` at `widths` (each module quantized once per
-    width; with the bank's `keep`, those variants serve the plans' evaluations afterwards)."""
+    width; with the bank's `keep`, those variants serve the plans' evaluations afterwards), with the norm
+    gains (arch.input_gains) and the diagonal Fisher information (fisher.diagonal_fisher) of every module."""
     widths = tuple(sorted(set(widths)))
     table: dict[str, ModuleError] = {}
     for m in progress(modules, desc=f"measuring errors ({bank.quantizer.name})", unit="module"):
         weight = bank.linear(m.name)
-        relative, gained = [], []
+        relative, gained, weighted = [], [], []
         for bits in widths:
             stored = bank.quantizer.storage(m.out_features, m.in_features, bits).format
             quantized = bank.linear(m.name, stored)
             relative.append(output_error(weight, quantized))
             gained.append(output_error(weight, quantized, gains.get(m.name)))
-        table[m.name] = ModuleError(tuple(relative), tuple(gained))
+            weighted.append(fisher_error(weight, quantized, fisher[m.name]))
+        table[m.name] = ModuleError(tuple(relative), tuple(gained), tuple(weighted))
     return ErrorTable(bank.quantizer.name, widths, table)

@@ -37,6 +37,7 @@ from nsds.evaluate.loading import load_for_evaluation
 from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, copy_file, write_bytes
+from nsds.fisher import measure_fisher
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Plan
 from nsds.progress import stage
@@ -157,7 +158,8 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     errors = None
     if measures_errors(cfg):
         stage("measuring every module's error at every width")
-        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules))
+        fisher = measure_fisher(model, loaded.tokenizer, modules)
+        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules), fisher)
     evidence = Evidence(scores=scores.scores, errors=errors)
     plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in plan_labels(cfg).items()}
     target = ready.gguf

@@ -1,5 +1,5 @@
 """Measured module errors: the formula by hand, the norm gains of each norm variant, and the table of a real
-(tiny) model against a direct computation."""
+(tiny) model against a direct computation (relative, gained and Fisher-weighted)."""
 
 import pytest
 import torch
@@ -51,7 +51,9 @@ def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
     quantizer = make_quantizer("rtn", group_size=32)
     bank = WeightBank(model, [m.name for m in modules], quantizer, keep=False)
     gains = arch.input_gains(model, modules)
-    table = measure_errors(bank, modules, (4, 2), gains)
+    fisher = {m.name: torch.rand(m.out_features, m.in_features, generator=torch.Generator().manual_seed(i))
+              for i, m in enumerate(modules)}  # fmt: skip
+    table = measure_errors(bank, modules, (4, 2), gains, fisher)
     assert table.widths == (2, 4) and set(table.modules) == {m.name for m in modules}
     for m in modules[:7]:
         w = model.get_submodule(m.name).weight.detach()
@@ -61,6 +63,7 @@ def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
             gain = gains.get(m.name, torch.ones(w.shape[1]))
             expected = float((((w - q) * gain) ** 2).sum() / ((w * gain) ** 2).sum())
             assert table.of(m.name, bits, "gained") == pytest.approx(expected)
+            assert table.of(m.name, bits, "fisher") == pytest.approx(float((fisher[m.name] * (w - q) ** 2).sum()))
         assert table.of(m.name, 2, "relative") > table.of(m.name, 4, "relative") > 0
     table.save(tmp_path / "errors.json")
     assert ErrorTable.load(tmp_path / "errors.json") == table

@@ -1,0 +1,96 @@
+"""Each module's diagonal Fisher information on text the model writes itself (docs/METHOD.md §9).
+
+No text is read. The model samples `SEQUENCES` continuations of `LENGTH` tokens from its BOS token (temperature
+1, no truncation, seeded): with those tokens as labels, the squared gradient of a sequence's log-likelihood is
+an unbiased estimate of the sum over its tokens of the diagonal of the Fisher information (the labels are the
+model's own samples, so the cross terms between tokens vanish in expectation). Averaged per token, F gives the
+second-order estimate of what a small weight change d costs the model's predictions:
+
+    KL(model || changed model) ~ 1/2 sum_i F_ii d_i^2   nats per token,
+
+which the `error` allocator minimises where the quantization noise is small (allocate.least_error).
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig
+
+from nsds import arch
+from nsds.plan import Module
+from nsds.progress import progress
+
+SEQUENCES = 16
+LENGTH = 512
+SEED = 0
+
+
+def measure_fisher(model: torch.nn.Module, tokenizer, modules: Sequence[Module]) -> dict[str, torch.Tensor]:
+    """Every module's diagonal Fisher information per token, on SEQUENCES x LENGTH tokens of self-text."""
+    bos = next((t for t in (tokenizer.bos_token_id, model.config.bos_token_id, tokenizer.eos_token_id)
+                if isinstance(t, int)), 0)  # fmt: skip
+    return diagonal_fisher(model, modules, self_text(model, bos))
+
+
+def self_text(model: torch.nn.Module, bos: int, sequences: int = SEQUENCES, length: int = LENGTH,
+              seed: int = SEED) -> torch.Tensor:  # fmt: skip
+    """`sequences` x (1 + length) token ids the model sampled itself after `bos`: plain sampling (temperature 1,
+    no top-k/top-p, none of the checkpoint's generation settings), end-of-text suppressed so every sequence
+    has `length` tokens (cut to the model's context), seeded without touching the caller's random state."""
+    context = arch.context_length(model.config)
+    length = min(length, context - 1) if context else length
+    device = next(model.parameters()).device
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
+                                min_new_tokens=length, pad_token_id=bos,
+                                eos_token_id=model.config.eos_token_id)  # fmt: skip
+    prompt = torch.full((sequences, 1), bos, dtype=torch.long, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
+
+
+def diagonal_fisher(model: torch.nn.Module, modules: Sequence[Module], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """F_ii per token for every module's weight (out x in, float32, on the CPU), from the self-text `tokens`:
+    the mean over sequences of the squared gradient of each sequence's log-likelihood, divided by its length."""
+    parameters = dict(model.named_parameters())
+    wanted = {name for name, p in parameters.items() if any(p is _owner(model, m.name) for m in modules)}
+    trainable = {name: p.requires_grad for name, p in parameters.items()}
+    squares = {name: torch.zeros_like(parameters[name], dtype=torch.float32) for name in wanted}
+    try:
+        for name, p in parameters.items():
+            p.requires_grad_(name in wanted)
+        for sequence in progress(tokens, desc="Fisher information", unit="sequence"):
+            ids = sequence.unsqueeze(0)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            loss = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            grads = torch.autograd.grad(loss, [parameters[name] for name in wanted])
+            for name, grad in zip(wanted, grads, strict=True):
+                squares[name] += grad.float().square()
+    finally:
+        for name, p in parameters.items():
+            p.requires_grad_(trainable[name])
+    per_token = tokens.shape[0] * (tokens.shape[1] - 1)
+    return {m.name: _slice(model, m.name, squares, parameters).cpu() / per_token for m in modules}
+
+
+def _owner(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter that holds a module's weight (its own, or a fused experts parameter it is a slice of)."""
+    view, _ = arch.module_weight(model, name)
+    base = view if view._base is None else view._base
+    return next(p for p in model.parameters() if p is base or p.data_ptr() == base.data_ptr())
+
+
+def _slice(model: torch.nn.Module, name: str, squares: dict[str, torch.Tensor],
+           parameters: dict[str, torch.nn.Parameter]) -> torch.Tensor:  # fmt: skip
+    """The module's part of its parameter's squared gradients, read exactly as its weight is read (out x in)."""
+    owner = _owner(model, name)
+    key = next(k for k, p in parameters.items() if p is owner)
+    data = owner.data
+    owner.data = squares[key]
+    try:
+        view, transposed = arch.module_weight(model, name)
+        view = view.detach().float().clone()
+    finally:
+        owner.data = data
+    return view.T if transposed else view
