@@ -12,7 +12,8 @@ brown-tune (docs/METHOD.md §9); report on brown-test and moby-dick. GGUF budget
 Error tables and every evaluated plan's perplexity are kept under the nsds cache (both deterministic on one
 machine), so a rerun evaluates only plans it has not seen. `--allocators` evaluates only those (after a change to one of
 them) and takes the others' perplexities from the cells of `--out`, which must hold them at the same settings
-(a plan identical to one of those takes its perplexity).
+(a plan identical to one of those takes its perplexity; so does an `error` plan identical to the plan `error`
+makes without its Fisher model, the default the kept `error` perplexities were measured with).
 """
 
 import argparse
@@ -24,12 +25,13 @@ from pathlib import Path
 import torch
 
 from nsds import arch
-from nsds.allocate import Evidence, allocation_setting, plan_for
+from nsds.allocate import Evidence, allocation_setting, least_error, plan_for
 from nsds.compute import Compute
 from nsds.distortion import ErrorTable, measure_errors
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.perplexity import perplexity
 from nsds.files import cache_dir, write_json
+from nsds.fisher import LENGTH, SEED, SEQUENCES, measure_fisher
 from nsds.plan import Module, Plan
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers.nsds import score
@@ -50,22 +52,22 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = measured_errors(bank, modules, widths, model, model_id)
+        errors = measured_errors(bank, modules, widths, model, loaded.tokenizer, model_id)
         evidence = Evidence(scores=scores, errors=errors)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
             kept = saved.get((model_id, q, budget), {}).get("ppl", {})
             plans = {label: plan_for(label, modules, evidence, setting) for label in ALLOCATORS}
             row = {}
+            # error's plan without the Fisher model (the default before it) is what the kept "error" measured
+            known = {label: plans[label] for label in kept if label not in allocators}
+            if "error" in kept:
+                known["error"] = least_error(modules, errors, setting, fisher_regime=0.0)
             for label in ALLOCATORS:
                 if label in allocators:
                     # a plan identical to a kept one takes its perplexity: one plan, one measurement (evaluations
                     # in other sessions can differ in the fifth digit, which must not rank two identical plans)
-                    same = [
-                        other
-                        for other in kept
-                        if other not in allocators and plans[other].formats() == plans[label].formats()
-                    ]
+                    same = [other for other, plan in known.items() if plan.formats() == plans[label].formats()]
                     desc = f"{label} at {budget:g} ({q})"
                     row[label] = kept[same[0]] if same else evaluated.ppl(bank, plans[label], desc)
                 elif label in kept:
@@ -85,13 +87,18 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
 
 
 def measured_errors(bank: WeightBank, modules: list[Module], widths: tuple[int, ...], model: torch.nn.Module,
-                    model_id: str) -> ErrorTable:  # fmt: skip
+                    tokenizer, model_id: str) -> ErrorTable:  # fmt: skip
     """The error table, measured once per model x quantizer x widths and kept under the nsds cache: it does not
-    depend on the text, and HQQ's takes minutes on a CPU."""
-    path = cache_dir() / "errors" / f"{model_id}-{bank.quantizer.name}-w{'-'.join(map(str, widths))}.json"
+    depend on the text, and HQQ's takes minutes on a CPU (so does the Fisher information, kept per model)."""
+    path = cache_dir() / "errors" / f"{model_id}-{bank.quantizer.name}-w{'-'.join(map(str, widths))}-v2.json"
     if path.exists():
         return ErrorTable.load(path)
-    errors = measure_errors(bank, modules, widths, arch.input_gains(model, modules))
+    fisher_path = cache_dir() / "fisher" / f"{model_id}-{SEQUENCES}x{LENGTH}-seed{SEED}.pt"
+    if not fisher_path.exists():  # the model holds the checkpoint's weights: no plan is loaded yet
+        fisher_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(measure_fisher(model, tokenizer, modules), fisher_path)
+    fisher = torch.load(fisher_path)
+    errors = measure_errors(bank, modules, widths, arch.input_gains(model, modules), fisher)
     path.parent.mkdir(parents=True, exist_ok=True)
     errors.save(path)
     return errors

@@ -6,7 +6,9 @@ Allocators that turn per-layer scores into a Plan:
   width, solved exactly as a multiple-choice knapsack;
 - `uniform`: the score-free baseline at the same budget;
 - `llama.cpp`: llama.cpp's hand-written mixture rule (attn_v and ffn_down first), filled to the budget;
-- `random_scores`: seeded random layer scores, the floor any scorer must beat.
+- `random_scores`: seeded random layer scores, the floor any scorer must beat;
+- `error` (the default), `fisher`, `higgs`: measured module errors (nsds.distortion), knapsack over width
+  groups (docs/METHOD.md §9).
 """
 
 import math
@@ -340,14 +342,17 @@ def llama_cpp(modules: Sequence[Module], setting: Setting) -> Plan:
     return _plan(modules, bits, reasons, setting, "llama.cpp", widths)
 
 
-# The `error` allocator's model of what quantization costs (docs/METHOD.md §9), its constants chosen on
-# brown-tune: HIGGS's first-order sum of relative weight errors plus a second-order term in the output noise
-# energy (the size-weighted mean relative error), the first and last decoder layers counted twice (nothing
-# downstream corrects them), and attn_v/ffn_down on the layers llama.cpp's mixes favour counted 1.25 times
-# (its structural prior as a feature, not a rule: 1.25 beat 1, 1.5 and 2). The second-order term is
-# negligible at 5+ bits, where every module counts alike, and gives the large matrices their bits at 3-4
-# bits, where their noise dominates. The uniform plan is kept unless the optimum is predicted clearly better
-# (a model's 0.6 % was worse on brown-tune).
+# The `error` allocator's two models of what quantization costs (docs/METHOD.md §9), their constants chosen on
+# brown-tune. Where the uniform plan's predicted cost is below FISHER_REGIME nats per token (by the Fisher
+# information of text the model wrote itself; 0.5 beat 0.25, 0 and infinity) the second-order Taylor model holds:
+# minimise the sum of F-weighted errors, no constants. Where the noise is large it does not (its plans starved the
+# large MLP matrices at 3.5 bits), and `error` minimises a measured-error model instead: HIGGS's first-order sum
+# of relative weight errors plus a second-order term in the output noise energy (the size-weighted mean relative
+# error), the first and last decoder layers counted twice (nothing downstream corrects them), and attn_v/ffn_down
+# on the layers llama.cpp's mixes favour counted 1.25 times (its structural prior as a feature, not a rule: 1.25
+# beat 1, 1.5 and 2). The uniform plan is kept unless the optimum is predicted clearly better (a model's 0.6 % was
+# worse on brown-tune).
+FISHER_REGIME = 0.5
 EDGE_WEIGHT = 2.0
 ENERGY_WEIGHT = 100.0
 ENERGY_EXPONENT = 2.0
@@ -404,18 +409,43 @@ def least_error(
     min_gain: float = MIN_PREDICTED_GAIN,
     energy_exponent: float = ENERGY_EXPONENT,
     prior_weight: float = PRIOR_WEIGHT,
+    fisher_regime: float = FISHER_REGIME,
 ) -> Plan:
-    """nsds's default: the widths minimising PredictedLoss under the budget. The knapsack minimises the loss
-    linearised at the current plan's energy exactly; starting from the uniform plan, it is solved again at
-    each new plan's energy until a plan repeats (at most _REFITS times), and the plan with the lowest
-    predicted loss is kept (with energy_weight 0 that is the exact optimum of sum_m p_m r_m). When it is
-    predicted less than `min_gain` better than the uniform plan, the uniform plan is returned (each module's
-    reason says "fallback"). Every module's error is its own, measured with the plans' own quantizer."""
+    """nsds's default. When the uniform plan's predicted cost, 1/2 sum_m F-weighted error (nats per token), is
+    below `fisher_regime`: the widths minimising the F-weighted error (`fisher`). Otherwise the widths
+    minimising PredictedLoss: the knapsack minimises the loss linearised at the current plan's energy exactly;
+    starting from the uniform plan, it is solved again at each new plan's energy until a plan repeats (at most
+    _REFITS times), and the plan with the lowest predicted loss is kept (with energy_weight 0 that is the exact
+    optimum of sum_m p_m r_m). When the chosen model predicts the plan less than `min_gain` better than the
+    uniform plan, the uniform plan is returned (each module's reason says "fallback"). Every module's error is
+    its own, measured with the plans' own quantizer."""
     widths = _check_table(errors, setting, modules)
-    loss = PredictedLoss(modules, errors, measure, edge_weight, energy_weight, energy_exponent, prior_weight)
     baseline = uniform(modules, setting)  # among the candidates: a budget that is one gives it everywhere
-    uniform_bits = current = _bits(baseline)
-    best, best_loss = baseline, loss(uniform_bits)
+    uniform_bits = _bits(baseline)
+    drift = fisher_cost(errors, uniform_bits)
+    if drift < fisher_regime:
+        model, best = "fisher", fisher(modules, errors, setting, "error")
+        best_loss, predicted = fisher_cost(errors, _bits(best)), drift
+    else:
+        model, loss = "energy", PredictedLoss(modules, errors, measure, edge_weight, energy_weight,
+                                              energy_exponent, prior_weight)  # fmt: skip
+        best, best_loss = _least_predicted_loss(modules, errors, setting, measure, loss, baseline)
+        predicted = loss(uniform_bits)
+    gain = 1 - best_loss / predicted if predicted > 0 else 0.0
+    if best is not baseline and gain >= min_gain:
+        why = {"model": model, "predicted_gain": gain}
+        return replace(best, modules=[replace(p, reason=p.reason | why) for p in best.modules])
+    reasons = {p.name: {"allocator": "error", "model": model, "fallback": "uniform", "predicted_gain": gain}
+               for p in baseline.modules}  # fmt: skip
+    return _plan(modules, uniform_bits, reasons, setting, "error", widths)
+
+
+def _least_predicted_loss(modules: Sequence[Module], errors: ErrorTable, setting: Setting, measure: str,
+                          loss: PredictedLoss, baseline: Plan) -> tuple[Plan, float]:  # fmt: skip
+    """The plan with the lowest `loss` among the uniform baseline and the knapsack's solutions linearised at
+    each plan's energy in turn, and its loss."""
+    current = _bits(baseline)
+    best, best_loss = baseline, loss(current)
     for _ in range(_REFITS):
         fitted = _by_error(modules, errors, setting, measure, loss.linearised(loss.energy(current)), "error")
         fitted_bits = _bits(fitted)
@@ -424,12 +454,19 @@ def least_error(
         if fitted_bits == current:
             break
         current = fitted_bits
-    predicted = loss(uniform_bits)
-    gain = 1 - best_loss / predicted if predicted > 0 else 0.0
-    if best is not baseline and gain >= min_gain:
-        return best
-    reasons = {p.name: {"allocator": "error", "fallback": "uniform", "predicted_gain": gain} for p in baseline.modules}
-    return _plan(modules, uniform_bits, reasons, setting, "error", widths)
+    return best, best_loss
+
+
+def fisher_cost(errors: ErrorTable, bits: Mapping[str, int]) -> float:
+    """The second-order estimate of what a plan costs the model's predictions: 1/2 sum_m F-weighted error of
+    module m at its width, in nats per token (nsds.fisher)."""
+    return sum(errors.of(name, width, "fisher") for name, width in bits.items()) / 2
+
+
+def fisher(modules: Sequence[Module], errors: ErrorTable, setting: Setting, name: str = "fisher") -> Plan:
+    """The widths minimising the Fisher-weighted error sum_m sum_i F_ii (W - Q_b(W))_i^2 under the budget:
+    the second-order estimate of the cost to the model's predictions, measured on its own samples."""
+    return _by_error(modules, errors, setting, "fisher", lambda m: 1.0, name)
 
 
 def _bits(plan: Plan) -> dict[str, int]:
@@ -453,7 +490,7 @@ def _by_error(
     weight: Callable[[Module], float],
     name: str,
 ) -> Plan:
-    """The knapsack over width groups of sum_m weight(m) * e_m(b) by `measure` (relative or gained)."""
+    """The knapsack over width groups of sum_m weight(m) * e_m(b) by `measure` (relative, gained or fisher)."""
     widths = _check_table(errors, setting, modules)
     units = _by_group(modules)
     error = [[sum(errors.of(m.name, w, measure) * weight(m) for m in unit) for w in widths] for unit in units]
@@ -500,6 +537,8 @@ ALLOCATORS: dict[str, AllocatorSpec] = {
     "topk": AllocatorSpec(lambda m, e, s: topk(m, e.scores, s), "scores", "the paper's rule: top layers high"),
     "budget": AllocatorSpec(lambda m, e, s: budgeted(m, e.scores, s), "scores",
                             "layer scores x 4^-b, knapsack over width groups"),
+    "fisher": AllocatorSpec(lambda m, e, s: fisher(m, e.errors, s), "errors",
+                            "Fisher-weighted error on the model's own samples, knapsack"),
     "higgs": AllocatorSpec(lambda m, e, s: higgs(m, e.errors, s), "errors",
                            "HIGGS-style: sum of relative weight errors, coefficients 1"),
     "uniform": AllocatorSpec(lambda m, e, s: uniform(m, s), None, "one width, or two mixed evenly over depth"),

@@ -90,9 +90,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quantizer", default="rtn", help="rtn, hqq or gguf (llama.cpp's types and numerics)")
     run.add_argument("--group-size", type=int, help="weights per quantization group (rtn/hqq; default 128)")
     run.add_argument("--allocator", default="auto",
-                     help="auto: nsds's default, error (each module's measured error at every width, weighted by "
-                     "role, exact knapsack); topk: the paper's rule (two widths); budget: the paper's layer scores "
-                     "over any widths; higgs, uniform, llama.cpp: the baselines")  # fmt: skip
+                     help="auto: nsds's default, error (each module's measured error at every width: weighted by "
+                     "the Fisher information of the model's own samples where the noise is small, else with an "
+                     "energy term; exact knapsack); fisher: the Fisher model alone; topk: the paper's rule (two "
+                     "widths); budget: the paper's layer scores over any widths; higgs, uniform, llama.cpp: the "
+                     "baselines")  # fmt: skip
     run.add_argument("--baselines", type=_str_list, default="uniform",
                      help="plans to evaluate beside nsds's on the same text, comma-separated: uniform, llama.cpp, "
                      "higgs, paper (the NSDS paper's own allocation), or all")  # fmt: skip

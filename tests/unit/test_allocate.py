@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nsds.allocate import (
+    FISHER_REGIME,
     MIN_PREDICTED_GAIN,
     PRIOR_WEIGHT,
     Evidence,
@@ -16,6 +17,7 @@ from nsds.allocate import (
     Setting,
     allocate,
     budgeted,
+    fisher_cost,
     higgs,
     knapsack,
     least_error,
@@ -227,11 +229,13 @@ def test_random_scores_are_seeded():
     assert random_scores(10, 3) == list(np.random.default_rng(3).random(10))  # numpy's seeded generator
 
 
-def table(modules: list[Module], widths: tuple[int, ...], relative, gained=None) -> ErrorTable:
-    """An error table with errors given per module as a function of (module, width)."""
+def table(modules: list[Module], widths: tuple[int, ...], relative, gained=None, fisher=None) -> ErrorTable:
+    """An error table with errors given per module as a function of (module, width). The Fisher-weighted error
+    defaults to 1 everywhere: a predicted cost far above FISHER_REGIME, so least_error uses its energy model."""
     gained = gained or relative
+    fisher = fisher or (lambda m, w: 1.0)
     return ErrorTable("rtn", widths, {
-        m.name: ModuleError(tuple(relative(m, w) for w in widths), tuple(gained(m, w) for w in widths))
+        m.name: ModuleError(*(tuple(f(m, w) for w in widths) for f in (relative, gained, fisher)))
         for m in modules
     })  # fmt: skip
 
@@ -338,8 +342,40 @@ def test_least_error_keeps_uniform_unless_predicted_clearly_better():
             assert plan.modules == optimum.modules
         else:
             assert [m.bits for m in plan.modules] == [3, 3, 3, 3]
-            assert plan.modules[0].reason == {"allocator": "error", "fallback": "uniform",
+            assert plan.modules[0].reason == {"allocator": "error", "model": "energy", "fallback": "uniform",
                                               "predicted_gain": pytest.approx(gain)}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_least_error_minimises_the_fisher_cost_where_the_noise_is_small(seed):
+    """Where the uniform plan's Fisher-predicted cost (half the sum of F-weighted errors) is below
+    FISHER_REGIME, `error`'s plan is the brute-force optimum of the sum of F-weighted errors (as is the `fisher`
+    allocator's); above it, the energy model's plan, whatever the Fisher column says."""
+    modules, energy_errors = modules_and_errors(seed)
+    rng = np.random.default_rng(100 + seed)
+    sensitivity = {m.name: rng.uniform(0.01, 1) for m in modules}
+    for scale, regime in ((1e-3, "fisher"), (1e3, "energy")):
+
+        def fisher_error(m, w, scale=scale):
+            return scale * sensitivity[m.name] * 4.0**-w
+
+        errors = table(modules, (2, 3, 4), lambda m, w: energy_errors.of(m.name, w, "relative"),
+                       lambda m, w: energy_errors.of(m.name, w, "gained"), fisher_error)  # fmt: skip
+        for budget in (2.5, 3.0, 3.5):
+            s = setting(budget, widths=(2, 3, 4))
+            uniform_cost = fisher_cost(errors, {p.name: p.bits for p in uniform(modules, s).modules})
+            assert (uniform_cost < FISHER_REGIME) == (regime == "fisher")
+            plan = least_error(modules, errors, s, min_gain=0)
+            assert plan.allocator == "error" and {p.reason["model"] for p in plan.modules} == {regime}
+            if regime == "fisher":
+                optimum = best_widths(modules, budget, lambda bits, errors=errors: sum(
+                    errors.of(n, b, "fisher") for n, b in bits.items()))  # fmt: skip
+                assert tuple(p.bits for p in plan.modules) == optimum
+                assert [p.bits for p in allocate("fisher", modules, Evidence(errors=errors), s).modules] == [
+                    p.bits for p in plan.modules]  # fmt: skip
+            else:
+                energy = least_error(modules, energy_errors, s, min_gain=0)
+                assert [p.bits for p in plan.modules] == [p.bits for p in energy.modules]
 
 
 def test_higgs_weighs_every_module_by_one_on_relative_error():
