@@ -1,10 +1,10 @@
 """The study that chooses the `error` allocator's constants: a grid of energy exponents, energy weights, edge
-weights and llama.cpp-prior weights on the tuning text only (brown-tune), every model x quantizer x budget,
-against the `--baselines` (HIGGS and uniform by default).
+weights, llama.cpp-prior weights and Fisher-regime thresholds on the tuning text only (brown-tune), every
+model x quantizer x budget, against the `--baselines` (HIGGS and uniform by default).
 
     python benchmarks/tune_allocator.py --models smollm2,gemma3-270m --quantizers rtn,hqq \\
-        --exponents 2,3 --energies 100,10000 --edges 2 --priors 1,1.25,1.5,2 [--budgets 3.5,4.25,5] \\
-        [--text brown-tune] [--tokens 8192] [--baselines higgs,uniform]
+        --exponents 2,3 --energies 100,10000 --edges 2 --priors 1,1.25,1.5,2 --regimes 0,0.25,0.5,inf \\
+        [--budgets 3.5,4.25,5] [--text brown-tune] [--tokens 8192] [--baselines higgs,uniform]
 
 Prints each variant's perplexity per cell and its sum of log perplexities (lower is better), the
 criterion docs/METHOD.md §9 uses. Never run it on the texts the results are reported on. Error tables and
@@ -26,7 +26,7 @@ from allocators import Evaluated, measured_errors
 
 
 def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tuple[int, ...], text: str,
-          tokens: int, variants: list[tuple[float, float, float, float]], baselines: list[str],
+          tokens: int, variants: list[tuple[float, float, float, float, float]], baselines: list[str],
           ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Perplexity of every variant (and of the baselines) per cell "model quantizer budget"."""
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
@@ -40,10 +40,10 @@ def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
         errors = measured_errors(bank, modules, widths, model, loaded.tokenizer, model_id)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
-            plans = {f"R^{k:g}x{g:g} edge={e:g} prior={p:g}":
+            plans = {f"R^{k:g}x{g:g} edge={e:g} prior={p:g} fisher<{r:g}":
                      least_error(modules, errors, setting, edge_weight=e, energy_weight=g, energy_exponent=k,
-                                 prior_weight=p)
-                     for k, g, e, p in variants}  # fmt: skip
+                                 prior_weight=p, fisher_regime=r)
+                     for k, g, e, p, r in variants}  # fmt: skip
             evidence = Evidence(errors=errors)
             plans |= {label: plan_for(label, modules, evidence, setting) for label in baselines}
             cell = found.setdefault(f"{model_id} {q} {budget:g}", {})
@@ -64,12 +64,13 @@ def main() -> None:
     parser.add_argument("--energies", default="0,30,100")
     parser.add_argument("--edges", default="2")
     parser.add_argument("--priors", default="1.25", help="weights of the modules llama.cpp's mixes favour")
+    parser.add_argument("--regimes", default="0.5", help="Fisher-model thresholds, nats per token (0: never)")
     parser.add_argument("--baselines", default="higgs,uniform", help="allocators shown beside the variants")
     parser.add_argument("--text", default="brown-tune")
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
     started = time.perf_counter()
-    grid = (args.exponents, args.energies, args.edges, args.priors)
+    grid = (args.exponents, args.energies, args.edges, args.priors, args.regimes)
     variants = [tuple(float(v) for v in values) for values in itertools.product(*(g.split(",") for g in grid))]
     found: dict[str, dict[str, float]] = {}
     for model_id in args.models.split(","):
