@@ -386,6 +386,9 @@ def page(runs: dict[str, CompareResult]) -> str:
         "layer scores against it (positive = the scorer ranks the harmful layers high).",
         "- These are 135M / 270M models: at 2.5-3 bits data-free quantization destroys them (PPL in the "
         "hundreds or thousands). What is measured is the ranking of allocators at equal bits, not usable models.",
+        "- The `error` (nsds default) rows of the compare folders (the paper-range tables and llama.cpp's presets) "
+        "were measured with the default before its Fisher model (2026-12-02); the held-out contest at 8192 "
+        "tokens below is today's default.",
         "",
     ]
     paper = {folder: result for folder, result in runs.items() if "gguf" not in result.quantizers}
