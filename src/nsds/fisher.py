@@ -54,12 +54,13 @@ def diagonal_fisher(model: torch.nn.Module, modules: Sequence[Module], tokens: t
     """F_ii per token for every module's weight (out x in, float32, on the CPU), from the self-text `tokens`:
     the mean over sequences of the squared gradient of each sequence's log-likelihood, divided by its length."""
     parameters = dict(model.named_parameters())
-    wanted = {name for name, p in parameters.items() if any(p is _owner(model, m.name) for m in modules)}
+    owner = {m.name: _owner(model, m.name, parameters) for m in modules}
+    wanted = list(dict.fromkeys(owner.values()))
     trainable = {name: p.requires_grad for name, p in parameters.items()}
     squares = {name: torch.zeros_like(parameters[name], dtype=torch.float32) for name in wanted}
     try:
         for name, p in parameters.items():
-            p.requires_grad_(name in wanted)
+            p.requires_grad_(name in squares)
         for sequence in progress(tokens, desc="Fisher information", unit="sequence"):
             ids = sequence.unsqueeze(0)
             logits = model(input_ids=ids).logits[0, :-1].float()
@@ -71,26 +72,26 @@ def diagonal_fisher(model: torch.nn.Module, modules: Sequence[Module], tokens: t
         for name, p in parameters.items():
             p.requires_grad_(trainable[name])
     per_token = tokens.shape[0] * (tokens.shape[1] - 1)
-    return {m.name: _slice(model, m.name, squares, parameters).cpu() / per_token for m in modules}
+    return {m.name: _slice(model, m.name, parameters[owner[m.name]], squares[owner[m.name]]).cpu() / per_token
+            for m in modules}  # fmt: skip
 
 
-def _owner(model: torch.nn.Module, name: str) -> torch.Tensor:
-    """The parameter that holds a module's weight (its own, or a fused experts parameter it is a slice of)."""
+def _owner(model: torch.nn.Module, name: str, parameters: dict[str, torch.nn.Parameter]) -> str:
+    """The name of the parameter that holds a module's weight (its own, or a fused experts parameter it is a
+    slice of)."""
     view, _ = arch.module_weight(model, name)
     base = view if view._base is None else view._base
-    return next(p for p in model.parameters() if p is base or p.data_ptr() == base.data_ptr())
+    return next(key for key, p in parameters.items() if p is base or p.data_ptr() == base.data_ptr())
 
 
-def _slice(model: torch.nn.Module, name: str, squares: dict[str, torch.Tensor],
-           parameters: dict[str, torch.nn.Parameter]) -> torch.Tensor:  # fmt: skip
-    """The module's part of its parameter's squared gradients, read exactly as its weight is read (out x in)."""
-    owner = _owner(model, name)
-    key = next(k for k, p in parameters.items() if p is owner)
-    data = owner.data
-    owner.data = squares[key]
+def _slice(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, squares: torch.Tensor) -> torch.Tensor:
+    """The module's part of its parameter's squared gradients, read exactly as its weight is read (out x in):
+    the parameter briefly holds the squares, so arch.module_weight's own slicing applies."""
+    data = parameter.data
+    parameter.data = squares
     try:
         view, transposed = arch.module_weight(model, name)
         view = view.detach().float().clone()
     finally:
-        owner.data = data
+        parameter.data = data
     return view.T if transposed else view

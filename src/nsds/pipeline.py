@@ -157,8 +157,9 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
     errors = None
     if measures_errors(cfg):
-        stage("measuring every module's error at every width")
+        stage("Fisher information on the model's own samples")
         fisher = measure_fisher(model, loaded.tokenizer, modules)
+        stage("measuring every module's error at every width")
         errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules), fisher)
     evidence = Evidence(scores=scores.scores, errors=errors)
     plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in plan_labels(cfg).items()}
