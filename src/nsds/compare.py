@@ -6,12 +6,16 @@ scorer x budget, plus uniform, llama.cpp's mixture rule, seeded random rankings 
 ranking (the measured reference a data-free scorer aims at), all evaluated on the same token windows.
 Each module is quantized once per width (WeightBank) and plans with identical widths are evaluated
 once. Finished cells are saved after each evaluation in `cells.json`, so an interrupted or extended
-run redoes nothing; the outputs (compare.json, compare.md, figures) are written at the end.
+run redoes nothing; the outputs (compare.json, compare.md, figures) are written at the end. Without
+cells.json, an earlier compare.json in the output folder of the same model, settings and text (its
+reference perplexity reproduced) lends its perplexities, scores and oracle: after a change to an
+allocator only the plans that changed are evaluated.
 """
 
 import contextlib
 import hashlib
 import json
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,6 +43,7 @@ from nsds.errors import NsdsError
 from nsds.evaluate.jobs import Evaluation, Evaluator, Here
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
+from nsds.evaluate.protocol import Protocol
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, read_document, write_bytes, write_json
 from nsds.fisher import measure_fisher
@@ -62,16 +67,18 @@ from nsds.scorers.specs import ScorerSpec, get_scorers
 from nsds.scorers.subject import Subject
 from nsds.weights import open_source, resolve
 
-CELLS_SCHEMA = "nsds.compare-cells/1"
+CELLS_SCHEMA = "nsds.compare-cells/2"
+REPRODUCED = 1e-4  # relative: an earlier run's reference PPL must be reproduced this closely to reuse its results
 
 
 @dataclass
 class _Store:
-    """What cells.json holds: the reference PPL, layer scores, PPL per distinct plan, finished cells."""
+    """What cells.json holds: the reference PPL, layer scores, oracles, PPL per distinct plan, finished cells."""
 
     fingerprint: dict[str, Any]
     reference: float | None = None
     scores: dict[str, list[float]] = field(default_factory=dict)  # scorer (or scorer@quantizer) -> scores
+    oracles: dict[str, list[float]] = field(default_factory=dict)  # quantizer -> PPL per layer alone at the low width
     plans: dict[str, float] = field(default_factory=dict)  # plan digest -> PPL
     runtime: dict[str, float] = field(default_factory=dict)  # plan digest -> llama-perplexity of its GGUF file
     cells: dict[str, Cell] = field(default_factory=dict)  # "quantizer|budget|label" -> cell
@@ -98,6 +105,43 @@ class _Cells:
 
     def save(self) -> None:
         write_json(self.path, plain(self.data))
+
+    def adopt(self, previous: CompareResult, scorers: list[ScorerSpec]) -> None:
+        """Take an earlier run's measurements (perplexity per plan digest, scores, oracles) as if resumed."""
+        data = self.data
+        data.plans |= {c.plan: c.ppl for c in previous.cells}
+        data.runtime |= {c.plan: c.runtime_ppl for c in previous.cells if c.runtime_ppl is not None}
+        for q, result in previous.quantizers.items():
+            data.oracles.setdefault(q, result.oracle.ppl)
+            for spec in scorers:
+                if spec.name in result.scores:
+                    data.scores.setdefault(f"{spec.name}@{q}" if spec.quantizer_dependent else spec.name,
+                                           result.scores[spec.name])  # fmt: skip
+        self.resumed = True
+        self.save()
+
+
+def _previous(path: Path, fingerprint: dict[str, Any], protocol: Protocol) -> CompareResult | None:
+    """The compare.json at `path` when it measured the same model files with the same settings, text windows
+    and nsds version (the caller checks that its reference perplexity is reproduced); else None."""
+    try:
+        previous = CompareResult.load(path) if path.is_file() else None
+    except NsdsError:
+        return None  # unreadable or another schema: nothing to reuse
+    if previous is None:
+        return None
+    cfg = previous.config
+    settings = {
+        "model": [f["sha256"] for f in previous.model.get("files", [])] or previous.model.get("id"),
+        "widths": sorted(cfg.widths),
+        "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
+        "symmetric": cfg.symmetric,
+        "fuse": cfg.fuse,
+        "per_expert": cfg.per_expert,
+        "nsds_version": previous.nsds_version,
+    }
+    same = all(fingerprint[k] == v for k, v in settings.items()) and previous.protocol == protocol
+    return previous if same else None
 
 
 def _plan_digest(quantizer: str, plan: Plan) -> str:
@@ -253,6 +297,7 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
     store = _Cells(cfg.out / "cells.json", fingerprint)
+    previous = None if store.resumed else _previous(cfg.out / "compare.json", fingerprint, loaded.protocol)
     evaluated = reused = 0
 
     def evaluate(bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
@@ -264,6 +309,9 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     if store.data.reference is None:
         [(_, store.data.reference)] = evaluate(None, [Evaluation("perplexity (reference)", {})])
         store.save()
+        if previous is not None and math.isclose(store.data.reference, previous.reference_ppl, rel_tol=REPRODUCED):
+            stage(f"reusing the measurements of {cfg.out / 'compare.json'} (same model, settings and text)")
+            store.adopt(previous, ready.scorers)
 
     memo: dict[str, Any] = {}  # NSDS's run, shared by its ablations across quantizers
     kinds = {spec.name: KIND_OF_SCORER[spec.kind] for spec in ready.scorers}
@@ -285,10 +333,13 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
             for i, ppl in evaluate(bank, jobs):
                 yield todo[i], ppl
 
-        stage(f"oracle ({q}): one layer at {low} bits at a time")
-        start = time.perf_counter()
-        oracle = single_layer_sensitivity(layers, measure, key)
-        timing[f"oracle_{q}_s"] = time.perf_counter() - start
+        if q not in store.data.oracles:
+            stage(f"oracle ({q}): one layer at {low} bits at a time")
+            start = time.perf_counter()
+            store.data.oracles[q] = single_layer_sensitivity(layers, measure, key)
+            timing[f"oracle_{q}_s"] = time.perf_counter() - start
+            store.save()
+        oracle = store.data.oracles[q]
 
         bank.restore()  # scorers read the loaded model's weights: the checkpoint's, not the oracle's last layer
         weights_only = Subject(loaded.source, None, None, quantizer, low, loaded.compute, memo)

@@ -133,6 +133,32 @@ def test_rerun_skips_finished_cells_and_a_changed_setting_starts_afresh(tiny, tm
     assert changed.counts.resumed is False and changed.counts.evaluated == 1 + 8 + len({c.plan for c in changed.cells})
 
 
+def test_an_earlier_compare_json_lends_its_measurements_when_it_is_reproduced(tiny, tmp_path, cache):
+    out = tmp_path / "out"
+    first = compare(config(tiny, out, scorers=("nsds", "zd")))
+    saved = json.loads((out / "compare.json").read_text())
+    distinct = {c.plan for c in first.cells}
+    (out / "cells.json").unlink()
+    lent = compare(config(tiny, out, scorers=("nsds", "zd")))  # only the reference, to check the text is the same
+    assert lent.counts.evaluated == 1 and lent.counts.resumed
+    assert [c.ppl for c in lent.cells] == [c.ppl for c in first.cells]
+    assert lent.quantizers["rtn"] == first.quantizers["rtn"]
+
+    changed = dict(saved, cells=[dict(c, plan="0" * 20) if c["plan"] == first.cells[0].plan else c
+                                 for c in saved["cells"]])  # fmt: skip
+    (out / "cells.json").unlink()
+    (out / "compare.json").write_text(json.dumps(changed))  # as if that plan had not been measured
+    assert compare(config(tiny, out, scorers=("nsds", "zd"))).counts.evaluated == 1 + 1
+
+    for tampered in (dict(saved, reference_ppl=saved["reference_ppl"] * 1.01),  # another text, in effect
+                     dict(saved, config=dict(saved["config"], group_size=64))):  # fmt: skip
+        (out / "cells.json").unlink()
+        (out / "compare.json").write_text(json.dumps(tampered))
+        fresh = compare(config(tiny, out, scorers=("nsds", "zd")))
+        # measured afresh (the oracle alone comes from the nsds cache, whose key is the same)
+        assert fresh.counts.resumed is False and fresh.counts.evaluated == 1 + len(distinct)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "nsds", "compare", *args], capture_output=True, text=True)
 
