@@ -22,19 +22,18 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from nsds import arch
 from nsds.allocate import Evidence, allocation_setting, least_error, plan_for
 from nsds.compute import Compute
-from nsds.distortion import ErrorTable, measure_errors
+from nsds.distortion import ErrorTable, cached_errors
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.perplexity import perplexity
 from nsds.files import cache_dir, write_json
-from nsds.fisher import LENGTH, SEED, SEQUENCES, measure_fisher
+from nsds.fisher import measure_fisher
 from nsds.plan import Module, Plan
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers.nsds import score
+from nsds.weights import weights_identity
 
 ALLOCATORS = ("error", "uniform", "llama.cpp", "higgs", "paper")
 
@@ -52,7 +51,7 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = measured_errors(bank, modules, widths, model, loaded.tokenizer, model_id)
+        errors = measured_errors(bank, modules, widths, loaded)
         evidence = Evidence(scores=scores, errors=errors)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
@@ -86,22 +85,13 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     return found
 
 
-def measured_errors(bank: WeightBank, modules: list[Module], widths: tuple[int, ...], model: torch.nn.Module,
-                    tokenizer, model_id: str) -> ErrorTable:  # fmt: skip
-    """The error table, measured once per model x quantizer x widths and kept under the nsds cache: it does not
-    depend on the text, and HQQ's takes minutes on a CPU (so does the Fisher information, kept per model)."""
-    path = cache_dir() / "errors" / f"{model_id}-{bank.quantizer.name}-w{'-'.join(map(str, widths))}-v2.json"
-    if path.exists():
-        return ErrorTable.load(path)
-    fisher_path = cache_dir() / "fisher" / f"{model_id}-{SEQUENCES}x{LENGTH}-seed{SEED}.pt"
-    if not fisher_path.exists():  # the model holds the checkpoint's weights: no plan is loaded yet
-        fisher_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(measure_fisher(model, tokenizer, modules), fisher_path)
-    fisher = torch.load(fisher_path)
-    errors = measure_errors(bank, modules, widths, arch.input_gains(model, modules), fisher)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    errors.save(path)
-    return errors
+def measured_errors(bank: WeightBank, modules: list[Module], widths: tuple[int, ...], loaded: Loaded) -> ErrorTable:
+    """The error table as `nsds run` measures it, through the nsds cache (it does not depend on the text; HQQ's
+    and the Fisher information take minutes on a CPU). Call it while the bank holds the checkpoint's weights."""
+    model = loaded.model
+    return cached_errors(bank, modules, widths, arch.input_gains(model, modules),
+                         lambda: measure_fisher(model, loaded.tokenizer, modules),
+                         weights_identity(loaded.source.provenance()))  # fmt: skip
 
 
 class Evaluated:

@@ -37,7 +37,7 @@ def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = measured_errors(bank, modules, widths, model, loaded.tokenizer, model_id)
+        errors = measured_errors(bank, modules, widths, loaded)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
             plans = {f"R^{k:g}x{g:g} edge={e:g} prior={p:g} fisher<{r:g}":

@@ -119,7 +119,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compare = _command(commands, "compare", "evaluate NSDS against every baseline scorer and allocator",
                        "Evaluate NSDS, its ablations and the published data-free baselines (scorers and allocators) "
                        "on one loaded model, with the measured single-layer oracle and rank correlations. "
-                       "Resumable: finished evaluations are kept in OUT/cells.json.")  # fmt: skip
+                       "Resumable: finished evaluations are kept in OUT/cells.json; without it, an earlier "
+                       "OUT/compare.json of the same model, settings and text lends its measurements.")  # fmt: skip
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     compare.add_argument("--gguf-file", help=gguf_help)
     compare.add_argument("--budgets", type=_budget_list, nargs="+", default="2.5,3,3.5",

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nsds import __version__, arch, runtime
 from nsds.allocate import (
     DEFAULT_ALLOCATOR,
@@ -37,7 +39,7 @@ from nsds.allocate import (
 )
 from nsds.compute import Compute
 from nsds.config import CompareConfig
-from nsds.distortion import ErrorTable, measure_errors
+from nsds.distortion import ErrorTable, cached_errors
 from nsds.documents import build, plain
 from nsds.errors import NsdsError
 from nsds.evaluate.jobs import Evaluation, Evaluator, Here
@@ -65,7 +67,7 @@ from nsds.results import (
 from nsds.runtime import GGUFTarget
 from nsds.scorers.specs import ScorerSpec, get_scorers
 from nsds.scorers.subject import Subject
-from nsds.weights import open_source, resolve
+from nsds.weights import open_source, resolve, weights_identity
 
 CELLS_SCHEMA = "nsds.compare-cells/2"
 REPRODUCED = 1e-4  # relative: an earlier run's reference PPL must be reproduced this closely to reuse its results
@@ -132,7 +134,7 @@ def _previous(path: Path, fingerprint: dict[str, Any], protocol: Protocol) -> Co
         return None
     cfg = previous.config
     settings = {
-        "model": [f["sha256"] for f in previous.model.get("files", [])] or previous.model.get("id"),
+        "model": weights_identity(previous.model),
         "widths": sorted(cfg.widths),
         "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
         "symmetric": cfg.symmetric,
@@ -286,7 +288,7 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
     layers = arch.geometry(model.config).num_layers
     fingerprint = {
-        "model": [f["sha256"] for f in provenance["files"]] or provenance["id"],
+        "model": weights_identity(provenance),
         "widths": sorted(cfg.widths),
         "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
         "symmetric": cfg.symmetric,
@@ -318,10 +320,15 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     timing: dict[str, float] = {"load_s": loaded.seconds}
     per_quantizer: dict[str, QuantizerResult] = {}
     cells: list[Cell] = []
-    stage("Fisher information on the model's own samples")
-    start = time.perf_counter()
-    fisher = measure_fisher(model, loaded.tokenizer, modules)  # the checkpoint's: before any bank loads a plan
-    timing["fisher_s"] = time.perf_counter() - start
+    sampled: dict[str, dict[str, torch.Tensor]] = {}  # the Fisher information, measured once if any table needs it
+
+    def fisher_information() -> dict[str, torch.Tensor]:  # the checkpoint's: called with every bank restored
+        if not sampled:
+            start = time.perf_counter()
+            sampled.update(measure_fisher(model, loaded.tokenizer, modules))
+            timing["fisher_s"] = time.perf_counter() - start
+        return sampled
+
     for q, quantizer in ready.quantizers.items():
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
         # the oracle does not depend on the other widths nor on fusing, so it is shared across those settings
@@ -358,8 +365,10 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
         correlations = {name: Correlation.of(spearman(s, oracle), kendall(s, oracle)) for name, s in scores.items()}
         per_quantizer[q] = QuantizerResult(Oracle(low, oracle), scores, correlations)
 
-        stage(f"measuring every module's error at every width ({q})")
-        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules), fisher)
+        start, sampling = time.perf_counter(), timing.get("fisher_s", 0.0)
+        gains = arch.input_gains(model, modules)
+        errors = cached_errors(bank, modules, cfg.widths, gains, fisher_information, fingerprint["model"])
+        timing[f"errors_{q}_s"] = time.perf_counter() - start - (timing.get("fisher_s", 0.0) - sampling)
         rows = []
         for budget in ready.budgets:
             setting = ready.settings[q, budget]

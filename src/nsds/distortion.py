@@ -15,18 +15,22 @@ Quantize each module with the plans' own quantizer at each width and measure wha
 No data is read: only the weights, the norm gains, the quantizer and the model's own samples.
 """
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nsds import __version__
 from nsds.documents import build, plain
-from nsds.errors import NsdsError
-from nsds.files import read_document, write_json
+from nsds.errors import NsdsError, first_line
+from nsds.files import cache_dir, read_document, write_json
+from nsds.fisher import settings
 from nsds.plan import Module
-from nsds.progress import progress
+from nsds.progress import note, progress, stage
 from nsds.quantize.bank import WeightBank
 
 SCHEMA = "nsds.errors/2"
@@ -112,3 +116,42 @@ def measure_errors(
             weighted.append(fisher_error(weight, quantized, fisher[m.name]))
         table[m.name] = ModuleError(tuple(relative), tuple(gained), tuple(weighted))
     return ErrorTable(bank.quantizer.name, widths, table)
+
+
+def cached_errors(
+    bank: WeightBank,
+    modules: Sequence[Module],
+    widths: Sequence[int],
+    gains: Mapping[str, torch.Tensor],
+    fisher: Callable[[], Mapping[str, torch.Tensor]],
+    weights: list[str] | str,
+) -> ErrorTable:
+    """measure_errors, kept in the nsds cache: the table depends on the weights alone (no text), so a rerun with
+    another budget, text or allocator reads it back instead of sampling, differentiating and quantizing again.
+    The key: `weights` (weights.weights_identity of the bank's model; `gains` are arch.input_gains of those
+    weights), the Fisher settings, the quantizer, the widths and the modules. `fisher` (the bank's model's
+    fisher.measure_fisher, while it holds the checkpoint's weights) is called only when the table is measured."""
+    widths = tuple(sorted(set(widths)))
+    shapes = [[m.name, m.out_features, m.in_features] for m in modules]
+    key = {"schema": SCHEMA, "nsds_version": __version__, "weights": weights, "fisher": settings(bank.model),
+           "quantizer": bank.quantizer.describe(), "widths": widths,
+           "modules": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:20]}  # fmt: skip
+    path = cache_dir() / "errors" / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        try:
+            stored = read_document(path, SCHEMA, "cached error table", lambda data: data)
+            if stored.get("key") == json.loads(json.dumps(key)):
+                stage(f"every module's error at every width ({bank.quantizer.name}): from the nsds cache")
+                return build(ErrorTable, stored["table"])
+        except (NsdsError, KeyError, TypeError) as err:  # a damaged cache is only lost work: measure again
+            note(f"{first_line(err)}; measuring the error table again")
+    fisher_of = fisher()
+    stage(f"measuring every module's error at every width ({bank.quantizer.name})")
+    table = measure_errors(bank, modules, widths, gains, fisher_of)
+    try:
+        write_json(path, {"schema": SCHEMA, "key": key, "table": table.to_dict()})
+    except OSError as err:
+        raise NsdsError(
+            f"cannot write the error cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
+        ) from err
+    return table

@@ -19,15 +19,23 @@ from transformers import GenerationConfig
 
 from nsds import arch
 from nsds.plan import Module
-from nsds.progress import progress
+from nsds.progress import progress, stage
 
 SEQUENCES = 16
 LENGTH = 512
 SEED = 0
 
 
+def settings(model: torch.nn.Module) -> dict[str, object]:
+    """What the estimate depends on besides the weights (sampling differs across devices and torch versions)."""
+    parameter = next(model.parameters())
+    return {"sequences": SEQUENCES, "length": LENGTH, "seed": SEED, "device": parameter.device.type,
+            "dtype": str(parameter.dtype), "torch": torch.__version__}  # fmt: skip
+
+
 def measure_fisher(model: torch.nn.Module, tokenizer, modules: Sequence[Module]) -> dict[str, torch.Tensor]:
     """Every module's diagonal Fisher information per token, on SEQUENCES x LENGTH tokens of self-text."""
+    stage("Fisher information on the model's own samples")
     bos = next((t for t in (tokenizer.bos_token_id, model.config.bos_token_id, tokenizer.eos_token_id)
                 if isinstance(t, int)), 0)  # fmt: skip
     return diagonal_fisher(model, modules, self_text(model, bos))

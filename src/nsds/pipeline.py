@@ -29,7 +29,7 @@ from nsds.allocate import (
 )
 from nsds.compute import Compute
 from nsds.config import RunConfig
-from nsds.distortion import measure_errors
+from nsds.distortion import cached_errors
 from nsds.errors import NsdsError
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.lmeval import zero_shot
@@ -47,7 +47,7 @@ from nsds.report import render
 from nsds.results import Evaluation, RunResult
 from nsds.runtime import GGUFTarget
 from nsds.scorers.nsds import score
-from nsds.weights import open_source
+from nsds.weights import open_source, weights_identity
 
 OUTPUTS = ("plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png", "ppl.png")
 EXPORTS = ("model.gguf", "tensor-types.txt")  # with --export (quantizer gguf)
@@ -157,10 +157,9 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
     errors = None
     if measures_errors(cfg):
-        stage("Fisher information on the model's own samples")
-        fisher = measure_fisher(model, loaded.tokenizer, modules)
-        stage("measuring every module's error at every width")
-        errors = measure_errors(bank, modules, cfg.widths, arch.input_gains(model, modules), fisher)
+        errors = cached_errors(bank, modules, cfg.widths, arch.input_gains(model, modules),
+                               lambda: measure_fisher(model, loaded.tokenizer, modules),
+                               weights_identity(scores.model))  # fmt: skip
     evidence = Evidence(scores=scores.scores, errors=errors)
     plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in plan_labels(cfg).items()}
     target = ready.gguf

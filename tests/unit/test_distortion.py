@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nsds import arch
-from nsds.distortion import ErrorTable, measure_errors, output_error
+from nsds.distortion import ErrorTable, cached_errors, measure_errors, output_error
 from nsds.errors import NsdsError
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.quantize.rtn import rtn
@@ -69,3 +69,30 @@ def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
     assert ErrorTable.load(tmp_path / "errors.json") == table
     with pytest.raises(NsdsError, match="no width 3"):
         table.of(modules[0].name, 3, "relative")
+
+
+def test_the_error_table_is_kept_in_the_nsds_cache_under_its_weights_quantizer_and_widths(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSDS_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    modules = arch.linear_modules(model, fuse=True)
+    gains = arch.input_gains(model, modules)
+    calls = []
+
+    def fisher():
+        calls.append(1)
+        return {m.name: torch.ones(m.out_features, m.in_features) for m in modules}
+
+    def table(widths, weights="digest-a", group_size=32):
+        bank = WeightBank(model, [m.name for m in modules], make_quantizer("rtn", group_size=group_size), keep=False)
+        return cached_errors(bank, modules, widths, gains, fisher, weights)
+
+    first = table((2, 4))
+    assert len(calls) == 1 and len(list((tmp_path / "errors").iterdir())) == 1
+    assert table((4, 2)) == first and len(calls) == 1  # read back: no sampling, no quantizing
+    assert table((2, 3)).widths == (2, 3) and len(calls) == 2  # each of these is measured: another key
+    table((2, 4), weights="digest-b")
+    table((2, 4), group_size=64)
+    assert len(calls) == 4 and len(list((tmp_path / "errors").iterdir())) == 4
+    for path in (tmp_path / "errors").iterdir():
+        path.write_text("{ damaged")
+    assert table((2, 4)) == first and len(calls) == 5  # a damaged entry is measured again

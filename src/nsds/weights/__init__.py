@@ -5,12 +5,20 @@ from pathlib import Path
 
 from nsds import assets
 from nsds.errors import NsdsError
-from nsds.weights.base import WeightSource
+from nsds.weights.base import WeightSource, weights_identity
 from nsds.weights.gguf import GGUFSource
 from nsds.weights.module import ModuleSource
 from nsds.weights.safetensors import SafetensorsSource
 
-__all__ = ["GGUFSource", "ModuleSource", "SafetensorsSource", "WeightSource", "open_source", "resolve"]
+__all__ = [
+    "GGUFSource",
+    "ModuleSource",
+    "SafetensorsSource",
+    "WeightSource",
+    "open_source",
+    "resolve",
+    "weights_identity",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -65,6 +65,11 @@ class WeightSource(ABC):
         self.close()
 
 
+def weights_identity(provenance: dict[str, Any]) -> list[str] | str:
+    """What names a model's weights in cache keys: its files' SHA-256 (the id for a source without files)."""
+    return [f["sha256"] for f in provenance["files"]] or provenance["id"]
+
+
 def build_config(build: Callable[[], Any], where: str) -> Any:
     """Run `build` (a transformers config constructor) with whatever it raises as one line.
 
