@@ -60,28 +60,43 @@ def self_text(model: torch.nn.Module, bos: int, sequences: int = SEQUENCES, leng
 
 def diagonal_fisher(model: torch.nn.Module, modules: Sequence[Module], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """F_ii per token for every module's weight (out x in, float32, on the CPU), from the self-text `tokens`:
-    the mean over sequences of the squared gradient of each sequence's log-likelihood, divided by its length."""
+    the mean over sequences of the squared gradient of each sequence's log-likelihood, divided by its length.
+
+    Each parameter's gradient is squared into its sum as soon as backward completes it and then freed, so
+    the peak memory is the model, one float32 sum per planned parameter and one gradient at a time (not a
+    whole second set of gradients); the modules' tensors are views of those sums, not copies."""
     parameters = dict(model.named_parameters())
     owner = {m.name: _owner(model, m.name, parameters) for m in modules}
     wanted = list(dict.fromkeys(owner.values()))
-    trainable = {name: p.requires_grad for name, p in parameters.items()}
+    kept = {name: (p.requires_grad, p.grad) for name, p in parameters.items()}
     squares = {name: torch.zeros_like(parameters[name], dtype=torch.float32) for name in wanted}
+
+    def accumulate(name: str):
+        def hook(parameter: torch.nn.Parameter) -> None:
+            squares[name] += parameter.grad.float().square()
+            parameter.grad = None
+
+        return hook
+
+    hooks = [parameters[name].register_post_accumulate_grad_hook(accumulate(name)) for name in wanted]
     try:
         for name, p in parameters.items():
             p.requires_grad_(name in squares)
+            p.grad = None
         for sequence in progress(tokens, desc="Fisher information", unit="sequence"):
             ids = sequence.unsqueeze(0)
             logits = model(input_ids=ids).logits[0, :-1].float()
-            loss = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
-            grads = torch.autograd.grad(loss, [parameters[name] for name in wanted])
-            for name, grad in zip(wanted, grads, strict=True):
-                squares[name] += grad.float().square()
+            F.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
     finally:
+        for hook in hooks:
+            hook.remove()
         for name, p in parameters.items():
-            p.requires_grad_(trainable[name])
+            p.requires_grad_(kept[name][0])
+            p.grad = kept[name][1]
     per_token = tokens.shape[0] * (tokens.shape[1] - 1)
-    return {m.name: _slice(model, m.name, parameters[owner[m.name]], squares[owner[m.name]]).cpu() / per_token
-            for m in modules}  # fmt: skip
+    for square in squares.values():
+        square /= per_token
+    return {m.name: _slice(model, m.name, parameters[owner[m.name]], squares[owner[m.name]]).cpu() for m in modules}
 
 
 def _owner(model: torch.nn.Module, name: str, parameters: dict[str, torch.nn.Parameter]) -> str:
@@ -99,7 +114,7 @@ def _slice(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, squ
     parameter.data = squares
     try:
         view, transposed = arch.module_weight(model, name)
-        view = view.detach().float().clone()
+        view = view.detach()  # a view of `squares` (float32): no copy
     finally:
         parameter.data = data
     return view.T if transposed else view

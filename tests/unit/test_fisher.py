@@ -30,8 +30,13 @@ def test_diagonal_fisher_is_the_mean_squared_sequence_gradient(model_type):
     tokens = self_text(model, bos=1, sequences=3, length=12)
     assert tokens.shape == (3, 13)
     trainable = [p.requires_grad for p in model.parameters()]
+    held = model.get_submodule(modules[0].name).weight
+    held.grad = torch.ones_like(held)  # a caller's gradient on a measured weight: neither summed in nor lost
     fisher = diagonal_fisher(model, modules, tokens)
     assert [p.requires_grad for p in model.parameters()] == trainable
+    assert torch.equal(held.grad, torch.ones_like(held))
+    assert all(p.grad is None for p in model.parameters() if p is not held)
+    held.grad = None
     parameters = dict(model.named_parameters())
     expected = {name: torch.zeros_like(p) for name, p in parameters.items()}
     for sequence in tokens:  # every parameter's gradient, one sequence at a time, by plain backward
