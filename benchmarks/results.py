@@ -89,8 +89,14 @@ def _verdicts(result: CompareResult) -> list[str]:
     return lines
 
 
-def _oracle_cached(result: CompareResult) -> bool:
-    return all(result.timing.get(f"oracle_{q}_s", 0) < 1 for q in result.quantizers)
+def _oracle_note(result: CompareResult) -> str:
+    """Where the last invocation's oracle came from: the earlier measurements it resumed, the cache, or measured."""
+    seconds = [result.timing.get(f"oracle_{q}_s") for q in result.quantizers]
+    if all(s is None for s in seconds):
+        return "; the oracle was reused with them."
+    if all(s is not None and s < 1 for s in seconds):
+        return "; the oracle came from the cache (measured by the 2/4 run)."
+    return "."
 
 
 def tally(runs: dict[str, CompareResult]) -> list[str]:
@@ -138,8 +144,8 @@ def model_section(result: CompareResult, folder: str) -> str:
         f"{result.reference_ppl:.2f} (dequantized 4-bit GGUF weights). Last "
         f"invocation: {result.counts.evaluated} evaluations in {result.timing['total_s'] / 60:.1f} min "
         f"on the 2-core CPU machine, model load included"
-        + (" (resumed: earlier cells reused)" if result.counts.resumed else "")
-        + ("; the oracle came from the cache (measured by the 2/4 run)." if _oracle_cached(result) else "."),
+        + (" (resumed: earlier measurements reused)" if result.counts.resumed else "")
+        + _oracle_note(result),
         "",
         "| quantizer | budget | lowest PPL (data-free) | NSDS PPL (rank among data-free) | others |",
         "|---|---|---|---|---|",
@@ -243,7 +249,7 @@ def gguf_section(result: CompareResult, folder: str) -> str:
         f"`{command}` ({result.config.tokens} tokens); reference PPL {result.reference_ppl:.2f} (the GGUF as "
         f"loaded). Last invocation: {result.counts.evaluated} evaluations in {result.timing['total_s'] / 60:.1f} "
         "min on the 2-core CPU machine"
-        + (" (resumed: earlier cells reused)" if result.counts.resumed else "")
+        + (" (resumed: earlier measurements reused)" if result.counts.resumed else "")
         + ". The budget of each column is the storage bits per weight the preset "
         "spends on the planned modules; token embedding, head and norms are stored as the preset stores them.",
         "",
@@ -386,9 +392,10 @@ def page(runs: dict[str, CompareResult]) -> str:
         "layer scores against it (positive = the scorer ranks the harmful layers high).",
         "- These are 135M / 270M models: at 2.5-3 bits data-free quantization destroys them (PPL in the "
         "hundreds or thousands). What is measured is the ranking of allocators at equal bits, not usable models.",
-        "- The `error` (nsds default) rows of the compare folders (the paper-range tables and llama.cpp's presets) "
-        "were measured with the default before its Fisher model (2026-12-02); the held-out contest at 8192 "
-        "tokens below is today's default.",
+        "- Every `error` row is today's default (with its Fisher model): the compare folders were rerun on "
+        "2026-12-02 reusing their earlier compare.json, so only the plans the Fisher model changed were "
+        "evaluated again (12 of the 17 preset plans; none in the paper-range tables, where the uniform plan's "
+        "predicted loss is above the Fisher model's range and the plans are unchanged).",
         "",
     ]
     paper = {folder: result for folder, result in runs.items() if "gguf" not in result.quantizers}
