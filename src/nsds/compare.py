@@ -132,18 +132,23 @@ def _previous(path: Path, fingerprint: dict[str, Any], protocol: Protocol) -> Co
         return None  # unreadable or another schema: nothing to reuse
     if previous is None:
         return None
-    cfg = previous.config
-    settings = {
-        "model": weights_identity(previous.model),
+    settings = _settings(previous.config, previous.model, previous.nsds_version)
+    same = all(fingerprint[k] == v for k, v in settings.items()) and previous.protocol == protocol
+    return previous if same else None
+
+
+def _settings(cfg: CompareConfig, provenance: dict[str, Any], version: str) -> dict[str, Any]:
+    """What a run's measurements depend on besides its token windows: the weights, the quantizers' settings,
+    how modules are grouped, and the nsds version."""
+    return {
+        "model": weights_identity(provenance),
         "widths": sorted(cfg.widths),
         "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
         "symmetric": cfg.symmetric,
         "fuse": cfg.fuse,
         "per_expert": cfg.per_expert,
-        "nsds_version": previous.nsds_version,
+        "nsds_version": version,
     }
-    same = all(fingerprint[k] == v for k, v in settings.items()) and previous.protocol == protocol
-    return previous if same else None
 
 
 def _plan_digest(quantizer: str, plan: Plan) -> str:
@@ -287,16 +292,7 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     provenance = loaded.source.provenance()
     modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
     layers = arch.geometry(model.config).num_layers
-    fingerprint = {
-        "model": weights_identity(provenance),
-        "widths": sorted(cfg.widths),
-        "group_size": Quantizer.default_group_size if cfg.group_size is None else cfg.group_size,
-        "symmetric": cfg.symmetric,
-        "fuse": cfg.fuse,
-        "per_expert": cfg.per_expert,
-        "windows": windows_digest(windows),
-        "nsds_version": __version__,
-    }
+    fingerprint = _settings(cfg, provenance, __version__) | {"windows": windows_digest(windows)}
     cfg.out.mkdir(parents=True, exist_ok=True)
     store = _Cells(cfg.out / "cells.json", fingerprint)
     previous = None if store.resumed else _previous(cfg.out / "compare.json", fingerprint, loaded.protocol)

@@ -27,7 +27,7 @@ import torch
 from nsds import __version__
 from nsds.documents import build, plain
 from nsds.errors import NsdsError, first_line
-from nsds.files import cache_dir, read_document, write_json
+from nsds.files import keyed_cache_path, read_document, write_cache, write_json
 from nsds.fisher import settings
 from nsds.plan import Module
 from nsds.progress import note, progress, stage
@@ -136,7 +136,7 @@ def cached_errors(
     key = {"schema": SCHEMA, "nsds_version": __version__, "weights": weights, "fisher": settings(bank.model),
            "quantizer": bank.quantizer.describe(), "widths": widths,
            "modules": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:20]}  # fmt: skip
-    path = cache_dir() / "errors" / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.json"
+    path = keyed_cache_path("errors", key)
     if path.is_file():
         try:
             stored = read_document(path, SCHEMA, "cached error table", lambda data: data)
@@ -148,10 +148,5 @@ def cached_errors(
     fisher_of = fisher()
     stage(f"measuring every module's error at every width ({bank.quantizer.name})")
     table = measure_errors(bank, modules, widths, gains, fisher_of)
-    try:
-        write_json(path, {"schema": SCHEMA, "key": key, "table": table.to_dict()})
-    except OSError as err:
-        raise NsdsError(
-            f"cannot write the error cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
-        ) from err
+    write_cache(path, {"schema": SCHEMA, "key": key, "table": table.to_dict()}, "error cache")
     return table

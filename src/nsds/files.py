@@ -20,6 +20,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NSDS_CACHE") or user_cache_dir("nsds")).expanduser()
 
 
+def keyed_cache_path(kind: str, key: dict[str, Any], folder: Path | None = None) -> Path:
+    """Where a cached result for `key` lives: `folder` (default: the cache folder's `kind`), named by a digest
+    of the key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return (folder or cache_dir() / kind) / f"{digest}.json"
+
+
+def write_cache(path: Path, data: Any, what: str) -> None:
+    """write_json for a cache entry; an unwritable cache is one NsdsError that says how to move it."""
+    try:
+        write_json(path, data)
+    except OSError as err:
+        raise NsdsError(
+            f"cannot write the {what} '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
+        ) from None
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write a file through a temporary sibling and rename it, so readers never see a partial file."""
     path = Path(path)

@@ -8,7 +8,6 @@ written after every unit (an interrupted run resumes where it stopped).
 """
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from nsds.errors import NsdsError, first_line
-from nsds.files import cache_dir, read_document, write_json
+from nsds.errors import NsdsError
+from nsds.files import keyed_cache_path, read_document, write_cache
 from nsds.progress import note, progress
 
 SCHEMA = "nsds.oracle/1"
@@ -31,8 +30,7 @@ def windows_digest(windows) -> str:
 
 def cache_path(key: dict[str, Any], folder: Path | None = None) -> Path:
     """Where the oracle for `key` lives: the cache folder, named by a digest of the key."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return (folder or cache_dir() / "oracle") / f"{digest}.json"
+    return keyed_cache_path("oracle", key, folder)
 
 
 def single_layer_sensitivity(
@@ -72,12 +70,7 @@ def unit_sensitivity(
     todo = [unit for unit in units if unit not in done]
     for unit, ppl in progress(measure(todo), desc=desc, total=len(todo), unit="unit"):
         done[unit] = float(ppl)
-        try:
-            write_json(path, {"schema": SCHEMA, "key": key, "ppl": done})
-        except OSError as err:
-            raise NsdsError(
-                f"cannot write the oracle cache '{path}': {first_line(err)}; set NSDS_CACHE to a writable folder"
-            ) from None
+        write_cache(path, {"schema": SCHEMA, "key": key, "ppl": done}, "oracle cache")
     return [done[unit] for unit in units]
 
 
