@@ -1,11 +1,12 @@
-"""llama.cpp's command-line tools (llama-quantize, llama-perplexity) and its HF -> GGUF converter.
+"""llama.cpp's command-line tools (llama-quantize, llama-perplexity, llama-imatrix, llama-completion) and its
+HF -> GGUF converter.
 
 Two sources, in this order:
 
-- `NSDS_LLAMA_CPP`: a folder holding the user's own `llama-quantize` and `llama-perplexity` (or a build
-  folder with them under `bin/`); a `convert_hf_to_gguf.py` beside it or one folder up is used too.
+- `NSDS_LLAMA_CPP`: a folder holding the user's own build of those tools (or a build folder with them under
+  `bin/`); a `convert_hf_to_gguf.py` beside it or one folder up is used too.
 - the nsds cache: `nsds assets fetch llama.cpp` downloads the pinned llama-cpp-python sdist from PyPI
-  (checksum-verified), extracts its vendored llama.cpp source tree and builds just those two tools with
+  (checksum-verified), extracts its vendored llama.cpp source tree and builds just those tools with
   cmake, statically linked, into `<cache>/tools/llama.cpp-<version>/`, beside the converter script and its
   `gguf-py` and `conversion` packages. A JSON stamp written last marks a finished build: anything without
   a valid stamp (an interrupted build, a changed binary) is rebuilt, in a temporary folder renamed into
@@ -39,7 +40,8 @@ from nsds.gguf_header import GGUFHeader
 from nsds.progress import byte_bar, note
 
 ENV_VAR = "NSDS_LLAMA_CPP"
-BINARIES = ("llama-quantize", "llama-perplexity")
+BINARIES = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-completion")
+TOOL_NAMES = "llama-quantize, llama-perplexity, llama-imatrix and llama-completion"
 # ggml's type table, quantizers and dequantizers as one shared library (ctypes: nsds.ggml): the exact numerics
 # llama-quantize writes, for fake-quantizing in process. A user's shared build has them in libggml-base.so.
 GGML_LIBRARY = "libggml-quants.so"
@@ -71,7 +73,8 @@ LLAMA_CPP = LlamaCppAsset(
     "llama_cpp_python-0.3.36.tar.gz",
     source_prefix="llama_cpp_python-0.3.36/vendor/llama.cpp",
     build_minutes_2_cores=4,
-    about="llama.cpp tools (llama-quantize, llama-perplexity) built from llama-cpp-python 0.3.36's sdist, MIT",
+    about="llama.cpp tools (llama-quantize, llama-perplexity, llama-imatrix, llama-completion) built from "
+    "llama-cpp-python 0.3.36's sdist, MIT",
 )
 
 # Portable: GGML_NATIVE=OFF still enables AVX/AVX2/FMA/F16C on x86-64 (not AVX-512/AMX), so a cache that moves
@@ -112,6 +115,8 @@ class LlamaCpp:
 
     quantize: Path
     perplexity: Path
+    imatrix: Path
+    completion: Path
     convert_script: Path | None
     source: Literal["env", "cache"]
     version: str
@@ -138,7 +143,7 @@ def tools() -> LlamaCpp:
         if found is None:
             raise NsdsError(
                 f"llama.cpp's tools are not built: run `nsds assets fetch llama.cpp` (about {build_minutes()} "
-                f"minutes) or set {ENV_VAR} to a folder with llama-quantize and llama-perplexity"
+                f"minutes) or set {ENV_VAR} to a folder with {TOOL_NAMES}"
             )
     check_runs(found.quantize, "llama-quantize")
     return found
@@ -167,6 +172,8 @@ def installed(root: Path | None = None) -> LlamaCpp | None:
     return LlamaCpp(
         quantize=folder / "bin" / "llama-quantize",
         perplexity=folder / "bin" / "llama-perplexity",
+        imatrix=folder / "bin" / "llama-imatrix",
+        completion=folder / "bin" / "llama-completion",
         convert_script=script if script.is_file() else None,
         source="cache",
         version=LLAMA_CPP.version,
@@ -198,7 +205,7 @@ def _from_env(folder: Path) -> LlamaCpp:
             break
     else:
         raise NsdsError(
-            f"{ENV_VAR}='{folder}' holds no llama-quantize and llama-perplexity (looked in '{folder}' and "
+            f"{ENV_VAR}='{folder}' holds no {TOOL_NAMES} (looked in '{folder}' and "
             f"'{folder / 'bin'}'); point it at a llama.cpp build folder, or unset it and run "
             "`nsds assets fetch llama.cpp`"
         )
@@ -207,6 +214,8 @@ def _from_env(folder: Path) -> LlamaCpp:
     return LlamaCpp(
         quantize=bin_dir / "llama-quantize",
         perplexity=bin_dir / "llama-perplexity",
+        imatrix=bin_dir / "llama-imatrix",
+        completion=bin_dir / "llama-completion",
         convert_script=next((s for s in scripts if s.is_file()), None),
         source="env",
         version=_reported_version(bin_dir / "llama-perplexity"),
@@ -342,12 +351,12 @@ def _require_toolchain() -> str:
     if cmake is None:
         raise NsdsError(
             f"building llama.cpp needs cmake, which is not installed: install {INSTALL_HINT}, or set {ENV_VAR} to "
-            "a folder with your own llama-quantize and llama-perplexity"
+            f"a folder with your own {TOOL_NAMES}"
         )
     if _cxx() is None:
         raise NsdsError(
             f"building llama.cpp needs a C++ compiler, and none was found (c++, g++, clang++, $CXX): install "
-            f"{INSTALL_HINT}, or set {ENV_VAR} to a folder with your own llama-quantize and llama-perplexity"
+            f"{INSTALL_HINT}, or set {ENV_VAR} to a folder with your own {TOOL_NAMES}"
         )
     return cmake
 
@@ -446,7 +455,7 @@ def _build(cmake: str, source: Path, build: Path, log: Path) -> None:
     compile_ = [cmake, "--build", str(build), "--target", *BINARIES, "ggml-base", "-j", str(cores)]
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(source.parent)}  # build info: never a parent's repo
     note(
-        f"building llama.cpp's llama-quantize and llama-perplexity with cmake (about {build_minutes(cores)} minutes "
+        f"building llama.cpp's {TOOL_NAMES} with cmake (about {build_minutes(cores)} minutes "
         f"on {cores} core{'s' if cores != 1 else ''})"
     )
     lines: list[str] = []
@@ -687,8 +696,10 @@ def quantize_gguf(
     allow_requantize: bool = True,
     threads: int | None = None,
     timeout: float | None = None,
+    imatrix: Path | None = None,
 ) -> None:
-    """Quantize GGUF `source` into `target` with llama-quantize: preset `base_type`, per-tensor overrides.
+    """Quantize GGUF `source` into `target` with llama-quantize: preset `base_type`, per-tensor overrides, and
+    with an importance matrix file when `imatrix` is given (`--imatrix`).
 
     `tensor_types` maps exact tensor names (blk.0.ffn_down.weight) to ggml types (q6_K); it is written beside the
     target as `<target stem>.tensor-types.txt` (the file llama-quantize read) and kept as its record. llama.cpp's
@@ -711,6 +722,8 @@ def quantize_gguf(
     try:
         out = _temporary_sibling(target, temporaries)
         args: list[str | Path] = ["--allow-requantize"] if allow_requantize else []
+        if imatrix is not None:
+            args += ["--imatrix", Path(imatrix).absolute()]
         if overrides:
             staged_types = _temporary_sibling(types_file, temporaries)
             staged_types.write_text(tensor_type_lines(overrides))
@@ -776,12 +789,14 @@ def perplexity_gguf(
     threads: int | None = None,
     max_chars: int | None = None,
     timeout: float | None = None,
+    save_logits: Path | None = None,
 ) -> LlamaPerplexity:
     """llama-perplexity's PPL of `model` on `text`, in chunks of `context` tokens (all of them, or `chunks`).
 
     llama-perplexity tokenizes the whole file every run (~3 s for Brown): `max_chars` scores only the text's
     first characters (written to a temporary file), which must hold the chunks asked for (an NsdsError if not).
-    It needs at least 2 * context tokens whatever `chunks` is.
+    It needs at least 2 * context tokens whatever `chunks` is. `save_logits`: also write the log-probabilities
+    there, the base of kl_divergence().
     """
     llama = tools()
     model, text = Path(model), Path(text)
@@ -805,6 +820,8 @@ def perplexity_gguf(
             args += ["--chunks", str(chunks)]
         if threads is not None:
             args += ["-t", str(threads)]
+        if save_logits is not None:
+            args += ["--kl-divergence-base", save_logits]
         for _attempt in range(_LOG_ATTEMPTS):
             started = time.perf_counter()
             result = _run_streams(llama.perplexity, args, "llama-perplexity", timeout)
@@ -829,6 +846,99 @@ def perplexity_gguf(
             "raise max_chars"
         )
     return LlamaPerplexity(ppl=ppl, stderr=plus_minus, chunks=scored, context=context, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """What llama-perplexity --kl-divergence reported against the base logits: the KL divergence of the
+    model's next-token distribution from the base model's, per scored token (nats)."""
+
+    mean: float
+    mean_stderr: float  # its "±" value: the standard error of the mean
+    p99: float  # 99th percentile of the per-token KLD
+    same_top: float  # share of tokens whose most likely token is the base model's (0..1)
+    ppl: float  # Mean PPL(Q): the model's perplexity on the same tokens
+    ppl_stderr: float  # its "±" value
+    context: int
+    seconds: float
+
+
+_KLD_LINES = {
+    "mean": re.compile(r"^Mean +KLD: +([-+0-9.eE]+|nan) ± +([-+0-9.eE]+|nan)", re.M),
+    "p99": re.compile(r"^99\.0% +KLD: +([-+0-9.eE]+|nan)", re.M),
+    "same_top": re.compile(r"^Same top p: +([-+0-9.eE]+|nan) ± +([-+0-9.eE]+|nan) %", re.M),
+    "ppl": re.compile(r"^Mean PPL\(Q\) +: +([-+0-9.eE]+|nan|inf) ± +([-+0-9.eE]+|nan|inf)", re.M),
+}
+
+
+def kld_base(model: Path, text: Path, logits: Path, context: int, chunks: int,
+             timeout: float | None = None) -> LlamaPerplexity:  # fmt: skip
+    """llama-perplexity on the base model, saving its log-probabilities on `chunks` chunks of `context` tokens
+    of `text` into `logits` (what kl_divergence reads)."""
+    result = perplexity_gguf(model, text, context, chunks, timeout=timeout, save_logits=logits)
+    if not logits.is_file():
+        raise NsdsError(f"llama-perplexity wrote no base logits to '{logits}'")
+    return result
+
+
+def kl_divergence(model: Path, logits: Path, context: int, timeout: float | None = None) -> Divergence:
+    """llama-perplexity --kl-divergence: `model` on the tokens and against the log-probabilities in `logits`
+    (kld_base's file)."""
+    llama = tools()
+    for path, what in ((model, "GGUF file"), (logits, "base logits file")):
+        if not Path(path).is_file():
+            raise NsdsError(f"{what} '{path}' does not exist")
+    args = ["-m", model, "--kl-divergence-base", logits, "--kl-divergence", "-c", str(context), "--no-warmup"]
+    started = time.perf_counter()
+    result = _run_streams(llama.perplexity, args, "llama-perplexity --kl-divergence", timeout)
+    seconds = time.perf_counter() - started
+    output = result.stdout + "\n" + result.stderr
+    found = {name: pattern.search(output) for name, pattern in _KLD_LINES.items()}
+    if not all(found.values()):
+        missing = next(name for name, match in found.items() if match is None)
+        reason = _strip_log_prefix(_meaningful_line(result.stderr) or "no output")
+        raise NsdsError(f"llama-perplexity --kl-divergence printed no {missing} statistic for '{model.name}': {reason}")
+    return Divergence(
+        mean=float(found["mean"][1]),
+        mean_stderr=float(found["mean"][2]),
+        p99=float(found["p99"][1]),
+        same_top=float(found["same_top"][1]) / 100,
+        ppl=float(found["ppl"][1]),
+        ppl_stderr=float(found["ppl"][2]),
+        context=context,
+        seconds=seconds,
+    )
+
+
+def generate(model: Path, prompt: str, tokens: int, seed: int, sampling: tuple[str, ...],
+             timeout: float | None = None) -> str:  # fmt: skip
+    """The text `model` writes after `prompt` (special tokens parsed; "" for just the BOS token the vocabulary
+    adds) in `tokens` tokens: llama-completion with `sampling`, the prompt not echoed."""
+    llama = tools()
+    args = ["-m", model, "-p", prompt, "-n", str(tokens), "-c", str(tokens + 8), "--seed", str(seed),
+            "--no-display-prompt", *sampling]  # fmt: skip
+    return _run_streams(llama.completion, args, "llama-completion", timeout).stdout
+
+
+def make_imatrix(
+    model: Path, text: Path, target: Path, context: int, chunks: int, timeout: float | None = None
+) -> None:
+    """llama-imatrix's importance matrix of `model` on `text` (`chunks` chunks of `context` tokens, at most what
+    the text holds) written to `target` in its GGUF format, atomically."""
+    llama = tools()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporaries: list[Path] = []
+    try:
+        out = _temporary_sibling(target, temporaries)
+        args = ["-m", model, "-f", text, "-o", out, "-c", str(context), "--chunks", str(chunks), "--no-ppl",
+                "--output-format", "gguf"]  # fmt: skip
+        _run_streams(llama.imatrix, args, "llama-imatrix", timeout)
+        if out.stat().st_size == 0:
+            raise NsdsError(f"llama-imatrix reported success but wrote nothing to '{out}'")
+        os.replace(out, target)
+    finally:
+        for path in temporaries:
+            path.unlink(missing_ok=True)
 
 
 # llama.cpp's logger is a thread that main() does not wait for (common/log.cpp leaks it on purpose), so on a

@@ -437,7 +437,7 @@ def test_gguf_options_fail_before_any_work(tiny_llama_folder, tmp_path, capsys, 
 
 def _fake_llama_cpp(folder, library: bytes | None = None):
     """A llama.cpp build whose tools start (usage, exit 1) and which may hold a (broken) shared ggml."""
-    for name in ("llama-quantize", "llama-perplexity"):
+    for name in ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-completion"):
         (folder / name).write_text("#!/bin/sh\necho usage\nexit 1\n")
         (folder / name).chmod(0o755)
     if library is not None:
@@ -448,7 +448,7 @@ def _fake_llama_cpp(folder, library: bytes | None = None):
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda folder: folder, "holds no llama-quantize and llama-perplexity"),
+        (lambda folder: folder, "holds no llama-quantize, llama-perplexity, llama-imatrix and llama-completion"),
         (lambda folder: _fake_llama_cpp(folder), "has no shared ggml library (libggml-quants.so or libggml-base.so)"),
         (lambda folder: _fake_llama_cpp(folder, b"not an ELF file"), "cannot load ggml's quantizers from"),
     ],

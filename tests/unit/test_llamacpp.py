@@ -36,6 +36,8 @@ def _own_build(folder: Path) -> Path:
     """A llama.cpp build folder as a user would have it: binaries under bin/."""
     _script(folder / "bin" / "llama-quantize", QUANTIZE)
     _script(folder / "bin" / "llama-perplexity", PERPLEXITY)
+    for name in ("llama-imatrix", "llama-completion"):
+        _script(folder / "bin" / name, "#!/bin/sh\necho usage\n")
     return folder
 
 
@@ -56,6 +58,8 @@ def test_own_binaries_from_a_build_folder(monkeypatch, tmp_path):
     assert found == llamacpp.LlamaCpp(
         quantize=build / "bin" / "llama-quantize",
         perplexity=build / "bin" / "llama-perplexity",
+        imatrix=build / "bin" / "llama-imatrix",
+        completion=build / "bin" / "llama-completion",
         convert_script=source / "convert_hf_to_gguf.py",
         source="env",
         version="4242 (abc1234)",
@@ -76,7 +80,8 @@ def test_own_binaries_from_the_bin_folder_itself(monkeypatch, tmp_path):
 def test_env_folder_without_the_tools_is_a_clear_error(monkeypatch, tmp_path):
     _script(tmp_path / "llama-quantize", QUANTIZE)  # llama-perplexity is missing
     monkeypatch.setenv(llamacpp.ENV_VAR, str(tmp_path))
-    with pytest.raises(NsdsError, match=r"NSDS_LLAMA_CPP=.* holds no llama-quantize and llama-perplexity"):
+    tools = "llama-quantize, llama-perplexity, llama-imatrix and llama-completion"
+    with pytest.raises(NsdsError, match=rf"NSDS_LLAMA_CPP=.* holds no {tools}"):
         llamacpp.tools()
 
 
@@ -85,7 +90,7 @@ def test_missing_tools_say_how_to_get_them(no_env):
         llamacpp.tools()
     message = str(err.value)
     assert "llama.cpp's tools are not built: run `nsds assets fetch llama.cpp` (about " in message
-    assert "or set NSDS_LLAMA_CPP to a folder with llama-quantize and llama-perplexity" in message
+    assert f"or set NSDS_LLAMA_CPP to a folder with {llamacpp.TOOL_NAMES}" in message
     assert "\n" not in message
     with pytest.raises(NsdsError, match=r"run `nsds assets fetch llama.cpp`"):
         assets.path("llama.cpp")
