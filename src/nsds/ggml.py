@@ -125,19 +125,26 @@ class Ggml:
     def _traits(self, name: str) -> _Traits:
         return self.lib.ggml_get_type_traits(int(gguf.GGMLQuantizationType[name])).contents
 
-    def quantize(self, weights: np.ndarray, name: str) -> np.ndarray:
+    def quantize(self, weights: np.ndarray, name: str, importance: np.ndarray | None = None) -> np.ndarray:
         """A float32 rows x columns matrix as the type's bytes (rows x row bytes), as llama-quantize writes
-        them without an importance matrix; rows are split over threads (ctypes releases the GIL)."""
+        them: with `importance` (one weight per column, what llama-quantize reads from `--imatrix`) passed
+        to ggml_quantize_chunk as its quant_weights, else without; rows are split over threads (ctypes
+        releases the GIL)."""
         rows, columns = weights.shape
         data = np.ascontiguousarray(weights, dtype=np.float32)
         out = np.empty((rows, tensor_bytes(name, 1, columns)), dtype=np.uint8)
         code = int(gguf.GGMLQuantizationType[name])
+        weighting = None
+        if importance is not None:
+            weighting = np.ascontiguousarray(importance, dtype=np.float32)
+            if weighting.shape != (columns,):
+                raise NsdsError(f"an importance vector of shape {list(weighting.shape)} for rows of {columns} weights")
         self.lib.ggml_quantize_init(code)
 
         def chunk(span: tuple[int, int]) -> None:
             start, stop = span
             self.lib.ggml_quantize_chunk(code, data[start:].ctypes.data, out[start:].ctypes.data, 0, stop - start,
-                                         columns, None)  # fmt: skip
+                                         columns, None if weighting is None else weighting.ctypes.data)  # fmt: skip
 
         step = max(1, math.ceil(rows / _threads()))
         with ThreadPoolExecutor(_threads()) as pool:
@@ -152,12 +159,14 @@ class Ggml:
         _TO_FLOAT(self._traits(name).to_float)(source.ctypes.data, out.ctypes.data, rows * columns)
         return out
 
-    def fake_quantize(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        """`weight` (out x in) through the type and back, in its dtype: what llama.cpp computes with."""
+    def fake_quantize(self, weight: torch.Tensor, name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight` (out x in) through the type and back, in its dtype: what llama.cpp computes with (with
+        `importance`, one weight per input column, as llama-quantize --imatrix quantizes)."""
         if name == "F32":
             return weight.clone()
         matrix = weight.detach().to(torch.float32).cpu().numpy()
-        restored = self.dequantize(self.quantize(matrix, name), name, matrix.shape[1])
+        weighting = None if importance is None else importance.detach().to(torch.float32).cpu().numpy()
+        restored = self.dequantize(self.quantize(matrix, name, weighting), name, matrix.shape[1])
         return torch.from_numpy(restored).to(weight.dtype)
 
 

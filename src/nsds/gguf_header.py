@@ -57,9 +57,12 @@ class GGUFHeader:
             raise ValueError(f"GGUF version {version} (big-endian or unknown) is not supported")
         offset = 24
         self.metadata: dict[str, object] = {}
+        self._arrays: dict[str, int] = {}  # key -> offset of an array value (its item type, count, items)
         for _ in range(kv_count):
             key, offset = self._string(offset)
             (value_type,) = self._unpack("<I", offset)
+            if _V(value_type) == _V.ARRAY:
+                self._arrays[key] = offset + 4
             self.metadata[key], offset = self._value(_V(value_type), offset + 4)
         table = []
         for _ in range(tensor_count):
@@ -107,6 +110,19 @@ class GGUFHeader:
                 _, offset = self._value(_V(item_type), offset)
             return None, offset
         raise ValueError(f"unknown metadata value type {value_type}")
+
+    def string_item(self, key: str, index: int) -> str:
+        """Item `index` of the string array `key` (a token's text in tokenizer.ggml.tokens)."""
+        if key not in self._arrays:
+            raise ValueError(f"the file has no array '{key}'")
+        item_type, count = self._unpack("<IQ", self._arrays[key])
+        if _V(item_type) != _V.STRING or not 0 <= index < count:
+            raise ValueError(f"'{key}' has no string item {index}")
+        offset = self._arrays[key] + 12
+        for _ in range(index):
+            (length,) = self._unpack("<Q", offset)
+            offset += 8 + length
+        return self._string(offset)[0]
 
     def array(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's raw data as gguf.quants.dequantize expects it (quantized rows as bytes)."""

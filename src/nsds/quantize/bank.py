@@ -17,11 +17,14 @@ class WeightBank:
     `load` sets every module to its width (or back to the checkpoint's weights where none is given),
     always starting from the pristine copy, so one loaded model serves many plans in turn. With `keep`,
     each (module, width) is quantized once and kept (nsds compare evaluates hundreds of plans over a few
-    widths); without, nothing but the pristine copy is held.
+    widths); without, nothing but the pristine copy is held. With `importance` (module name -> one weight
+    per input column: an importance matrix), a quantizer that takes one rounds every module by it.
     """
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str], quantizer: Quantizer, keep: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], quantizer: Quantizer, keep: bool = True,
+                 importance: Mapping[str, torch.Tensor] | None = None) -> None:  # fmt: skip
         self.model, self.quantizer, self.keep = model, quantizer, keep
+        self.importance = dict(importance or {})
         # Each module's weight as the model holds it: its own parameter, or a MoE expert's slice of a fused
         # 3-D parameter; `transposed` where it is stored (in, out) (GPT-2's Conv1D, gpt-oss's experts).
         self.slots = {name: module_weight(model, name) for name in names}
@@ -34,7 +37,8 @@ class WeightBank:
             return self.variants[name, storage_format]
         transposed = self.slots[name][1]
         weight = self.pristine[name]
-        quantized = self.quantizer.fake_quantize_as(weight.T if transposed else weight, storage_format)
+        quantized = self.quantizer.fake_quantize_as(weight.T if transposed else weight, storage_format,
+                                                    self.importance.get(name))  # fmt: skip
         quantized = quantized.T if transposed else quantized
         if self.keep:
             self.variants[name, storage_format] = quantized

@@ -32,6 +32,7 @@ class Quantizer(ABC):
     widths: ClassVar[frozenset[int]]
     budget_counts: ClassVar[tuple[str, ...]] = ("weights", "storage")  # what a budget may count; first: default
     default_group_size: ClassVar[int] = 128
+    takes_importance: ClassVar[bool] = False  # whether it rounds by an importance matrix (llama.cpp's types)
 
     def __init__(self, group_size: int | None = None, symmetric: bool = False) -> None:
         group_size = self.default_group_size if group_size is None else group_size
@@ -47,8 +48,12 @@ class Quantizer(ABC):
     def storage(self, out_features: int, in_features: int, bits: int) -> Storage:
         """How an out x in weight is stored at `bits` (after any fallback the format makes)."""
 
-    def fake_quantize_as(self, weight: torch.Tensor, storage_format: str) -> torch.Tensor:
-        """`weight` fake-quantized as a plan records it: the width whose storage has that format."""
+    def fake_quantize_as(self, weight: torch.Tensor, storage_format: str,
+                         importance: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`weight` fake-quantized as a plan records it: the width whose storage has that format (with
+        `importance`, one weight per input column, where the quantizer takes_importance)."""
+        if importance is not None and not self.takes_importance:
+            raise NsdsError(f"quantizer '{self.name}' does not round by an importance matrix; use --quantizer gguf")
         out, features = weight.shape
         for bits in sorted(self.widths):
             if self.storage(out, features, bits).format == storage_format:

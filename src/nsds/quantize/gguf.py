@@ -20,6 +20,7 @@ class GGUF(Quantizer):
     name = "gguf"
     widths = frozenset(TYPES)
     budget_counts: ClassVar[tuple[str, ...]] = ("storage",)  # a type's bits include its block scales
+    takes_importance: ClassVar[bool] = True
 
     def __init__(self, group_size: int | None = None, symmetric: bool = False) -> None:
         if group_size is not None or symmetric:
@@ -38,14 +39,16 @@ class GGUF(Quantizer):
     def fake_quantize(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
         return self.fake_quantize_as(weight, self.written_type(weight.shape[1], bits))
 
-    def fake_quantize_as(self, weight: torch.Tensor, storage_format: str) -> torch.Tensor:
-        """Any ggml type llama.cpp may write (a preset's choices too), with ggml's own numerics."""
+    def fake_quantize_as(self, weight: torch.Tensor, storage_format: str,
+                         importance: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Any ggml type llama.cpp may write (a preset's choices too), with ggml's own numerics (rounded by
+        `importance`, one weight per input column, as llama-quantize --imatrix rounds)."""
         if self._ggml is None:
             self._ggml = ggml.library()
         kind = ggml.ggml_type(storage_format)
         if weight.shape[1] % kind.block_size:
             raise NsdsError(f"{kind.name} cannot store rows of {weight.shape[1]} weights")
-        return self._ggml.fake_quantize(weight, kind.name)
+        return self._ggml.fake_quantize(weight, kind.name, importance)
 
     def describe(self) -> str:
         return f"{self.name} (llama.cpp types: {', '.join(f'{b}={t}' for b, t in TYPES.items())})"

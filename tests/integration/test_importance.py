@@ -1,0 +1,87 @@
+"""The importance matrix of the model's own text, on the real SmolLM2 GGUF, with llama.cpp's own tools
+(docs/GGUF.md §5): llama-completion writes the text, llama-imatrix makes the matrix (so it is llama-imatrix's
+by construction: the test checks nsds reads what it wrote, in both its formats), and ggml's quantizers
+rounding by it in process write exactly the bytes llama-quantize --imatrix writes, for every type.
+About a minute on 2 cores."""
+
+import gguf
+import numpy as np
+import pytest
+
+from nsds import ggml, importance, llamacpp
+from nsds.errors import NsdsError
+from nsds.gguf_header import GGUFHeader
+
+pytestmark = pytest.mark.integration
+TOKENS = 1024  # two chunks: the least llama-imatrix takes
+
+
+@pytest.fixture(scope="module")
+def own(smollm2_gguf) -> importance.ImportanceMatrix:
+    try:
+        ggml.library()
+    except NsdsError as err:
+        pytest.skip(f"importance test needs llama.cpp's build: {err}")
+    return importance.self_made(smollm2_gguf, TOKENS)
+
+
+def test_the_own_text_matrix_covers_every_planned_tensor(own, smollm2_gguf, monkeypatch):
+    header = GGUFHeader(smollm2_gguf)
+    planned = [n for n, t in header.tensors.items() if n.startswith("blk.") and n.endswith(".weight")
+               and len(t.shape) == 2]  # fmt: skip
+    assert len(planned) == 210 and set(planned) <= set(own.sums)
+    for name in planned:
+        assert own.sums[name].shape == (1, header.tensors[name].shape[-1])
+        assert own.counts[name].tolist() == [own.counts[planned[0]][0]]  # every matrix saw the same tokens
+    assert TOKENS // 2 < own.counts[planned[0]][0] <= TOKENS  # two chunks of up to 512 tokens
+    assert np.all(own.weights(planned[0]) > 0)
+    text = own.path.with_suffix("").with_suffix(".txt")
+    assert len(text.read_text(encoding="utf-8")) > 1000  # what the model wrote is kept beside it
+
+    def no_tools(*args, **kwargs):
+        raise AssertionError("a cached matrix must not run llama.cpp again")
+
+    monkeypatch.setattr(llamacpp, "generate", no_tools)
+    monkeypatch.setattr(llamacpp, "make_imatrix", no_tools)
+    assert importance.self_made(smollm2_gguf, TOKENS).path == own.path
+
+
+def test_both_formats_of_llama_imatrix_read_the_same(own, smollm2_gguf, tmp_path):
+    """llama-imatrix's legacy .dat of the same text: the same weights (it stores mean x 1 call)."""
+    text = own.path.with_suffix("").with_suffix(".txt")
+    legacy = tmp_path / "own.dat"
+    result = llamacpp._run_streams(llamacpp.tools().imatrix, ["-m", smollm2_gguf, "-f", text, "-o", legacy, "-c",
+                                   "512", "--chunks", "2", "--no-ppl", "--output-format", "dat"], "llama-imatrix",
+                                   None)  # fmt: skip
+    assert result.returncode == 0
+    old = importance.read(legacy)
+    assert old.legacy and set(old.sums) == set(own.sums)
+    for name in own.sums:
+        np.testing.assert_allclose(old.weights(name), own.weights(name), rtol=1e-6)
+
+
+def test_quantizing_with_it_is_bit_identical_to_llama_quantize(own, smollm2_gguf, tmp_path):
+    """Every type nsds plans with, on tensors of every shape: llama-quantize --imatrix's bytes, and other bytes
+    than without the matrix (for the types that read it)."""
+    lib = ggml.library()
+    header = GGUFHeader(smollm2_gguf)
+    kinds = list(ggml.QUANTIZED)
+    planned = [n for n, t in header.tensors.items() if n.startswith("blk.") and n.endswith(".weight")
+               and len(t.shape) == 2]  # fmt: skip
+    overrides = {name: kinds[i % len(kinds)] for i, name in enumerate(planned)}  # each type on ffn_down too
+    target = tmp_path / "mixed.gguf"
+    llamacpp.quantize_gguf(smollm2_gguf, target, "Q8_0", overrides, imatrix=own.path)
+    written = GGUFHeader(target)
+    kinds_written, changed = set(), set()
+    for name in overrides:
+        source = header.tensors[name]
+        weights = gguf.quants.dequantize(header.array(source), source.qtype).astype(np.float32)
+        kind = written.tensors[name].qtype.name
+        kinds_written.add(kind)
+        theirs = np.asarray(written.array(written.tensors[name])).view(np.uint8).reshape(weights.shape[0], -1)
+        assert np.array_equal(lib.quantize(weights, kind, own.weights(name)[0]), theirs), (name, kind)
+        if not np.array_equal(lib.quantize(weights, kind), theirs):
+            changed.add(kind)
+    assert kinds_written >= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "IQ4_NL"}
+    # the importance changes the rounding of every type that reads it (Q8_0 does not; the source is Q4_1 already)
+    assert changed == kinds_written - {"Q8_0", "Q4_1"}
