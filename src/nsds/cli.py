@@ -112,8 +112,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("nsds-run"), help="output folder")
     run.add_argument("--save", type=Path, help="also save the HQQ-quantized model in HQQ's format here")
     run.add_argument("--export", action="store_true",
-                     help="with --quantizer gguf: also write OUT/model.gguf and the OUT/tensor-types.txt it was "
-                     "quantized with")  # fmt: skip
+                     help="with --quantizer gguf: also write OUT/model.gguf, the OUT/tensor-types.txt and the "
+                     "OUT/imatrix.gguf it was quantized with")  # fmt: skip
+    run.add_argument("--imatrix",
+                     help="importance matrix llama.cpp's types round by (--quantizer gguf): self (default: made by "
+                     "llama-imatrix on text the model writes itself, no data), none, or a file llama-imatrix made "
+                     "for this model")  # fmt: skip
+    run.add_argument("--imatrix-tokens", type=int, default=8192,
+                     help="tokens of its own text the model writes for the self-made importance matrix")  # fmt: skip
     run.add_argument("--device", default="auto", help=device_help)
 
     compare = _command(commands, "compare", "evaluate NSDS against every baseline scorer and allocator",
@@ -153,8 +159,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              description="Download and verify assets into the cache; files already verified "
                              "are skipped. llama.cpp is built with cmake and a C++ compiler (minutes, once); "
                              "with no names and NSDS_LLAMA_CPP set, those tools are used instead.")  # fmt: skip
-    fetch.add_argument("names", nargs="*", help="assets to fetch: smollm2, gemma3-270m, brown, moby-dick, llama.cpp "
-                       "(default: all)")  # fmt: skip
+    fetch.add_argument("names", nargs="*", help="assets to fetch: smollm2, gemma3-270m, brown, moby-dick, lodash, "
+                       "llama.cpp (default: all)")  # fmt: skip
     verbs.add_parser("list", help="show the assets and whether they are cached",
                      description="Show every asset, where it is cached, and what it is.")  # fmt: skip
     return parser
@@ -207,17 +213,24 @@ def _run(args: argparse.Namespace) -> None:
     result = run(cfg)
     print(result.protocol.describe())
     runtime = any(e.runtime for e in result.evaluations)
-    extra = f" {'llama.cpp':>10} {'file MB':>8}" if runtime else ""
+    extra = f" {'KLD':>8} {'99% KLD':>8} {'same top':>8} {'llama.cpp':>10} {'file MB':>8}" if runtime else ""
     print(f"{'plan':<10} {'allocator':<16} {'bits':>6} {'storage':>8} {'PPL':>9}{extra} {'time':>7}")
     for e in result.evaluations:
         bits = f"{'-':>6} {'-':>8}" if e.weight_bits is None else f"{e.weight_bits:>6.3f} {e.storage_bits:>8.3f}"
-        extra = f" {e.runtime.ppl:>10.3f} {e.runtime.file_bytes / 1e6:>8.2f}" if e.runtime else ""
+        extra = ""
+        if e.runtime:
+            r = e.runtime
+            divergence = (f"{'-':>8} {'-':>8} {'-':>8}" if r.kld is None else
+                          f"{r.kld:>8.4f} {r.kld_p99:>8.4f} {100 * r.same_top:>7.2f}%")  # fmt: skip
+            extra = f" {divergence} {r.ppl:>10.3f} {r.file_bytes / 1e6:>8.2f}"
         print(f"{e.label:<10} {e.allocator or '-':<16} {bits} {e.ppl:>9.3f}{extra} {e.seconds:>6.1f}s")
         for task, metrics in e.zero_shot.items():
             print(f"{'':<10} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if runtime:
         print("llama.cpp: llama-perplexity on each plan's GGUF file (chunks of the same text; it scores the second "
-              "half of each chunk, so compare ratios, not values, with nsds's PPL)")  # fmt: skip
+              "half of each chunk, so compare ratios, not values, with nsds's PPL); KLD: its KL divergence from "
+              "the reference file's next-token distribution (nats per token, mean and 99th percentile), same top: "
+              "how often its most likely token is the reference's")  # fmt: skip
     print(f"wrote {args.out}/: {', '.join(output_names(cfg))}")
     if args.save:
         print(f"saved the HQQ model to {args.save}")

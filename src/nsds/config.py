@@ -31,7 +31,9 @@ class RunConfig:
     task_limit: int | None = None
     out: Path = Path("nsds-run")
     save: Path | None = None
-    export: bool = False  # quantizer gguf: also write OUT/model.gguf and OUT/tensor-types.txt
+    export: bool = False  # quantizer gguf: also write OUT/model.gguf, OUT/tensor-types.txt, OUT/imatrix.gguf
+    imatrix: str | None = None  # self, none or a file; None: the quantizer's default (gguf: self, else none)
+    imatrix_tokens: int = 8192  # tokens of its own text the model writes for a self-made importance matrix
     device: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:

@@ -125,16 +125,18 @@ def cached_errors(
     gains: Mapping[str, torch.Tensor],
     fisher: Callable[[], Mapping[str, torch.Tensor]],
     weights: list[str] | str,
+    importance: str | None = None,
 ) -> ErrorTable:
     """measure_errors, kept in the nsds cache: the table depends on the weights alone (no text), so a rerun with
     another budget, text or allocator reads it back instead of sampling, differentiating and quantizing again.
     The key: `weights` (weights.weights_identity of the bank's model; `gains` are arch.input_gains of those
-    weights), the Fisher settings, the quantizer, the widths and the modules. `fisher` (the bank's model's
+    weights), the Fisher settings, the quantizer, the importance matrix the bank rounds by (`importance`: its
+    file's SHA-256), the widths and the modules. `fisher` (the bank's model's
     fisher.measure_fisher, while it holds the checkpoint's weights) is called only when the table is measured."""
     widths = tuple(sorted(set(widths)))
     shapes = [[m.name, m.out_features, m.in_features] for m in modules]
     key = {"schema": SCHEMA, "nsds_version": __version__, "weights": weights, "fisher": settings(bank.model),
-           "quantizer": bank.quantizer.describe(), "widths": widths,
+           "quantizer": bank.quantizer.describe(), "importance": importance, "widths": widths,
            "modules": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:20]}  # fmt: skip
     path = keyed_cache_path("errors", key)
     if path.is_file():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nsds import arch, runtime
+from nsds import arch, importance, runtime
 from nsds.allocate import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
@@ -38,8 +38,9 @@ from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, copy_file, write_bytes
 from nsds.fisher import measure_fisher
+from nsds.importance import ImportanceMatrix
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
-from nsds.plan import Plan
+from nsds.plan import Module, Plan
 from nsds.progress import stage
 from nsds.quantize import Quantizer, WeightBank, check_expert_formats, make_quantizer
 from nsds.quantize.hqq import save_hqq_model
@@ -50,7 +51,7 @@ from nsds.scorers.nsds import score
 from nsds.weights import open_source, weights_identity
 
 OUTPUTS = ("plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png", "ppl.png")
-EXPORTS = ("model.gguf", "tensor-types.txt")  # with --export (quantizer gguf)
+EXPORTS = ("model.gguf", "tensor-types.txt", "imatrix.gguf")  # with --export (quantizer gguf; imatrix: when used)
 # The plans a user would otherwise get, evaluated beside nsds's on the same windows, by allocate.plan_for's
 # labels ("paper": the NSDS paper's allocation of its layer scores).
 BASELINES = ("uniform", "llama.cpp", "higgs", "paper")
@@ -81,7 +82,16 @@ def output_names(cfg: RunConfig) -> tuple[str, ...]:
     baseline, the exports."""
     plans = tuple(f"plan-{label}.json" for label in baseline_names(cfg.baselines))
     names = OUTPUTS[:1] + plans + OUTPUTS[1:] + (EXPORTS if cfg.export else ())
-    return tuple(n for n in names if n != "errors.json" or measures_errors(cfg))
+    skipped = {"errors.json": not measures_errors(cfg), "imatrix.gguf": imatrix_choice(cfg) == "none"}
+    return tuple(n for n in names if not skipped.get(n))
+
+
+def imatrix_choice(cfg: RunConfig) -> str:
+    """--imatrix resolved: self (the model's own text), none, or a file; the default is the quantizer's (gguf
+    rounds by the model's own importance matrix, the others take none)."""
+    if cfg.imatrix is None:
+        return "self" if cfg.quantizer == "gguf" else "none"
+    return cfg.imatrix
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,8 @@ class Prepared:
     compute: Compute
     window: int  # tokens per evaluation window (the text's default when none was given)
     gguf: GGUFTarget | None  # quantizer gguf: the base file, tensor names and the matched preset
+    modules: list[Module]  # the planned modules, from the weights' header
+    imatrix: ImportanceMatrix | str | None  # a user's matrix (read and checked), "self" (made in the run) or None
 
 
 def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
@@ -121,6 +133,7 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
         raise NsdsError("--export writes a GGUF file for llama.cpp; use it with --quantizer gguf")
     if cfg.tasks:
         require_lm_eval()
+    imatrix = _importance_option(cfg)
     check_output_folder(cfg.out, "--out")
     if cfg.save is not None:
         check_output_folder(cfg.save, "--save")
@@ -133,10 +146,44 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
             with contextlib.ExitStack() as stack:
                 folder = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsds-gguf-")))
                 target = runtime.gguf_target(source, modules, preset, folder)
+                if isinstance(imatrix, ImportanceMatrix):
+                    module_importance(imatrix, target, modules)  # made for this model: checked before any work
     budget = target.budget if target and target.preset else cfg.budget
     setting = allocation_setting(quantizer, cfg.model, budget, cfg.widths, cfg.budget_counts)
     check_fits(modules, quantizer, [setting])
-    return Prepared(quantizer, setting, allocator, compute, window, target)
+    return Prepared(quantizer, setting, allocator, compute, window, target, modules, imatrix)
+
+
+def _importance_option(cfg: RunConfig) -> ImportanceMatrix | str | None:
+    choice = imatrix_choice(cfg)
+    if choice == "none":
+        return None
+    if cfg.quantizer != "gguf":
+        raise NsdsError(f"--imatrix {choice}: only llama.cpp's types round by an importance matrix; use "
+                        "--quantizer gguf or leave --imatrix out")  # fmt: skip
+    if choice == "self":
+        importance.check_tokens(cfg.imatrix_tokens)
+        return "self"
+    return importance.read(Path(choice))
+
+
+def module_importance(matrix: ImportanceMatrix, target: GGUFTarget, modules: list[Module]) -> dict[str, torch.Tensor]:
+    """Every planned module's quantization weights from the matrix (one-line error: made for another model)."""
+    return matrix.for_modules({m.name: target.names[m.name] for m in modules}, {m.name: m.in_features for m in modules})
+
+
+def with_importance(cfg: RunConfig, ready: Prepared, work: Path) -> tuple[Prepared, ImportanceMatrix | None]:
+    """The run's importance matrix (the user's, or made from the model's own text, from the nsds cache when
+    it was made before), and the run's target and budget with every file quantized by it."""
+    if ready.imatrix is None or ready.gguf is None:
+        return ready, None
+    base = ready.gguf.base
+    matrix = importance.self_made(base, cfg.imatrix_tokens) if ready.imatrix == "self" else ready.imatrix
+    assert isinstance(matrix, ImportanceMatrix)
+    target = runtime.with_importance(ready.gguf, matrix.path, ready.modules, work)
+    budget = target.budget if target.preset else cfg.budget
+    setting = allocation_setting(ready.quantizer, cfg.model, budget, cfg.widths, cfg.budget_counts)
+    return replace(ready, gguf=target, setting=setting), matrix
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -149,17 +196,21 @@ def run(cfg: RunConfig) -> RunResult:
 def _run(cfg: RunConfig, work: Path) -> RunResult:
     started = time.perf_counter()
     ready = prepare(cfg, work)
+    matrix_started = time.perf_counter()
+    ready, matrix = with_importance(cfg, ready, work)
+    matrix_s = time.perf_counter() - matrix_started
     loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
     model = loaded.model
     stage("scoring (NSDS)")
     scores = score(loaded.source, compute=loaded.compute)
     modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
-    bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False)
+    weights = None if matrix is None or ready.gguf is None else module_importance(matrix, ready.gguf, modules)
+    bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False, importance=weights)
     errors = None
     if measures_errors(cfg):
         errors = cached_errors(bank, modules, cfg.widths, arch.input_gains(model, modules),
                                lambda: measure_fisher(model, loaded.tokenizer, modules),
-                               weights_identity(scores.model))  # fmt: skip
+                               weights_identity(scores.model), None if matrix is None else matrix.digest)  # fmt: skip
     evidence = Evidence(scores=scores.scores, errors=errors)
     plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in plan_labels(cfg).items()}
     target = ready.gguf
@@ -176,11 +227,13 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     if target is not None:
         files = runtime.write_files(target, {k: v for k, v in plans.items() if k != target.preset}, work)
         text = runtime.text_file(load_text(cfg.text), cfg.tokens, work)
-        measured = {e.label: runtime.measure(files[e.label], text, ready.window, cfg.tokens) for e in evaluations}
+        measured = runtime.measure_files({e.label: files[e.label] for e in evaluations}, text, ready.window,
+                                         cfg.tokens, work)  # fmt: skip
         evaluations = [replace(e, runtime=measured[e.label]) for e in evaluations]
 
     used = replace(cfg, allocator=ready.allocator, budget_counts=ready.setting.budget_counts,
-                   group_size=None if cfg.quantizer == "gguf" else ready.quantizer.group_size)  # fmt: skip
+                   group_size=None if cfg.quantizer == "gguf" else ready.quantizer.group_size,
+                   imatrix=imatrix_choice(cfg))  # fmt: skip
     result = RunResult(
         model=scores.model,
         config=used,
@@ -188,6 +241,7 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
         evaluations=evaluations,
         timing={
             "load_s": loaded.seconds,
+            "imatrix_s": matrix_s,
             "score_s": scores.timing["total_s"],
             "total_s": time.perf_counter() - started,
         },
@@ -200,6 +254,8 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
         stage(f"writing {cfg.out / 'model.gguf'}")
         copy_file(files["nsds"], cfg.out / "model.gguf")
         copy_file(files["nsds"].with_suffix(TENSOR_TYPES_SUFFIX), cfg.out / "tensor-types.txt")
+        if matrix is not None:
+            copy_file(matrix.path, cfg.out / "imatrix.gguf")
     for name, png in figures.items():
         write_bytes(cfg.out / name, png)
     plans["nsds"].save(cfg.out / "plan.json")

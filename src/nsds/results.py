@@ -52,6 +52,13 @@ class RuntimeMeasure:
     context: int  # tokens per chunk; llama-perplexity scores the second half of each
     chunks: int
     seconds: float
+    # KL divergence of the file's next-token distribution from the reference file's on the same tokens (nats
+    # per token; llama-perplexity --kl-divergence): its mean and standard error, 99th percentile, and the
+    # share of tokens whose most likely token is unchanged. None for the reference itself.
+    kld: float | None = None
+    kld_stderr: float | None = None
+    kld_p99: float | None = None
+    same_top: float | None = None
 
 
 @dataclass(frozen=True)

@@ -76,10 +76,11 @@ def file_formats(path: Path, names: Mapping[str, str]) -> dict[str, str]:
     return {module: tensors[tensor].qtype.name for module, tensor in names.items()}
 
 
-def preset_file(base: Path, preset: str, folder: Path) -> Path:
-    """llama.cpp's own preset of the base file, quantized by llama-quantize into `folder`."""
+def preset_file(base: Path, preset: str, folder: Path, imatrix: Path | None = None) -> Path:
+    """llama.cpp's own preset of the base file, quantized by llama-quantize into `folder` (with the importance
+    matrix file `imatrix`, when given)."""
     target = folder / f"{preset}.gguf"
-    llamacpp.quantize_gguf(base, target, preset)
+    llamacpp.quantize_gguf(base, target, preset, imatrix=imatrix)
     return target
 
 
@@ -106,12 +107,14 @@ def preset_plan(target: "GGUFTarget", modules: Sequence[Module], quantizer: Quan
     return replace(plan, embeddings=target.embeddings)
 
 
-def export(plan: Plan, base: Path, base_type: str, names: Mapping[str, str], target: Path) -> dict[str, str]:
+def export(plan: Plan, base: Path, base_type: str, names: Mapping[str, str], target: Path,
+           imatrix: Path | None = None) -> dict[str, str]:  # fmt: skip
     """Write the plan as a GGUF with llama-quantize (every planned tensor overridden to its planned type, the
-    rest as `base_type` stores them); the tensor-type file it read is kept beside it. Returns the overrides,
-    after checking every planned tensor was written as planned."""
+    rest as `base_type` stores them, all rounded by the importance matrix file `imatrix` when given); the
+    tensor-type file it read is kept beside it. Returns the overrides, after checking every planned tensor
+    was written as planned."""
     overrides = {names[m.name]: m.format for m in plan.modules}
-    llamacpp.quantize_gguf(base, target, base_type, overrides)
+    llamacpp.quantize_gguf(base, target, base_type, overrides, imatrix=imatrix)
     written = GGUFHeader(target).tensors
     wrong = [f"{t} is {written[t].qtype.name}, planned {kind}" for t, kind in overrides.items()
              if written[t].qtype.name != kind]  # fmt: skip
@@ -147,6 +150,7 @@ class GGUFTarget:
     preset: str | None = None
     preset_path: Path | None = None
     budget: float | None = None  # storage bits per weight the preset spends on the planned modules
+    imatrix: Path | None = None  # the importance matrix every file (the preset's too) is quantized with
 
     @property
     def embeddings(self) -> str:
@@ -168,12 +172,21 @@ def gguf_target(source: WeightSource, modules: Sequence[Module], preset: str | N
     return GGUFTarget(base, names, preset, preset, path, preset_budget(path, names, modules))
 
 
+def with_importance(target: GGUFTarget, imatrix: Path, modules: Sequence[Module], folder: Path) -> GGUFTarget:
+    """The target with every file quantized by the importance matrix file `imatrix`: the preset is quantized
+    again with it (llama.cpp's rules for some presets read whether there is one) and its budget read again."""
+    if target.preset is None:
+        return replace(target, imatrix=imatrix)
+    path = preset_file(target.base, target.preset, folder, imatrix)
+    return replace(target, imatrix=imatrix, preset_path=path, budget=preset_budget(path, target.names, modules))
+
+
 def write_files(target: GGUFTarget, plans: Mapping[str, Plan], folder: Path) -> dict[str, Path]:
     """Every plan as a GGUF in `folder` (label.gguf), with the base file as "reference" and the preset's."""
     files = {"reference": target.base}
     for label, plan in plans.items():
         files[label] = folder / f"{label}.gguf"
-        export(plan, target.base, target.base_type, target.names, files[label])
+        export(plan, target.base, target.base_type, target.names, files[label], target.imatrix)
     if target.preset is not None and target.preset_path is not None:
         files[target.preset] = target.preset_path
     return files
@@ -194,3 +207,24 @@ def measure(path: Path, text: Path, window: int, tokens: int) -> RuntimeMeasure:
     result = llamacpp.perplexity_gguf(path, text, context=window, chunks=max(1, tokens // window))
     return RuntimeMeasure(path.name, path.stat().st_size, result.ppl, result.stderr, result.context, result.chunks,
                           result.seconds)  # fmt: skip
+
+
+def measure_files(files: Mapping[str, Path], text: Path, window: int, tokens: int,
+                  folder: Path) -> dict[str, RuntimeMeasure]:  # fmt: skip
+    """llama-perplexity on every file, on chunks of `window` tokens over the same `tokens` tokens of text as
+    nsds's own windows (it scores the second half of each chunk): the "reference" file's perplexity, its
+    log-probabilities kept in `folder`, then every other file's KL divergence from them (and perplexity)."""
+    stage(f"llama-perplexity {files['reference'].name} (the reference's log-probabilities)")
+    logits = folder / "reference.kld"
+    base = llamacpp.kld_base(files["reference"], text, logits, context=window, chunks=max(1, tokens // window))
+    measured = {"reference": RuntimeMeasure(files["reference"].name, files["reference"].stat().st_size, base.ppl,
+                                            base.stderr, base.context, base.chunks, base.seconds)}  # fmt: skip
+    for label, path in files.items():
+        if label != "reference":
+            stage(f"llama-perplexity --kl-divergence {path.name}")
+            kld = llamacpp.kl_divergence(path, logits, context=window)
+            measured[label] = RuntimeMeasure(path.name, path.stat().st_size, kld.ppl, kld.ppl_stderr, kld.context,
+                                             base.chunks, kld.seconds, kld.mean, kld.mean_stderr, kld.p99,
+                                             kld.same_top)  # fmt: skip
+    logits.unlink(missing_ok=True)
+    return measured

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsds import ggml, llamacpp, runtime
+from nsds import ggml, importance, llamacpp, runtime
 from nsds.cli import main
 from nsds.config import RunConfig
 from nsds.errors import NsdsError
@@ -81,21 +81,25 @@ def exported(tmp_path_factory, smollm2_gguf):
         pytest.skip(f"GGUF backend test needs llama.cpp's build: {err}")
     out = tmp_path_factory.mktemp("gguf-run") / "out"
     argv = ["run", "smollm2", "--quantizer", "gguf", "--budget", "q4_k_m", "--widths", "3,4,6,8", "--tokens", "1024",
-            "--export", "--out", str(out)]  # fmt: skip
+            "--imatrix-tokens", "1024", "--export", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    preset = runtime.preset_file(smollm2, "Q4_K_M", out.parent)
+    preset = runtime.preset_file(smollm2, "Q4_K_M", out.parent, out / "imatrix.gguf")
     return smollm2, out, preset
 
 
 def test_the_export_holds_exactly_the_weights_nsds_evaluated(exported):
+    """Rounded by the importance matrix of the model's own text, exported beside the file."""
     source_path, out, _ = exported
     plan = Plan.load(out / "plan.json")
     quantizer = make_quantizer("gguf")
+    names = runtime.tensor_names(source_path, [m.name for m in plan.modules])
+    matrix = importance.read(out / "imatrix.gguf")
+    weights = matrix.for_modules(names, {m.name: m.in_features for m in plan.modules})
     with GGUFSource(source_path) as source, GGUFSource(out / "model.gguf") as written:
         for m in plan.modules:
             weight = source.tensor(f"{m.name}.weight")
-            assert torch.equal(quantizer.fake_quantize_as(weight, m.format), written.tensor(f"{m.name}.weight")), m.name
-    names = runtime.tensor_names(source_path, [m.name for m in plan.modules])
+            expected = quantizer.fake_quantize_as(weight, m.format, weights[m.name])
+            assert torch.equal(expected, written.tensor(f"{m.name}.weight")), m.name
     types = GGUFHeader(out / "model.gguf").tensors
     assert {m.name: types[names[m.name]].qtype.name for m in plan.modules} == plan.formats()
     lines = (out / "tensor-types.txt").read_text().splitlines()
@@ -126,8 +130,11 @@ def test_llama_perplexity_agrees_with_nsds_on_every_plan(exported):
     assert labels == ["reference", "nsds", "uniform", "Q4_K_M"]
     reference = result.evaluation("reference")
     assert reference.runtime is not None and reference.runtime.chunks == 1024 // result.protocol.window
+    assert reference.runtime.kld is None and result.config.imatrix == "self"
     for e in result.evaluations[1:]:
         assert e.runtime is not None and math.isfinite(e.runtime.ppl)
+        r = e.runtime
+        assert 0 < r.kld < r.kld_p99 and 0 < r.kld_stderr < r.kld and 0.5 < r.same_top < 1, e.label
         nsds_cost, llama_cost = e.ppl / reference.ppl, e.runtime.ppl / reference.runtime.ppl
         assert abs(math.log(llama_cost / nsds_cost)) < 0.1, e.label  # the same plan, two evaluators
     assert result.evaluation("Q4_K_M").runtime.file_bytes == preset.stat().st_size
