@@ -320,6 +320,82 @@ def allocators_section() -> list[str]:
     return parts
 
 
+CONTEST_ROWS = {"preset": "preset, no imatrix", "preset+brown": "preset + brown-tune imatrix",
+                "preset+self": "preset + self imatrix", "nsds": "nsds (no data)"}  # fmt: skip
+
+
+def _contest() -> dict | None:
+    path = DOCS / "results" / "imatrix-contest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _kld_cells(rows: dict[str, dict], digits: int = 4) -> list[str]:
+    """Mean KLD per row, the lowest in bold."""
+    lowest = min(r["kld"] for r in rows.values())
+    return [f"**{r['kld']:.{digits}f}**" if r["kld"] == lowest else f"{r['kld']:.{digits}f}" for r in rows.values()]
+
+
+def contest_section() -> list[str]:
+    """The importance-matrix contest (benchmarks/imatrix_contest.py): per model and held-out text, one table."""
+    saved = _contest()
+    if saved is None:
+        return []
+    settings = saved["settings"]
+    parts = [
+        "## At every preset's size, judged by KL divergence: nsds against the files users download",
+        "",
+        f"`python benchmarks/imatrix_contest.py` (docs/results/imatrix-contest.json): llama-perplexity "
+        f"`--kl-divergence` from the source GGUF on {settings['chunks']} chunks of {settings['context']} tokens of "
+        "each held-out text (it scores the second half of each chunk), for llama.cpp's preset without an "
+        f"importance matrix, with one from real text (llama-imatrix on {settings['calibration_chunks']} chunks of "
+        f"brown-tune), with nsds's matrix of the model's own text ({settings['self_tokens']} tokens, no data), and "
+        "nsds's default GGUF job (no data) at the preset's file size or below. Mean KLD (nats per token), "
+        "bold: the lowest per row; the last columns: nsds's KLD relative to the calibrated preset's, and the "
+        "preset's and nsds's 99th percentile and same-top-token rate.",
+        "",
+    ]
+    cells = saved["cells"]
+    for model in dict.fromkeys(c["model"] for c in cells):
+        for text in dict.fromkeys(c["text"] for c in cells if c["model"] == model):
+            parts += [
+                f"### {model}, `{text}`",
+                "",
+                "| preset | MB | " + " | ".join(CONTEST_ROWS.values())
+                + " | nsds vs preset + brown | 99% KLD: preset + brown / nsds | same top: preset + brown / nsds "
+                "| PPL: preset + brown / nsds |",
+                "|---|---|" + "---|" * (len(CONTEST_ROWS) + 4),
+            ]  # fmt: skip
+            for c in cells:
+                if c["model"] != model or c["text"] != text:
+                    continue
+                rows = {label: c["rows"][label] for label in CONTEST_ROWS}
+                brown, nsds = rows["preset+brown"], rows["nsds"]
+                change = f"{100 * (nsds['kld'] / brown['kld'] - 1):+.1f} %"
+                parts.append(
+                    f"| {c['preset']} | {brown['bytes'] / 1e6:.1f} | " + " | ".join(_kld_cells(rows)) + f" | {change} "
+                    f"| {brown['kld_p99']:.3f} / {nsds['kld_p99']:.3f} | {100 * brown['same_top']:.1f} / "
+                    f"{100 * nsds['same_top']:.1f} % | {brown['ppl']:.2f} / {nsds['ppl']:.2f} |"
+                )
+            parts.append("")
+    parts += [*(f"- {line}" for line in saved["summary"]), ""]
+    return parts
+
+
+def readme_kld_table() -> str:
+    """The README's table: per model x held-out text and preset, mean KLD of the four files."""
+    saved = _contest()
+    if saved is None:
+        return ""
+    lines = ["| model, text | preset | " + " | ".join(CONTEST_ROWS.values()) + " |",
+             "|---|---|" + "---|" * len(CONTEST_ROWS)]  # fmt: skip
+    names = {"smollm2": "SmolLM2", "gemma3-270m": "Gemma-3"}
+    for c in saved["cells"]:
+        rows = {label: c["rows"][label] for label in CONTEST_ROWS}
+        lines.append(f"| {names.get(c['model'], c['model'])}, {c['text']} | {c['preset']} | "
+                     + " | ".join(_kld_cells(rows)) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def module_oracle_section() -> list[str]:
     """Rank correlations with the module-level oracle (benchmarks/module_oracle.py outputs)."""
     parts = []
@@ -401,6 +477,7 @@ def page(runs: dict[str, CompareResult]) -> str:
     paper = {folder: result for folder, result in runs.items() if "gguf" not in result.quantizers}
     gguf = {folder: result for folder, result in runs.items() if "gguf" in result.quantizers}
     parts += ["## At a glance", "", *tally(paper), *gguf_glance(gguf), ""]
+    parts += contest_section()
     parts += allocators_section()
     parts += module_oracle_section()
     for folder, result in paper.items():
@@ -437,6 +514,7 @@ def main() -> int:
     write_bytes(DOCS / "RESULTS.md", page(runs).encode())
     print(f"wrote {DOCS / 'RESULTS.md'}")
     if args.readme_table:
+        print(readme_kld_table())
         print(readme_table(runs))
         print(readme_allocator_tables())
     return 0

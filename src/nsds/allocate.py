@@ -503,10 +503,11 @@ def _by_error(
     return _plan(modules, bits, reasons, setting, name, widths)
 
 
-def higgs(modules: Sequence[Module], errors: ErrorTable, setting: Setting) -> Plan:
+def higgs(modules: Sequence[Module], errors: ErrorTable, setting: Setting, measure: str = "relative") -> Plan:
     """The HIGGS-style program without data (llm-compressor's dynamic bitwidths, arXiv:2411.17525): minimise
-    the sum of the modules' relative weight errors, every coefficient 1, under the budget."""
-    return _by_error(modules, errors, setting, "relative", lambda m: 1.0, "higgs")
+    the sum of the modules' relative weight errors (or another `measure`), every coefficient 1, under the
+    budget."""
+    return _by_error(modules, errors, setting, measure, lambda m: 1.0, "higgs")
 
 
 def random_scores(layers: int, seed: int) -> list[float]:

@@ -213,24 +213,27 @@ def _run(args: argparse.Namespace) -> None:
     result = run(cfg)
     print(result.protocol.describe())
     runtime = any(e.runtime for e in result.evaluations)
-    extra = f" {'KLD':>8} {'99% KLD':>8} {'same top':>8} {'llama.cpp':>10} {'file MB':>8}" if runtime else ""
-    print(f"{'plan':<10} {'allocator':<16} {'bits':>6} {'storage':>8} {'PPL':>9}{extra} {'time':>7}")
+    extra = f" | {'KLD':>7} {'99% KLD':>7} {'top':>6} {'PPL':>8} {'file MB':>8}" if runtime else ""
+    print(f"{'plan':<10} {'allocator':<16} {'bits':>6} {'storage':>8} {'PPL':>9} {'KLD':>7} {'top':>6}{extra} "
+          f"{'time':>7}")  # fmt: skip
     for e in result.evaluations:
         bits = f"{'-':>6} {'-':>8}" if e.weight_bits is None else f"{e.weight_bits:>6.3f} {e.storage_bits:>8.3f}"
+        own = f"{'-':>7} {'-':>6}" if e.kld is None else f"{e.kld:>7.4f} {100 * e.same_top:>5.1f}%"
         extra = ""
         if e.runtime:
             r = e.runtime
-            divergence = (f"{'-':>8} {'-':>8} {'-':>8}" if r.kld is None else
-                          f"{r.kld:>8.4f} {r.kld_p99:>8.4f} {100 * r.same_top:>7.2f}%")  # fmt: skip
-            extra = f" {divergence} {r.ppl:>10.3f} {r.file_bytes / 1e6:>8.2f}"
-        print(f"{e.label:<10} {e.allocator or '-':<16} {bits} {e.ppl:>9.3f}{extra} {e.seconds:>6.1f}s")
+            divergence = f"{'-':>7} {'-':>7} {'-':>6}" if r.kld is None else \
+                f"{r.kld:>7.4f} {r.kld_p99:>7.4f} {100 * r.same_top:>5.1f}%"  # fmt: skip
+            extra = f" | {divergence} {r.ppl:>8.3f} {r.file_bytes / 1e6:>8.2f}"
+        print(f"{e.label:<10} {e.allocator or '-':<16} {bits} {e.ppl:>9.3f} {own}{extra} {e.seconds:>6.1f}s")
         for task, metrics in e.zero_shot.items():
             print(f"{'':<10} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print("KLD: the plan's KL divergence from the reference's next-token distribution (nats per token, mean), top: "
+          "how often its most likely token is the reference's")  # fmt: skip
     if runtime:
-        print("llama.cpp: llama-perplexity on each plan's GGUF file (chunks of the same text; it scores the second "
-              "half of each chunk, so compare ratios, not values, with nsds's PPL); KLD: its KL divergence from "
-              "the reference file's next-token distribution (nats per token, mean and 99th percentile), same top: "
-              "how often its most likely token is the reference's")  # fmt: skip
+        print("after |: llama.cpp's llama-perplexity on each plan's GGUF file, on chunks of the same text (it scores "
+              "the second half of each chunk, so compare ratios, not values, with nsds's), with the 99th percentile "
+              "of the KLD")  # fmt: skip
     print(f"wrote {args.out}/: {', '.join(output_names(cfg))}")
     if args.save:
         print(f"saved the HQQ model to {args.save}")

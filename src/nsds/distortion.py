@@ -10,7 +10,10 @@ Quantize each module with the plans' own quantizer at each width and measure wha
   modules fed by no norm (o, down);
 - fisher:   sum_i F_ii (W - Q_b(W))_i^2, with F the diagonal Fisher information per token on text the model
   wrote itself (nsds.fisher): twice the second-order estimate of what the module's quantization costs the
-  model's predictions, in nats per token.
+  model's predictions, in nats per token;
+- importance: ||(W - Q_b(W)) diag(sqrt(I))||_F^2 / ||W diag(sqrt(I))||_F^2, with I the importance matrix the
+  bank rounds by (the mean of x_j^2 over the model's own text, nsds.importance): the relative error of the
+  module's output on the model's own activations (their channels taken as uncorrelated). None without one.
 
 No data is read: only the weights, the norm gains, the quantizer and the model's own samples.
 """
@@ -33,7 +36,7 @@ from nsds.plan import Module
 from nsds.progress import note, progress, stage
 from nsds.quantize.bank import WeightBank
 
-SCHEMA = "nsds.errors/2"
+SCHEMA = "nsds.errors/3"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ModuleError:
     relative: tuple[float, ...]
     gained: tuple[float, ...]
     fisher: tuple[float, ...]
+    importance: tuple[float, ...] | None = None  # only where the bank rounds by an importance matrix
 
 
 @dataclass
@@ -56,16 +60,20 @@ class ErrorTable:
 
     def __post_init__(self) -> None:
         for name, e in self.modules.items():
-            if {len(e.relative), len(e.gained), len(e.fisher)} != {len(self.widths)}:
+            lengths = {len(e.relative), len(e.gained), len(e.fisher)} | ({len(e.importance)} if e.importance else set())
+            if lengths != {len(self.widths)}:
                 raise NsdsError(f"module '{name}' has errors at {len(e.relative)} widths, the table {len(self.widths)}")
 
     def of(self, name: str, width: int, measure: str) -> float:
-        """Module `name`'s error at `width` by `measure` (relative, gained or fisher)."""
+        """Module `name`'s error at `width` by `measure` (relative, gained, fisher or importance)."""
         if name not in self.modules:
             raise NsdsError(f"the error table has no module '{name}': it was measured on another model")
         if width not in self.widths:
             raise NsdsError(f"the error table has no width {width} (it holds {list(self.widths)})")
-        return getattr(self.modules[name], measure)[self.widths.index(width)]
+        values = getattr(self.modules[name], measure)
+        if values is None:
+            raise NsdsError(f"the error table has no {measure} error: it was measured without an importance matrix")
+        return values[self.widths.index(width)]
 
     def to_dict(self) -> dict[str, Any]:
         return plain(self)
@@ -102,19 +110,24 @@ def measure_errors(
 ) -> ErrorTable:
     """The error table of the bank's quantizer over `modules` at `widths` (each module quantized once per
     width; with the bank's `keep`, those variants serve the plans' evaluations afterwards), with the norm
-    gains (arch.input_gains) and the diagonal Fisher information (fisher.diagonal_fisher) of every module."""
+    gains (arch.input_gains) and the diagonal Fisher information (fisher.diagonal_fisher) of every module, and
+    the importance the bank rounds by, if any."""
     widths = tuple(sorted(set(widths)))
     table: dict[str, ModuleError] = {}
     for m in progress(modules, desc=f"measuring errors ({bank.quantizer.name})", unit="module"):
         weight = bank.linear(m.name)
-        relative, gained, weighted = [], [], []
+        scale = bank.importance[m.name].sqrt() if m.name in bank.importance else None
+        relative, gained, weighted, important = [], [], [], []
         for bits in widths:
             stored = bank.quantizer.storage(m.out_features, m.in_features, bits).format
             quantized = bank.linear(m.name, stored)
             relative.append(output_error(weight, quantized))
             gained.append(output_error(weight, quantized, gains.get(m.name)))
             weighted.append(fisher_error(weight, quantized, fisher[m.name]))
-        table[m.name] = ModuleError(tuple(relative), tuple(gained), tuple(weighted))
+            if scale is not None:
+                important.append(output_error(weight, quantized, scale))
+        table[m.name] = ModuleError(tuple(relative), tuple(gained), tuple(weighted),
+                                    tuple(important) if scale is not None else None)  # fmt: skip
     return ErrorTable(bank.quantizer.name, widths, table)
 
 

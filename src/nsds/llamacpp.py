@@ -921,17 +921,18 @@ def generate(model: Path, prompt: str, tokens: int, seed: int, sampling: tuple[s
 
 
 def make_imatrix(
-    model: Path, text: Path, target: Path, context: int, chunks: int, timeout: float | None = None
+    model: Path, text: Path, target: Path, context: int, chunks: int | None, timeout: float | None = None
 ) -> None:
     """llama-imatrix's importance matrix of `model` on `text` (`chunks` chunks of `context` tokens, at most what
-    the text holds) written to `target` in its GGUF format, atomically."""
+    the text holds; None: all of them) written to `target` in its GGUF format, atomically."""
     llama = tools()
     target.parent.mkdir(parents=True, exist_ok=True)
     temporaries: list[Path] = []
     try:
         out = _temporary_sibling(target, temporaries)
-        args = ["-m", model, "-f", text, "-o", out, "-c", str(context), "--chunks", str(chunks), "--no-ppl",
-                "--output-format", "gguf"]  # fmt: skip
+        args = ["-m", model, "-f", text, "-o", out, "-c", str(context), "--no-ppl", "--output-format", "gguf"]
+        if chunks is not None:
+            args += ["--chunks", str(chunks)]
         _run_streams(llama.imatrix, args, "llama-imatrix", timeout)
         if out.stat().st_size == 0:
             raise NsdsError(f"llama-imatrix reported success but wrote nothing to '{out}'")

@@ -29,12 +29,12 @@ from nsds.allocate import (
 )
 from nsds.compute import Compute
 from nsds.config import RunConfig
-from nsds.distortion import cached_errors
+from nsds.distortion import ErrorTable, cached_errors
 from nsds.errors import NsdsError
+from nsds.evaluate.divergence import ReferenceLogProbs
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.lmeval import zero_shot
-from nsds.evaluate.loading import load_for_evaluation
-from nsds.evaluate.perplexity import perplexity
+from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, copy_file, write_bytes
 from nsds.fisher import measure_fisher
@@ -48,6 +48,7 @@ from nsds.report import render
 from nsds.results import Evaluation, RunResult
 from nsds.runtime import GGUFTarget
 from nsds.scorers.nsds import score
+from nsds.scores import ScoreReport
 from nsds.weights import open_source, weights_identity
 
 OUTPUTS = ("plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png", "ppl.png")
@@ -193,12 +194,27 @@ def run(cfg: RunConfig) -> RunResult:
         return _run(cfg, Path(work))
 
 
-def _run(cfg: RunConfig, work: Path) -> RunResult:
-    started = time.perf_counter()
+@dataclass
+class Job:
+    """A run's loaded model and its evidence: what every plan of the run is made from and evaluated on."""
+
+    ready: Prepared
+    loaded: Loaded
+    scores: ScoreReport
+    modules: list[Module]
+    bank: WeightBank  # the loaded model's planned modules, rounded by the importance matrix if any
+    errors: ErrorTable | None
+    matrix: ImportanceMatrix | None
+    matrix_s: float  # seconds spent making (or reading) the importance matrix
+
+
+def prepare_run(cfg: RunConfig, work: Path) -> Job:
+    """Check the options, make the importance matrix (gguf), load the model once, score it and measure the
+    error table (when a plan reads it): everything but the plans."""
     ready = prepare(cfg, work)
-    matrix_started = time.perf_counter()
+    started = time.perf_counter()
     ready, matrix = with_importance(cfg, ready, work)
-    matrix_s = time.perf_counter() - matrix_started
+    matrix_s = time.perf_counter() - started
     loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
     model = loaded.model
     stage("scoring (NSDS)")
@@ -211,18 +227,35 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
         errors = cached_errors(bank, modules, cfg.widths, arch.input_gains(model, modules),
                                lambda: measure_fisher(model, loaded.tokenizer, modules),
                                weights_identity(scores.model), None if matrix is None else matrix.digest)  # fmt: skip
-    evidence = Evidence(scores=scores.scores, errors=errors)
+    return Job(ready, loaded, scores, modules, bank, errors, matrix, matrix_s)
+
+
+def plans_for_run(cfg: RunConfig, job: Job) -> dict[str, Plan]:
+    """The run's plans by label: nsds's, the baselines', and the preset's when the budget is one."""
+    ready, modules = job.ready, job.modules
+    evidence = Evidence(scores=job.scores.scores, errors=job.errors)
     plans = {label: plan_for(kind, modules, evidence, ready.setting) for label, kind in plan_labels(cfg).items()}
     target = ready.gguf
     if target is not None:
         plans = {label: replace(plan, embeddings=target.embeddings) for label, plan in plans.items()}
         if target.preset is not None:
-            plans[target.preset] = runtime.preset_plan(target, modules, ready.quantizer, scores.model["id"])
-    evaluations = [_evaluate(model, loaded.tokenizer, loaded.windows, "reference", None, cfg)]
+            plans[target.preset] = runtime.preset_plan(target, modules, ready.quantizer, job.scores.model["id"])
+    return plans
+
+
+def _run(cfg: RunConfig, work: Path) -> RunResult:
+    started = time.perf_counter()
+    job = prepare_run(cfg, work)
+    ready, loaded, scores, bank, errors, matrix = job.ready, job.loaded, job.scores, job.bank, job.errors, job.matrix
+    model, target = loaded.model, ready.gguf
+    plans = plans_for_run(cfg, job)
+    reference = ReferenceLogProbs(work)
+    evaluations = [_evaluate(model, loaded.tokenizer, loaded.windows, "reference", None, cfg, reference)]
     for label, plan in plans.items():
         bank.load_plan(plan)
-        evaluations.append(_evaluate(model, loaded.tokenizer, loaded.windows, label, plan, cfg))
+        evaluations.append(_evaluate(model, loaded.tokenizer, loaded.windows, label, plan, cfg, reference))
     bank.restore()
+    reference.close()
     files: dict[str, Path] = {}
     if target is not None:
         files = runtime.write_files(target, {k: v for k, v in plans.items() if k != target.preset}, work)
@@ -241,7 +274,7 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
         evaluations=evaluations,
         timing={
             "load_s": loaded.seconds,
-            "imatrix_s": matrix_s,
+            "imatrix_s": job.matrix_s,
             "score_s": scores.timing["total_s"],
             "total_s": time.perf_counter() - started,
         },
@@ -270,11 +303,21 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, windows: torch.Tensor, label: str, plan: Plan | None,
-              cfg: RunConfig) -> Evaluation:  # fmt: skip
+              cfg: RunConfig, reference: ReferenceLogProbs) -> Evaluation:  # fmt: skip
+    """The reference (plan None: its log-probabilities recorded) or a plan: perplexity, and the plan's KL
+    divergence from the reference on the same windows."""
     stage(f"evaluating {label}")
     start = time.perf_counter()
-    ppl = perplexity(model, windows, desc=f"perplexity ({label})")
+    desc = f"perplexity ({label})"
+    measured: dict[str, float] = {}
+    if plan is None:
+        ppl = reference.record(model, windows, desc)
+    else:
+        found = reference.compare(model, windows, desc)
+        ppl = found.ppl
+        measured = {"kld": found.kld, "kld_stderr": found.kld_stderr, "kld_p99": found.kld_p99,
+                    "same_top": found.same_top}  # fmt: skip
     tasks = zero_shot(model, tokenizer, list(cfg.tasks), cfg.task_limit) if cfg.tasks else {}
     bits = {} if plan is None else {"weight_bits": plan.weight_bits, "storage_bits": plan.storage_bits}
     allocator = plan.allocator if plan else None
-    return Evaluation(label, allocator, ppl, time.perf_counter() - start, tasks, **bits)
+    return Evaluation(label, allocator, ppl, time.perf_counter() - start, tasks, **bits, **measured)

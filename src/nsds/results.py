@@ -73,11 +73,19 @@ class Evaluation:
     weight_bits: float | None = None  # None for the reference
     storage_bits: float | None = None
     runtime: RuntimeMeasure | None = None  # with --quantizer gguf: the GGUF file, measured by llama.cpp
+    # KL divergence of the plan's next-token distribution from the reference's on the same windows, in process
+    # (nsds.evaluate.divergence): mean, its standard error, 99th percentile, same top token. None: the reference.
+    kld: float | None = None
+    kld_stderr: float | None = None
+    kld_p99: float | None = None
+    same_top: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         bits = {} if self.weight_bits is None else {"weight_bits": self.weight_bits, "storage_bits": self.storage_bits}
         runtime = {} if self.runtime is None else {"runtime": plain(self.runtime)}
-        return {"label": self.label, "allocator": self.allocator, **bits, "ppl": self.ppl,
+        divergence = {} if self.kld is None else {"kld": self.kld, "kld_stderr": self.kld_stderr,
+                                                  "kld_p99": self.kld_p99, "same_top": self.same_top}  # fmt: skip
+        return {"label": self.label, "allocator": self.allocator, **bits, "ppl": self.ppl, **divergence,
                 "zero_shot": self.zero_shot, "seconds": self.seconds, **runtime}  # fmt: skip
 
 

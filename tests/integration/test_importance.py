@@ -85,3 +85,28 @@ def test_quantizing_with_it_is_bit_identical_to_llama_quantize(own, smollm2_gguf
     assert kinds_written >= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "IQ4_NL"}
     # the importance changes the rounding of every type that reads it (Q8_0 does not; the source is Q4_1 already)
     assert changed == kinds_written - {"Q8_0", "Q4_1"}
+
+
+def test_a_matrix_made_for_another_model_is_refused_before_any_work(own, tmp_path, capsys):
+    """Gemma-3's tensor names are SmolLM2's, its rows are not: a one-line error, exit 2, nothing written."""
+    from nsds.cli import main
+
+    other = tmp_path / "other.imatrix.gguf"
+    writer = gguf.GGUFWriter(str(other), arch="imatrix")
+    writer.add_array("imatrix.datasets", ["other.txt"])
+    writer.add_uint32("imatrix.chunk_count", 1)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    for name in own.sums:
+        writer.add_tensor(f"{name}.in_sum2", np.ones((1, 640), dtype=np.float32))
+        writer.add_tensor(f"{name}.counts", np.ones((1, 1), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tmp_path / "out"
+    argv = ["run", "smollm2", "--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--imatrix", str(other),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "holds 640 values for blk.0." in error and "made for another model" in error
+    assert not out.exists()

@@ -426,6 +426,14 @@ def test_hub_text_without_datasets_fails_before_the_model():
         (["--quantizer", "gguf", "--budget", "2", "--widths", "3,4"], "budget 2.0 bits is outside what widths"),
         (["--quantizer", "gguf", "--budget", "4", "--widths", "3,7"], "does not support width(s) [7]"),
         (["--budget", "Q4 K"], "expected bits per weight or a llama.cpp preset, got 'Q4 K'"),
+        (["--budget", "3", "--imatrix", "self"], "--imatrix self: only llama.cpp's types round by an importance "
+         "matrix; use --quantizer gguf or leave --imatrix out"),
+        (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--imatrix", "missing.imatrix"],
+         "importance matrix 'missing.imatrix' does not exist"),
+        (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--imatrix", __file__],
+         "is not an importance matrix llama-quantize reads"),  # this test file
+        (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--imatrix-tokens", "1000"],
+         "the model's own text must be at least 1024 tokens (two sequences of 512), got 1000"),
     ],
 )  # fmt: skip
 def test_gguf_options_fail_before_any_work(tiny_llama_folder, tmp_path, capsys, options, message):
