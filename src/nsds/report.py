@@ -7,6 +7,7 @@ from pathlib import Path
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 from matplotlib.patches import Patch
 
+from nsds.config import RunConfig
 from nsds.evaluate.oracle import average_ranks
 from nsds.plan import Plan
 from nsds.results import CompareResult, Correlation, RunResult, SummaryRow, data_free_best, display_order, is_ablation
@@ -86,8 +87,15 @@ def _formats(plan: Plan) -> str:
     return ", ".join(f"{name} ({count} modules)" for name, count in sorted(counts.items()))
 
 
+def _kld_cells(kld: float | None, p99: float | None, same_top: float | None) -> str:
+    return " - | - | - |" if kld is None else f" {kld:.4f} | {p99:.4f} | {100 * same_top:.1f} % |"
+
+
 def _runtime_cells(e) -> str:
-    return "" if e.runtime is None else f" {e.runtime.ppl:.3f} | {e.runtime.file_bytes / 1e6:.2f} |"
+    if e.runtime is None:
+        return ""
+    r = e.runtime
+    return f"{_kld_cells(r.kld, r.kld_p99, r.same_top)} {r.ppl:.3f} | {r.file_bytes / 1e6:.2f} |"
 
 
 def _agreement(run: RunResult) -> str:
@@ -107,27 +115,40 @@ def _agreement(run: RunResult) -> str:
     )
 
 
+def _importance(config: RunConfig) -> str:
+    if config.imatrix in (None, "none"):
+        return ""
+    made = (f"made by llama-imatrix on {config.imatrix_tokens} tokens of text the model wrote itself (no data)"
+            if config.imatrix == "self" else f"'{config.imatrix}'")  # fmt: skip
+    return f"\n- Every file and every module is rounded by an importance matrix {made}."
+
+
 def render(run: RunResult, scores: ScoreReport, plan: Plan) -> tuple[str, dict[str, bytes]]:
     """report.md's text and its figures {file name: PNG bytes}."""
     config = run.config
     rows = "\n".join(
-        f"| {e.label} | {e.allocator or '-'} | {_bits(e)} | {e.ppl:.3f} |{_runtime_cells(e)} {e.seconds:.1f} s |"
+        f"| {e.label} | {e.allocator or '-'} | {_bits(e)} | {e.ppl:.3f} |{_kld_cells(e.kld, e.kld_p99, e.same_top)}"
+        f"{_runtime_cells(e)} {e.seconds:.1f} s |"
         for e in run.evaluations
     )
     measured = any(e.runtime for e in run.evaluations)
-    runtime_header = " llama.cpp PPL | file MB |" if measured else ""
+    runtime_header = " llama.cpp KLD | 99 % | same top | llama.cpp PPL | file MB |" if measured else ""
     high = [i for i, b in enumerate(plan.layer_bits()) if b == max(plan.widths)]
     text = f"""# nsds run: {run.model["id"]}
 
 - Quantizer: **{config.quantizer}**{_grid(config)}; budget **{_budget(config.budget)}** \
 ({config.budget_counts}) over widths {list(config.widths)}, allocator `{config.allocator}`; {plan.embeddings}.
-- nsds's plan stores its modules as {_formats(plan)}; storage bits count every scale and zero point.
+- nsds's plan stores its modules as {_formats(plan)}; storage bits count every scale and zero \
+point.{_importance(config)}
 - Perplexity protocol: {run.protocol.describe()}.
 - {run.reference_note}.
 
-| plan | allocator | weight bits | storage bits | PPL |{runtime_header} eval time |
-|---|---|---|---|---|{"---|---|" if measured else ""}---|
+| plan | allocator | weight bits | storage bits | PPL | KLD | 99 % KLD | same top |{runtime_header} eval time |
+|---|---|---|---|---|---|---|---|{"---|---|---|---|---|" if measured else ""}---|
 {rows}
+
+KLD: the KL divergence of the plan's next-token distribution from the reference's on the same windows (nats per
+token): its mean, 99th percentile, and how often the most likely next token is the reference's.
 {_agreement(run)}
 Layers entirely at {max(plan.widths)} bits in nsds's plan: {high}.
 
