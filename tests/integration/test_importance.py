@@ -7,6 +7,7 @@ About a minute on 2 cores."""
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from nsds import ggml, importance, llamacpp
 from nsds.errors import NsdsError
@@ -110,3 +111,27 @@ def test_a_matrix_made_for_another_model_is_refused_before_any_work(own, tmp_pat
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "holds 640 values for blk.0." in error and "made for another model" in error
     assert not out.exists()
+
+
+def test_the_error_table_weighs_each_module_by_its_importance(own, smollm2_gguf, smollm2_hf):
+    """The importance-weighted error of a module rounded by the matrix: ||(W - Q) diag(sqrt I)||^2 / ||W
+    diag(sqrt I)||^2, Q being the weights llama-quantize --imatrix writes."""
+    from nsds import arch, runtime
+    from nsds.distortion import measure_errors, output_error
+    from nsds.quantize import WeightBank, make_quantizer
+
+    modules = arch.linear_modules(smollm2_hf, fuse=True)[:7]  # the first layer
+    names = runtime.tensor_names(smollm2_gguf, [m.name for m in modules])
+    weights = own.for_modules(names, {m.name: m.in_features for m in modules})
+    quantizer = make_quantizer("gguf")
+    bank = WeightBank(smollm2_hf, [m.name for m in modules], quantizer, keep=False, importance=weights)
+    fisher = {m.name: torch.ones(m.out_features, m.in_features) for m in modules}
+    table = measure_errors(bank, modules, (2, 4), {}, fisher)
+    for m in modules:
+        w = smollm2_hf.get_submodule(m.name).weight.detach()
+        for bits in (2, 4):
+            q = quantizer.fake_quantize_as(w, quantizer.written_type(m.in_features, bits), weights[m.name])
+            expected = output_error(w, q, weights[m.name].sqrt())
+            assert table.of(m.name, bits, "importance") == pytest.approx(expected, rel=1e-9), m.name
+            assert table.of(m.name, bits, "relative") == pytest.approx(output_error(w, q), rel=1e-9), m.name
+        assert table.of(m.name, 2, "importance") > table.of(m.name, 4, "importance") > 0

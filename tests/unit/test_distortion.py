@@ -69,6 +69,8 @@ def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
     assert ErrorTable.load(tmp_path / "errors.json") == table
     with pytest.raises(NsdsError, match="no width 3"):
         table.of(modules[0].name, 3, "relative")
+    with pytest.raises(NsdsError, match="no importance error: it was measured without an importance matrix"):
+        table.of(modules[0].name, 2, "importance")
 
 
 def test_the_error_table_is_kept_in_the_nsds_cache_under_its_weights_quantizer_and_widths(tmp_path, monkeypatch):
