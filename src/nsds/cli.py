@@ -84,8 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--widths",
         type=_int_list,
-        default="2,4",
-        help="candidate widths, comma-separated (gguf: 2=Q2_K 3=Q3_K 4=Q4_K 5=Q5_K 6=Q6_K 8=Q8_0)",
+        help="candidate widths, comma-separated (default: 2,4; with gguf every type: 2=Q2_K 3=Q3_K 4=Q4_K 5=Q5_K "
+        "6=Q6_K 8=Q8_0)",
     )
     run.add_argument("--quantizer", default="rtn", help="rtn, hqq or gguf (llama.cpp's types and numerics)")
     run.add_argument("--group-size", type=int, help="weights per quantization group (rtn/hqq; default 128)")
@@ -234,7 +234,7 @@ def _run(args: argparse.Namespace) -> None:
         print("after |: llama.cpp's llama-perplexity on each plan's GGUF file, on chunks of the same text (it scores "
               "the second half of each chunk, so compare ratios, not values, with nsds's), with the 99th percentile "
               "of the KLD")  # fmt: skip
-    print(f"wrote {args.out}/: {', '.join(output_names(cfg))}")
+    print(f"wrote {args.out}/: {', '.join(output_names(result.config))}")
     if args.save:
         print(f"saved the HQQ model to {args.save}")
 

@@ -15,7 +15,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     gguf_file: str | None = None
     budget: float | str = 3.0  # bits per weight, or (quantizer gguf) a llama.cpp preset whose size to match
-    widths: tuple[int, ...] = (2, 4)
+    widths: tuple[int, ...] | None = None  # None: the quantizer's (rtn/hqq 2,4; gguf every type, 2,3,4,5,6,8)
     quantizer: str = "rtn"
     group_size: int | None = None  # None: the quantizer's default (128; GGUF types fix their own blocks)
     allocator: str = "auto"  # auto: nsds's default (error); results store the one used

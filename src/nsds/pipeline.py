@@ -42,7 +42,7 @@ from nsds.importance import ImportanceMatrix
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import stage
-from nsds.quantize import Quantizer, WeightBank, check_expert_formats, make_quantizer
+from nsds.quantize import QUANTIZERS, Quantizer, WeightBank, check_expert_formats, make_quantizer
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
 from nsds.results import Evaluation, RunResult
@@ -87,6 +87,14 @@ def output_names(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(n for n in names if not skipped.get(n))
 
 
+def with_default_widths(cfg: RunConfig) -> RunConfig:
+    """The config with its quantizer's candidate widths when none were given (an unknown quantizer is left to
+    prepare's one-line error)."""
+    if cfg.widths is not None or cfg.quantizer not in QUANTIZERS:
+        return cfg
+    return replace(cfg, widths=QUANTIZERS[cfg.quantizer].default_widths)
+
+
 def imatrix_choice(cfg: RunConfig) -> str:
     """--imatrix resolved: self (the model's own text), none, or a file; the default is the quantizer's (gguf
     rounds by the model's own importance matrix, the others take none)."""
@@ -112,6 +120,7 @@ class Prepared:
 def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
     """Check every option (one NsdsError naming the first bad one) and resolve `auto`s and a preset budget
     (its file is quantized into `work`, or a temporary folder)."""
+    cfg = with_default_widths(cfg)
     quantizer = make_quantizer(cfg.quantizer, cfg.group_size, cfg.symmetric)
     quantizer.check_widths(cfg.widths)
     preset = None
@@ -191,7 +200,7 @@ def run(cfg: RunConfig) -> RunResult:
     """Score, allocate, quantize and evaluate; write OUTPUTS into cfg.out (and the HQQ model into
     cfg.save, the GGUF into cfg.out with --export), only once everything has succeeded."""
     with tempfile.TemporaryDirectory(prefix="nsds-gguf-") as work:
-        return _run(cfg, Path(work))
+        return _run(with_default_widths(cfg), Path(work))
 
 
 @dataclass
@@ -210,7 +219,8 @@ class Job:
 
 def prepare_run(cfg: RunConfig, work: Path) -> Job:
     """Check the options, make the importance matrix (gguf), load the model once, score it and measure the
-    error table (when a plan reads it): everything but the plans."""
+    error table (when a plan reads it): everything but the plans. `cfg` must have its widths
+    (with_default_widths)."""
     ready = prepare(cfg, work)
     started = time.perf_counter()
     ready, matrix = with_importance(cfg, ready, work)

@@ -33,6 +33,7 @@ class Quantizer(ABC):
     budget_counts: ClassVar[tuple[str, ...]] = ("weights", "storage")  # what a budget may count; first: default
     default_group_size: ClassVar[int] = 128
     takes_importance: ClassVar[bool] = False  # whether it rounds by an importance matrix (llama.cpp's types)
+    default_widths: ClassVar[tuple[int, ...]] = (2, 4)  # the candidates when none are given (the paper's mix)
 
     def __init__(self, group_size: int | None = None, symmetric: bool = False) -> None:
         group_size = self.default_group_size if group_size is None else group_size

@@ -21,6 +21,7 @@ class GGUF(Quantizer):
     widths = frozenset(TYPES)
     budget_counts: ClassVar[tuple[str, ...]] = ("storage",)  # a type's bits include its block scales
     takes_importance: ClassVar[bool] = True
+    default_widths: ClassVar[tuple[int, ...]] = tuple(sorted(TYPES))  # every type: a preset mixes them all
 
     def __init__(self, group_size: int | None = None, symmetric: bool = False) -> None:
         if group_size is not None or symmetric:
