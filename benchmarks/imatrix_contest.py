@@ -113,7 +113,9 @@ def measure(model_id: str, texts: list[str], presets: list[str], rows: tuple[str
 
 
 def summary(cells: list[dict]) -> list[str]:
-    """How nsds's default does against the calibrated preset (the issue's bar) and the plain one."""
+    """How nsds's default does against the calibrated preset and the plain one, over the distinct cells (two
+    presets that are the same files on a model, as Q2_K and Q3_K_S on SmolLM2, count once)."""
+    cells = list({(c["model"], c["text"], json.dumps(c["rows"], sort_keys=True)): c for c in cells}.values())
     if not cells:
         return []
     relative = [c["rows"]["nsds"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in cells]
@@ -121,7 +123,7 @@ def summary(cells: list[dict]) -> list[str]:
     plain = sum(c["rows"]["nsds"]["kld"] < c["rows"]["preset"]["kld"] for c in cells)
     own = [c["rows"]["preset+self"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in cells]
     lines = [
-        f"nsds (no data) below the preset with a brown-tune imatrix in {wins} of {len(cells)} cells, mean KLD "
+        f"nsds (no data) below the preset with a brown-tune imatrix in {wins} of {len(cells)} distinct cells, mean KLD "
         f"{100 * sum(relative) / len(relative):+.1f} % ({100 * min(relative):+.1f} .. {100 * max(relative):+.1f} %)",
         f"nsds below the preset without an imatrix in {plain} of {len(cells)} cells",
         f"the preset with the self-made imatrix vs with brown-tune's: mean KLD {100 * sum(own) / len(own):+.1f} %",

@@ -382,18 +382,27 @@ def contest_section() -> list[str]:
 
 
 def readme_kld_table() -> str:
-    """The README's table: per model x held-out text and preset, mean KLD of the four files."""
+    """The README's table: one row per preset, one column per model x held-out text, each cell the mean KLD of
+    the preset without / with a brown-tune / with the self-made importance matrix, and of nsds's file; then
+    the contest's summary lines."""
     saved = _contest()
     if saved is None:
         return ""
-    lines = ["| model, text | preset | " + " | ".join(CONTEST_ROWS.values()) + " |",
-             "|---|---|" + "---|" * len(CONTEST_ROWS)]  # fmt: skip
     names = {"smollm2": "SmolLM2", "gemma3-270m": "Gemma-3"}
-    for c in saved["cells"]:
-        rows = {label: c["rows"][label] for label in CONTEST_ROWS}
-        lines.append(f"| {names.get(c['model'], c['model'])}, {c['text']} | {c['preset']} | "
-                     + " | ".join(_kld_cells(rows)) + " |")  # fmt: skip
-    return "\n".join(lines)
+    cells = saved["cells"]
+    columns = list(dict.fromkeys((c["model"], c["text"]) for c in cells))
+    by_key = {(c["model"], c["text"], c["preset"]): c for c in cells}
+    rows: dict[tuple[str, ...], list[str]] = {}  # a row's cells -> the presets that give them (same files)
+    for preset in dict.fromkeys(c["preset"] for c in cells):
+        shown = []
+        for model, text in columns:
+            cell = by_key.get((model, text, preset))
+            shown.append("-" if cell is None else " / ".join(_kld_cells({k: cell["rows"][k] for k in CONTEST_ROWS})))
+        rows.setdefault(tuple(shown), []).append(preset)
+    lines = ["| preset | " + " | ".join(f"{names.get(m, m)}, {t}" for m, t in columns) + " |",
+             "|---|" + "---|" * len(columns)]  # fmt: skip
+    lines += [f"| {' = '.join(presets)} | " + " | ".join(shown) + " |" for shown, presets in rows.items()]
+    return "\n".join([*lines, "", *(f"- {line}" for line in saved["summary"])])
 
 
 def module_oracle_section() -> list[str]:
