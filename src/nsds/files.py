@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,6 +52,24 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged(target: Path, tool: str) -> Iterator[Path]:
+    """A temporary sibling of `target` for an external `tool` to write: renamed onto `target` when the block
+    succeeds (an empty file is an NsdsError: the tool wrote nothing), removed whatever happens."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    path = Path(name)
+    try:
+        yield path
+        if not path.is_file() or path.stat().st_size == 0:
+            raise NsdsError(f"{tool} reported success but wrote nothing to '{path}'")
+        os.replace(path, target)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def copy_file(source: Path, target: Path) -> None:

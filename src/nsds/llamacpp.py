@@ -35,7 +35,7 @@ from typing import IO, Literal
 import gguf
 
 from nsds.errors import NsdsError, first_line
-from nsds.files import cache_dir, sha256_file, write_json
+from nsds.files import cache_dir, sha256_file, staged, write_json
 from nsds.gguf_header import GGUFHeader
 from nsds.progress import byte_bar, note
 
@@ -717,31 +717,20 @@ def quantize_gguf(
         raise NsdsError(f"threads must be at least 1, got {threads}")
     base, overrides = _check_types(llama.quantize, base_type, tensor_types or {}, source)
     types_file = target.with_suffix(TENSOR_TYPES_SUFFIX)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporaries: list[Path] = []
-    try:
-        out = _temporary_sibling(target, temporaries)
+    with staged(target, "llama-quantize") as out, contextlib.ExitStack() as record:
         args: list[str | Path] = ["--allow-requantize"] if allow_requantize else []
         if imatrix is not None:
             args += ["--imatrix", Path(imatrix).absolute()]
         if overrides:
-            staged_types = _temporary_sibling(types_file, temporaries)
+            staged_types = record.enter_context(staged(types_file, "nsds"))  # kept when the file is written
             staged_types.write_text(tensor_type_lines(overrides))
             args += ["--tensor-type-file", staged_types]
         args += [source, out, base]
         if threads is not None:
             args.append(str(threads))
         _run_streams(llama.quantize, args, "llama-quantize", timeout, explain=_quantize_failure)
-        if not out.is_file() or out.stat().st_size == 0:
-            raise NsdsError(f"llama-quantize reported success but wrote nothing to '{out}'")
-        if overrides:
-            os.replace(staged_types, types_file)
-        else:
+        if not overrides:
             types_file.unlink(missing_ok=True)  # a record from an earlier run would describe another file
-        os.replace(out, target)
-    finally:
-        for path in temporaries:
-            path.unlink(missing_ok=True)
 
 
 def _quantize_failure(result: subprocess.CompletedProcess) -> str | None:
@@ -753,13 +742,6 @@ def _quantize_failure(result: subprocess.CompletedProcess) -> str | None:
     if re.search(r"requantizing from type \S+ is disabled", reason):
         reason += " (pass allow_requantize=True)"
     return reason
-
-
-def _temporary_sibling(path: Path, temporaries: list[Path]) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    temporaries.append(Path(name))
-    return Path(name)
 
 
 def tensor_types_of(path: Path) -> dict[str, str]:
@@ -926,20 +908,11 @@ def make_imatrix(
     """llama-imatrix's importance matrix of `model` on `text` (`chunks` chunks of `context` tokens, at most what
     the text holds; None: all of them) written to `target` in its GGUF format, atomically."""
     llama = tools()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporaries: list[Path] = []
-    try:
-        out = _temporary_sibling(target, temporaries)
+    with staged(target, "llama-imatrix") as out:
         args = ["-m", model, "-f", text, "-o", out, "-c", str(context), "--no-ppl", "--output-format", "gguf"]
         if chunks is not None:
             args += ["--chunks", str(chunks)]
         _run_streams(llama.imatrix, args, "llama-imatrix", timeout)
-        if out.stat().st_size == 0:
-            raise NsdsError(f"llama-imatrix reported success but wrote nothing to '{out}'")
-        os.replace(out, target)
-    finally:
-        for path in temporaries:
-            path.unlink(missing_ok=True)
 
 
 # llama.cpp's logger is a thread that main() does not wait for (common/log.cpp leaks it on purpose), so on a
@@ -1036,10 +1009,7 @@ def convert_hf_to_gguf(folder: Path, target: Path, outtype: str = "f32", timeout
             f"llama.cpp's {CONVERT_SCRIPT} was not found: run `nsds assets fetch llama.cpp`, or put the script "
             f"beside the tools in {ENV_VAR}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporaries: list[Path] = []
-    try:
-        out = _temporary_sibling(target, temporaries)
+    with staged(target, "llama.cpp's converter") as out:
         command = [sys.executable, str(script), str(folder), "--outfile", str(out), "--outtype", kind]
         try:
             result = subprocess.run(
@@ -1052,12 +1022,6 @@ def convert_hf_to_gguf(folder: Path, target: Path, outtype: str = "f32", timeout
             raise NsdsError(f"cannot run llama.cpp's converter ('{script}'): {first_line(err)}") from None
         if result.returncode != 0:
             raise NsdsError(f"llama.cpp's converter failed on '{folder.name}': {_convert_failure(result)}")
-        if not out.is_file() or out.stat().st_size == 0:
-            raise NsdsError(f"llama.cpp's converter reported success but wrote nothing to '{out}'")
-        os.replace(out, target)
-    finally:
-        for path in temporaries:
-            path.unlink(missing_ok=True)
 
 
 def _convert_failure(result: subprocess.CompletedProcess) -> str:
