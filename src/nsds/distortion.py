@@ -154,11 +154,12 @@ def cached_errors(
     path = keyed_cache_path("errors", key)
     if path.is_file():
         try:
-            stored = read_document(path, SCHEMA, "cached error table", lambda data: data)
-            if stored.get("key") == json.loads(json.dumps(key)):
+            stored, table = read_document(path, SCHEMA, "cached error table",
+                                          lambda data: (data["key"], build(ErrorTable, data["table"])))  # fmt: skip
+            if stored == json.loads(json.dumps(key)):
                 stage(f"every module's error at every width ({bank.quantizer.name}): from the nsds cache")
-                return build(ErrorTable, stored["table"])
-        except (NsdsError, KeyError, TypeError) as err:  # a damaged cache is only lost work: measure again
+                return table
+        except NsdsError as err:  # a damaged cache (any part of it) is only lost work: measure again
             note(f"{first_line(err)}; measuring the error table again")
     fisher_of = fisher()
     stage(f"measuring every module's error at every width ({bank.quantizer.name})")

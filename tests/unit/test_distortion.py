@@ -1,6 +1,8 @@
 """Measured module errors: the formula by hand, the norm gains of each norm variant, and the table of a real
 (tiny) model against a direct computation (relative, gained and Fisher-weighted)."""
 
+import json
+
 import pytest
 import torch
 
@@ -98,3 +100,12 @@ def test_the_error_table_is_kept_in_the_nsds_cache_under_its_weights_quantizer_a
     for path in (tmp_path / "errors").iterdir():
         path.write_text("{ damaged")
     assert table((2, 4)) == first and len(calls) == 5  # a damaged entry is measured again
+    for path in (tmp_path / "errors").iterdir():  # valid JSON, right key, a value of the wrong type
+        if path.read_text().startswith("{ damaged"):
+            continue
+        entry = json.loads(path.read_text())
+        if entry["key"]["widths"] == [2, 4] and entry["key"]["weights"] == "digest-a":
+            name = next(iter(entry["table"]["modules"]))
+            entry["table"]["modules"][name]["relative"][0] = "four"
+            path.write_text(json.dumps(entry))
+    assert table((2, 4)) == first and len(calls) == 6  # measured again, no traceback
