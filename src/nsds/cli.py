@@ -2,7 +2,9 @@
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -324,7 +326,26 @@ def _assets(args: argparse.Namespace) -> None:
         print(f"{name:12s} {where}\n{'':12s} {assets.about(name)}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, systemd and CI send), raised where the program is, like an interrupt: every
+    temporary folder and partial file is cleaned up on the way out."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return _main(argv)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     if not sys.stderr.isatty():
         # No progress bars in logs, ours or the libraries' (transformers' GGUF loader uses plain tqdm).
         # tqdm reads this when it is imported, so it is set before any command imports it.
@@ -340,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except NsdsError as err:
         print(f"nsds: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("nsds: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("nsds: interrupted", file=sys.stderr)
         return 130

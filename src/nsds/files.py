@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -70,6 +70,35 @@ def staged(target: Path, tool: str) -> Iterator[Path]:
         os.replace(path, target)
     finally:
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A temporary sibling folder of `target` to write a command's outputs into (same filesystem, so they can
+    be renamed into place by `publish`); removed with whatever is left in it when the block ends."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.nsds-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(staged: Path, target: Path, stale: Iterable[str]) -> list[str]:
+    """Move every file of `staged` into `target` (the folder itself when `target` does not exist yet) and
+    remove the files named in `stale` that `target` still holds from an earlier run; the names removed."""
+    target = Path(target)
+    if not target.exists():
+        os.replace(staged, target)
+        return []
+    written = {path.name for path in staged.iterdir()}
+    for name in sorted(written):
+        os.replace(staged / name, target / name)
+    removed = [name for name in stale if name not in written and (target / name).is_file()]
+    for name in removed:
+        (target / name).unlink()
+    return removed
 
 
 def copy_file(source: Path, target: Path) -> None:

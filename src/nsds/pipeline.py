@@ -36,12 +36,12 @@ from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.lmeval import zero_shot
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.text import check_protocol, load_text
-from nsds.files import check_output_folder, copy_file, write_bytes
+from nsds.files import check_output_folder, copy_file, publish, staged_folder, write_bytes
 from nsds.fisher import measure_fisher
 from nsds.importance import ImportanceMatrix
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
-from nsds.progress import stage
+from nsds.progress import note, stage
 from nsds.quantize import QUANTIZERS, Quantizer, WeightBank, check_expert_formats, make_quantizer
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
@@ -56,6 +56,8 @@ EXPORTS = ("model.gguf", "tensor-types.txt", "imatrix.gguf")  # with --export (q
 # The plans a user would otherwise get, evaluated beside nsds's on the same windows, by allocate.plan_for's
 # labels ("paper": the NSDS paper's allocation of its layer scores).
 BASELINES = ("uniform", "llama.cpp", "higgs", "paper")
+# Every file a run may write into --out: one an earlier run left there that this run does not write is removed.
+ALL_OUTPUTS = (*OUTPUTS, *(f"plan-{label}.json" for label in BASELINES), *EXPORTS)
 
 
 def baseline_names(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -293,22 +295,28 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     if cfg.save is not None:
         stage(f"saving the HQQ model to {cfg.save}")
         save_hqq_model(model, plans["nsds"], cfg.save)
-    if cfg.export:
-        stage(f"writing {cfg.out / 'model.gguf'}")
-        copy_file(files["nsds"], cfg.out / "model.gguf")
-        copy_file(files["nsds"].with_suffix(TENSOR_TYPES_SUFFIX), cfg.out / "tensor-types.txt")
-        if matrix is not None:
-            copy_file(matrix.path, cfg.out / "imatrix.gguf")
-    for name, png in figures.items():
-        write_bytes(cfg.out / name, png)
-    plans["nsds"].save(cfg.out / "plan.json")
-    for label in baseline_names(cfg.baselines):
-        plans[label].save(cfg.out / f"plan-{label}.json")
-    scores.save(cfg.out / "scores.json")
-    if errors is not None:
-        errors.save(cfg.out / "errors.json")
-    result.save(cfg.out / "results.json")
-    write_bytes(cfg.out / "report.md", report.encode())
+    # every output is written into a sibling folder first and moved into --out once all are there, so an
+    # interrupted or failed run leaves no partial set (nor an empty --out)
+    with staged_folder(cfg.out) as out:
+        if cfg.export:
+            stage(f"writing {cfg.out / 'model.gguf'}")
+            copy_file(files["nsds"], out / "model.gguf")
+            copy_file(files["nsds"].with_suffix(TENSOR_TYPES_SUFFIX), out / "tensor-types.txt")
+            if matrix is not None:
+                copy_file(matrix.path, out / "imatrix.gguf")
+        for name, png in figures.items():
+            write_bytes(out / name, png)
+        plans["nsds"].save(out / "plan.json")
+        for label in baseline_names(cfg.baselines):
+            plans[label].save(out / f"plan-{label}.json")
+        scores.save(out / "scores.json")
+        if errors is not None:
+            errors.save(out / "errors.json")
+        result.save(out / "results.json")
+        write_bytes(out / "report.md", report.encode())
+        removed = publish(out, cfg.out, ALL_OUTPUTS)
+    if removed:
+        note(f"removed {', '.join(removed)} from {cfg.out}: an earlier run's outputs that this run does not write")
     return result
 
 

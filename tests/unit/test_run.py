@@ -2,8 +2,11 @@
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 
 import pytest
@@ -128,3 +131,54 @@ def test_run_bad_input_is_one_line_exit_2_and_no_output(tiny_run, tmp_path, extr
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "sig", "code", "message"),
+    [
+        ("score", signal.SIGTERM, 143, "nsds: terminated"),
+        ("cached_errors", signal.SIGINT, 130, "nsds: interrupted"),
+        ("publish", signal.SIGTERM, 143, "nsds: terminated"),  # every output written, none published yet
+        ("publish", signal.SIGINT, 130, "nsds: interrupted"),
+    ],
+)
+def test_an_interrupt_at_any_stage_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch, capsys, stage, sig, code,
+                                                         message):  # fmt: skip
+    """SIGTERM (what timeout, systemd and CI send) and SIGINT: one line, their own exit codes, no temporary
+    folder, no partial or empty --out."""
+    import nsds.pipeline as pipeline
+    from nsds.cli import main
+
+    folder, text = tiny_run
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    original = getattr(pipeline, stage)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), sig)  # delivered before the stage starts its work
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, stage, interrupted)
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["run", str(folder), "--budget", "2.5", "--group-size", "32", "--text", str(text), "--tokens", "200",
+            "--window", "32", "--out", str(work / "out"), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert list(temporary.iterdir()) == [] and list(work.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the default handler back
+
+
+def test_a_rerun_removes_the_outputs_of_an_earlier_run_it_does_not_write(tiny_run, tmp_path, capsys):
+    folder, text = tiny_run
+    out = tmp_path / "out"
+    common = dict(model=str(folder), budget=2.5, group_size=32, text=str(text), tokens=200, window=32, out=out,
+                  device="cpu")  # fmt: skip
+    run(RunConfig(**common, baselines=("uniform", "higgs")))
+    (out / "notes.txt").write_text("the user's own file")
+    run(RunConfig(**common, baselines=("uniform",)))
+    assert not (out / "plan-higgs.json").exists() and (out / "plan-uniform.json").is_file()
+    assert (out / "notes.txt").read_text() == "the user's own file"  # only nsds's own outputs are touched
+    assert "removed plan-higgs.json from" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
