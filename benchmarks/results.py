@@ -25,7 +25,6 @@ from nsds.config import CompareConfig
 from nsds.files import write_bytes
 from nsds.report import correlation_table, quantizer_section
 from nsds.results import CompareResult, SummaryRow, data_free_best
-from nsds.runtime import PRESETS
 from nsds.scorers.specs import GROUPS
 
 from allocators import summary as contest_summary
@@ -181,51 +180,6 @@ def gguf_glance(runs: dict[str, CompareResult]) -> list[str]:
             f"{100 * max(excess):+.1f} %; identical plans where every allocator reaches the same types)."
         )
     return lines
-
-
-def readme_table(runs: dict[str, CompareResult]) -> str:
-    """The README's contest table: per preset, llama-perplexity of the preset and of NSDS's file, both models."""
-    gguf = [result for result in runs.values() if "gguf" in result.quantizers]
-    header = "| preset | " + " | ".join(f"{r.model['id']}: preset / nsds / uniform / HIGGS" for r in gguf) + " |"
-    lines = [header, "|---|" + "---|" * len(gguf)]
-    by_model = [{r.rows("gguf", b)["llama.cpp preset"].budget_name: r.rows("gguf", b) for b in r.budgets("gguf")}
-                for r in gguf]  # fmt: skip
-    order = {name: i for i, name in enumerate(PRESETS)}
-    for preset in sorted({name for rows in by_model for name in rows}, key=lambda n: order[n.split(" = ")[0]]):
-        cells = []
-        for rows in by_model:
-            row = rows.get(preset)
-            if row is None:
-                cells.append("-")
-                continue
-            ppl = {label: _runtime(row, label) for label in ("llama.cpp preset", "error", "uniform", "higgs")}
-            cells.append(_ppl_cells(ppl, " / "))
-        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def readme_allocator_tables() -> str:
-    """The README's held-out tables at the longest length measured: per quantizer, one row per model x text, one
-    column per budget, each cell reference / error / uniform / llama.cpp / higgs / paper."""
-    saved = [json.loads(p.read_text()) for p in sorted((DOCS / "results").glob("allocators-*.json"))]
-    tokens = max(s["settings"]["tokens"] for s in saved)
-    longest = [s for s in saved if s["settings"]["tokens"] == tokens]
-    cells = [c | {"text": s["settings"]["text"]} for s in longest for c in s["cells"]]
-    names = {"smollm2": "SmolLM2", "gemma3-270m": "Gemma-3"}
-    parts = []
-    for q in dict.fromkeys(c["quantizer"] for c in cells):
-        mine = [c for c in cells if c["quantizer"] == q]
-        budgets = sorted({c["budget"] for c in mine})
-        unit = "storage bits" if mine[0].get("counts") == "storage" else "bits"
-        parts += [f"| {q.upper()}: model, text | " + " | ".join(f"{b:g} {unit}" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]  # fmt: skip
-        for model in dict.fromkeys(c["model"] for c in mine):
-            for text in dict.fromkeys(c["text"] for c in mine):
-                row = {c["budget"]: c for c in mine if c["model"] == model and c["text"] == text}
-                shown = [f"{row[b]['reference']:.1f} / " + _ppl_cells(row[b]["ppl"], " / ") for b in budgets]
-                parts.append(f"| {names.get(model, model)}, {text} | " + " | ".join(shown) + " |")
-        parts.append("")
-    return "\n".join(parts)
 
 
 def _runtime(rows: dict, label: str) -> float | None:
@@ -502,7 +456,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=GROUP_SIZE)
-    parser.add_argument("--readme-table", action="store_true", help="also print the README's GGUF and held-out tables")
+    parser.add_argument("--readme-table", action="store_true", help="also print the README's results table")
     args = parser.parse_args()
     runs = {}
     settings_by_suffix = {
@@ -524,8 +478,6 @@ def main() -> int:
     print(f"wrote {DOCS / 'RESULTS.md'}")
     if args.readme_table:
         print(readme_kld_table())
-        print(readme_table(runs))
-        print(readme_allocator_tables())
     return 0
 
 
