@@ -18,6 +18,8 @@ import pytest
 
 from nsds.files import cache_dir
 
+import needs
+
 REAL_CACHE: Path = cache_dir().resolve()
 TEST_CACHE: Path = Path(tempfile.mkdtemp(prefix="nsds-test-cache-")).resolve()
 ASSET_FOLDERS = ("models", "text", "tools")
@@ -46,7 +48,7 @@ def test_nsds_cache() -> Path:
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray with two CPUs for one test module (the --ray tests; they skip without Ray)."""
-    ray = pytest.importorskip("ray")
+    ray = needs.module("ray")
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()

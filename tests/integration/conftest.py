@@ -6,12 +6,14 @@ import torch
 from nsds import assets
 from nsds.errors import NsdsError
 
+from needs import missing
+
 
 def asset_or_skip(name: str):
     try:
         return assets.path(name)
     except NsdsError as err:
-        pytest.skip(f"real-model test needs an asset: {err}")
+        missing(f"real-model test needs an asset: {err}")
 
 
 def load_transformers(path):

@@ -27,6 +27,8 @@ from nsds.quantize.gguf import TYPES
 from nsds.results import RunResult
 from nsds.weights import GGUFSource
 
+from needs import missing
+
 pytestmark = pytest.mark.integration
 
 
@@ -35,7 +37,7 @@ def lib() -> ggml.Ggml:
     try:
         return ggml.library()
     except NsdsError as err:
-        pytest.skip(f"GGUF backend test needs llama.cpp's build: {err}")
+        missing(f"GGUF backend test needs llama.cpp's build: {err}")
 
 
 @pytest.mark.parametrize("kind", [*ggml.QUANTIZED, "F16"])
@@ -78,7 +80,7 @@ def exported(tmp_path_factory, smollm2_gguf):
     try:
         ggml.library()
     except NsdsError as err:
-        pytest.skip(f"GGUF backend test needs llama.cpp's build: {err}")
+        missing(f"GGUF backend test needs llama.cpp's build: {err}")
     out = tmp_path_factory.mktemp("gguf-run") / "out"
     argv = ["run", "smollm2", "--quantizer", "gguf", "--budget", "q4_k_m", "--widths", "3,4,6,8", "--tokens", "1024",
             "--imatrix-tokens", "1024", "--export", "--out", str(out)]  # fmt: skip

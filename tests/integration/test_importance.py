@@ -13,6 +13,8 @@ from nsds import ggml, importance, llamacpp
 from nsds.errors import NsdsError
 from nsds.gguf_header import GGUFHeader
 
+from needs import missing
+
 pytestmark = pytest.mark.integration
 TOKENS = 1024  # two chunks: the least llama-imatrix takes
 
@@ -22,7 +24,7 @@ def own(smollm2_gguf) -> importance.ImportanceMatrix:
     try:
         ggml.library()
     except NsdsError as err:
-        pytest.skip(f"importance test needs llama.cpp's build: {err}")
+        missing(f"importance test needs llama.cpp's build: {err}")
     return importance.self_made(smollm2_gguf, TOKENS)
 
 

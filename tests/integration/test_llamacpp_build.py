@@ -11,6 +11,8 @@ import pytest
 from nsds import llamacpp
 from nsds.errors import NsdsError
 
+from needs import missing
+
 pytestmark = pytest.mark.integration
 
 
@@ -19,7 +21,7 @@ def llama() -> llamacpp.LlamaCpp:
     try:
         return llamacpp.tools()
     except NsdsError as err:
-        pytest.skip(f"llama.cpp test needs the built tools: {err}")
+        missing(f"llama.cpp test needs the built tools: {err}")
 
 
 def test_built_tools_are_complete(llama):

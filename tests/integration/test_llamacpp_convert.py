@@ -28,6 +28,7 @@ from nsds.plan import Plan
 from nsds.results import RunResult
 from nsds.weights import GGUFSource, SafetensorsSource
 
+from needs import missing
 from tiny_models import save_tiny_tokenizer, tiny_model
 
 pytestmark = pytest.mark.integration
@@ -45,9 +46,9 @@ def script() -> Path:
     try:
         found = llamacpp.tools()
     except NsdsError as err:
-        pytest.skip(f"GGUF conversion test needs llama.cpp's tools: {err}")
+        missing(f"GGUF conversion test needs llama.cpp's tools: {err}")
     if found.convert_script is None:
-        pytest.skip(f"GGUF conversion test needs {llamacpp.CONVERT_SCRIPT} beside llama.cpp's tools ({found.source})")
+        missing(f"GGUF conversion test needs {llamacpp.CONVERT_SCRIPT} beside llama.cpp's tools ({found.source})")
     return found.convert_script
 
 

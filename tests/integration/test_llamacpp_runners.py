@@ -13,6 +13,8 @@ import pytest
 from nsds import assets, llamacpp
 from nsds.errors import NsdsError
 
+from needs import missing
+
 pytestmark = pytest.mark.integration
 
 # Overrides on SmolLM2-135M (d=576, ffn=1536). llama.cpp checks a type's block size against a tensor's row
@@ -29,14 +31,14 @@ def llama() -> llamacpp.LlamaCpp:
     try:
         return llamacpp.tools()
     except NsdsError as err:
-        pytest.skip(f"llama.cpp runner test needs the built tools: {err}")
+        missing(f"llama.cpp runner test needs the built tools: {err}")
 
 
 def asset(name: str):
     try:
         return assets.path(name)
     except NsdsError as err:
-        pytest.skip(f"llama.cpp runner test needs an asset: {err}")
+        missing(f"llama.cpp runner test needs an asset: {err}")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ from nsds.compute import Compute
 from nsds.scorers.nsds import NsdsParams, score
 from nsds.weights import open_source
 
+import needs
+
 pytestmark = pytest.mark.integration
-pytest.importorskip("ray")
+needs.module("ray")
 
 
 @pytest.mark.parametrize("asset", ["smollm2_gguf", "gemma3_gguf"])

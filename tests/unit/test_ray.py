@@ -14,9 +14,10 @@ from nsds.errors import NsdsError
 from nsds.scorers.nsds import NsdsParams, score
 from nsds.weights import open_source
 
+import needs
 from tiny_models import save_tiny_tokenizer, tiny_model, write_gguf
 
-pytest.importorskip("ray")
+needs.module("ray")
 
 
 def same_report(got, expected) -> None:
