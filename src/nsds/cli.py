@@ -177,6 +177,20 @@ def _ray_options(command: argparse.ArgumentParser, what: str) -> None:
                          "else one per CPU)")  # fmt: skip
 
 
+def _check_ray(args: argparse.Namespace) -> None:
+    """--ray and --ray-workers, before any work: a positive worker count, only with --ray, and Ray installed."""
+    if args.ray_workers is not None:
+        if args.ray is None:
+            raise NsdsError(f"--ray-workers {args.ray_workers} needs --ray: without it nothing runs on Ray")
+        if args.ray_workers < 1:
+            raise NsdsError(f"--ray-workers must be at least 1, got {args.ray_workers}")
+    if args.ray is not None:
+        try:
+            import ray  # noqa: F401 - only whether it is installed
+        except ImportError:
+            raise NsdsError("--ray needs Ray: pip install 'nsds[ray]'") from None
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -244,6 +258,7 @@ def _run(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from nsds.compare import compare
 
+    _check_ray(args)
     groups = args.budgets if isinstance(args.budgets, list) else [args.budgets]  # the default is one group
     budgets = tuple(b for group in groups for b in group)
     result = compare(_config(CompareConfig, args, fuse=not args.no_fuse, budgets=budgets), args.ray, args.ray_workers)
@@ -266,6 +281,7 @@ def _score(args: argparse.Namespace) -> None:
     from nsds.scorers.nsds import NsdsParams, score
     from nsds.weights import open_source
 
+    _check_ray(args)
     params = NsdsParams(
         mad_constant=args.mad_constant, temperature=args.temperature, energy=args.energy, soft_or=args.soft_or
     )

@@ -100,7 +100,7 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 class Ggml:
     """ggml's quantize and dequantize for one shared library."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fix: str = "rebuild with `nsds assets fetch llama.cpp`") -> None:
         try:
             lib = ctypes.CDLL(str(path))
             lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
@@ -110,9 +110,7 @@ class Ggml:
                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
             lib.ggml_quantize_init.argtypes = [ctypes.c_int]
         except (OSError, AttributeError) as err:
-            raise NsdsError(
-                f"cannot load ggml's quantizers from '{path}': {err}; rebuild with `nsds assets fetch llama.cpp`"
-            ) from None
+            raise NsdsError(f"cannot load ggml's quantizers from '{path}': {err}; {fix}") from None
         self.lib, self.path = lib, path
         for name in (*QUANTIZED, "F16"):
             traits = self._traits(name)
@@ -178,8 +176,8 @@ def _threads() -> int:
 
 
 @functools.cache
-def _load(path: str) -> Ggml:
-    return Ggml(Path(path))
+def _load(path: str, fix: str) -> Ggml:
+    return Ggml(Path(path), fix)
 
 
 def library() -> Ggml:
@@ -190,4 +188,7 @@ def library() -> Ggml:
             f"the llama.cpp build in {ENV_VAR} has no shared ggml library ({' or '.join(GGML_LIBRARY_NAMES)}): "
             "build it with -DBUILD_SHARED_LIBS=ON, or unset it and run `nsds assets fetch llama.cpp`"
         )
-    return _load(str(found.ggml_library))
+    fix = "rebuild with `nsds assets fetch llama.cpp`"
+    if found.source == "env":
+        fix = f"check the shared build {ENV_VAR} points at, or unset it and run `nsds assets fetch llama.cpp`"
+    return _load(str(found.ggml_library), fix)

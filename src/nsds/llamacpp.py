@@ -134,7 +134,8 @@ def build_minutes(cores: int | None = None) -> int:
 
 
 def tools() -> LlamaCpp:
-    """llama.cpp's tools from NSDS_LLAMA_CPP or the cache, checked to run; a clear error when there are none."""
+    """llama.cpp's tools from NSDS_LLAMA_CPP or the cache, each checked to start; a clear error when there are
+    none or one does not run."""
     folder = os.environ.get(ENV_VAR)
     if folder:
         found = _from_env(Path(folder).expanduser())
@@ -145,7 +146,8 @@ def tools() -> LlamaCpp:
                 f"llama.cpp's tools are not built: run `nsds assets fetch llama.cpp` (about {build_minutes()} "
                 f"minutes) or set {ENV_VAR} to a folder with {TOOL_NAMES}"
             )
-    check_runs(found.quantize, "llama-quantize")
+    for binary in (found.quantize, found.perplexity, found.imatrix, found.completion):
+        check_runs(binary, binary.name)  # each starts: a broken one is refused before any work, not after
     return found
 
 

@@ -459,6 +459,10 @@ def _fake_llama_cpp(folder, library: bytes | None = None):
         (lambda folder: folder, "holds no llama-quantize, llama-perplexity, llama-imatrix and llama-completion"),
         (lambda folder: _fake_llama_cpp(folder), "has no shared ggml library (libggml-quants.so or libggml-base.so)"),
         (lambda folder: _fake_llama_cpp(folder, b"not an ELF file"), "cannot load ggml's quantizers from"),
+        (
+            lambda folder: _fake_llama_cpp(folder, b"not an ELF file"),
+            "check the shared build NSDS_LLAMA_CPP points at, or unset it and run `nsds assets fetch llama.cpp`",
+        ),  # not "rebuild": the user's own build is broken
     ],
 )
 def test_a_missing_or_broken_llama_cpp_is_one_line(tiny_llama_folder, tmp_path, monkeypatch, capsys, build, message):
@@ -468,5 +472,21 @@ def test_a_missing_or_broken_llama_cpp_is_one_line(tiny_llama_folder, tmp_path, 
     out = tmp_path / "out"
     line = one_line_error(["run", str(tiny_llama_folder), "--quantizer", "gguf", "--budget", "4.5", "--widths",
                            "4,6", "--out", str(out)], capsys)  # fmt: skip
+    assert message in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "message"),
+    [
+        ("score", ["--ray-workers", "-1"], "--ray-workers -1 needs --ray: without it nothing runs on Ray"),
+        ("compare", ["--ray-workers", "2"], "--ray-workers 2 needs --ray: without it nothing runs on Ray"),
+        ("compare", ["--ray", "--ray-workers", "0"], "--ray-workers must be at least 1, got 0"),
+    ],
+)
+def test_ray_options_are_checked_before_any_work(tiny_llama_folder, tmp_path, capsys, command, options, message):
+    out = tmp_path / "out"
+    target = ["-o", str(out)] if command == "score" else ["--out", str(out)]
+    line = one_line_error([command, str(tiny_llama_folder), *options, *target], capsys)
     assert message in line
     assert not out.exists()

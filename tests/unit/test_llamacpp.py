@@ -96,11 +96,13 @@ def test_missing_tools_say_how_to_get_them(no_env):
         assets.path("llama.cpp")
 
 
-def test_a_binary_that_is_not_a_program_is_one_line(monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", ["llama-quantize", "llama-perplexity", "llama-imatrix", "llama-completion"])
+def test_a_binary_that_is_not_a_program_is_one_line(monkeypatch, tmp_path, name):
+    """Every tool is checked before any work (a broken llama-perplexity used to be found after the model load)."""
     build = _own_build(tmp_path / "build")
-    (build / "bin" / "llama-quantize").write_bytes(b"\x7fELF garbage, not a program")
+    (build / "bin" / name).write_bytes(b"\x7fELF garbage, not a program")
     monkeypatch.setenv(llamacpp.ENV_VAR, str(build))
-    with pytest.raises(NsdsError, match=r"llama-quantize '.*' does not run: .*Exec format error") as err:
+    with pytest.raises(NsdsError, match=rf"{name} '.*' does not run: .*Exec format error") as err:
         llamacpp.tools()
     assert "\n" not in str(err.value)
 
