@@ -85,8 +85,13 @@ def check_setting(setting: Setting, modules: Sequence[Module] | None = None) -> 
     else:
         floor, ceiling = low, high if setting.budget_counts == "weights" else math.inf
     if not floor - 1e-9 <= setting.budget <= ceiling + 1e-9:
-        storage = setting.budget_counts == "storage"
-        reach = f"[{floor:.4g}, {ceiling:.4g}] bits{' with group overhead' if storage else ''}"
+        # shown inside the true range (the floor rounded up, the ceiling down): any budget shown in it is taken
+        lowest = math.ceil(floor * 1e4) / 1e4
+        if math.isinf(ceiling):
+            reach = f"at least {lowest:g} bits; the exact range depends on the model's shapes"
+        else:
+            storage = " with group overhead" if setting.budget_counts == "storage" else ""
+            reach = f"[{lowest:g}, {math.floor(ceiling * 1e4) / 1e4:g}] bits{storage}"
         raise NsdsError(f"budget {setting.budget} bits is outside what widths {list(widths)} can reach ({reach})")
     return widths
 

@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from nsds.allocate import (
     Setting,
     allocate,
     budgeted,
+    check_setting,
     fisher_cost,
     higgs,
     knapsack,
@@ -66,6 +69,20 @@ def test_topk_is_the_papers_rule():
 def test_budget_outside_widths_is_an_error(budget):
     with pytest.raises(NsdsError, match="outside what widths"):
         topk(layered(4), [0.5] * 4, setting(budget))
+
+
+def test_the_reach_a_refusal_shows_is_inside_the_true_one():
+    """A budget the message offers is accepted: the floor is shown rounded up, the ceiling down (a ceiling of
+    4.27096 is shown as 4.2709, not as 4.271, which it refuses); without shapes, no made-up upper bound."""
+    modules = layered(4, sizes=((64, 70),))  # a short last group: the reach has many digits
+    storage = setting(9.0, budget_counts="storage")
+    with pytest.raises(NsdsError) as err:
+        check_setting(storage, modules)
+    low, high = (float(x) for x in re.search(r"\[([0-9.]+), ([0-9.]+)\] bits", str(err.value)).groups())
+    for budget in (low, high):
+        check_setting(replace(storage, budget=budget), modules)  # accepted
+    with pytest.raises(NsdsError, match=r"\(at least 2 bits; the exact range depends on the model's shapes\)"):
+        check_setting(replace(storage, budget=1.0))
 
 
 def test_topk_needs_two_widths_and_matching_scores():

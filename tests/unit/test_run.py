@@ -182,3 +182,13 @@ def test_a_rerun_removes_the_outputs_of_an_earlier_run_it_does_not_write(tiny_ru
     assert (out / "notes.txt").read_text() == "the user's own file"  # only nsds's own outputs are touched
     assert "removed plan-higgs.json from" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left beside it
+
+
+def test_more_tokens_than_the_text_holds_is_said(tiny_run, tmp_path, capsys):
+    folder, text = tiny_run
+    result = run(RunConfig(model=str(folder), budget=2.5, group_size=32, text=str(text), tokens=100000, window=32,
+                           out=tmp_path / "out", device="cpu"))  # fmt: skip
+    windows, scored = result.protocol.windows, result.protocol.scored_tokens
+    assert scored < 100000
+    assert f"holds {windows} windows of 32 tokens: {scored} scored tokens, not the 100000 asked for" in \
+        capsys.readouterr().err  # fmt: skip

@@ -11,7 +11,7 @@ from nsds import arch
 from nsds.compute import Compute
 from nsds.errors import NsdsError, first_line
 from nsds.evaluate.text import Protocol, load_text, token_windows
-from nsds.progress import stage
+from nsds.progress import note, stage
 from nsds.weights import ModuleSource, open_source
 
 
@@ -65,6 +65,9 @@ def load_for_evaluation(model_id: str, gguf_file: str | None, text_name: str, wi
     start = time.perf_counter()
     tokenizer = load_tokenizer(path)
     windows, protocol = token_windows(tokenizer, text, text_name, window, tokens, max_positions=context)
+    if protocol.windows < max(1, tokens // (window - 1)):  # the text holds fewer windows than were asked for
+        note(f"text '{text_name}' holds {protocol.windows} windows of {window} tokens: {protocol.scored_tokens} "
+             f"scored tokens, not the {tokens} asked for")  # fmt: skip
     stage(f"loading {model_id} ({compute.device})")
     model = load_model(path, compute.device)
     seconds = time.perf_counter() - start
