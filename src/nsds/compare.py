@@ -41,7 +41,7 @@ from nsds.compute import Compute
 from nsds.config import CompareConfig
 from nsds.distortion import ErrorTable, cached_errors
 from nsds.documents import build, plain
-from nsds.errors import NsdsError
+from nsds.errors import NsdsError, first_line
 from nsds.evaluate.jobs import Evaluation, Evaluator, Here
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
@@ -51,7 +51,7 @@ from nsds.files import check_output_folder, read_document, write_bytes, write_js
 from nsds.fisher import measure_fisher
 from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
-from nsds.progress import progress, stage
+from nsds.progress import note, progress, stage
 from nsds.quantize import Quantizer, WeightBank, check_expert_formats, make_quantizer
 from nsds.report import RUNTIME_LABELS, compare_figures, compare_markdown
 from nsds.results import (
@@ -100,8 +100,9 @@ class _Cells:
         if path.exists():
             try:
                 saved = read_document(path, CELLS_SCHEMA, "compare cells", lambda data: build(_Store, data))
-            except NsdsError:
-                saved = None  # a damaged store is only lost work
+            except NsdsError as err:
+                note(f"{first_line(err)}: starting afresh, it will be overwritten")  # only lost work, but said
+                saved = None
             if saved is not None and saved.fingerprint == fingerprint:
                 self.data, self.resumed = saved, True
 
@@ -128,8 +129,9 @@ def _previous(path: Path, fingerprint: dict[str, Any], protocol: Protocol) -> Co
     and nsds version (the caller checks that its reference perplexity is reproduced); else None."""
     try:
         previous = CompareResult.load(path) if path.is_file() else None
-    except NsdsError:
-        return None  # unreadable or another schema: nothing to reuse
+    except NsdsError as err:
+        note(f"{first_line(err)}: nothing of it is reused, and it will be overwritten")
+        return None
     if previous is None:
         return None
     settings = _settings(previous.config, previous.model, previous.nsds_version)

@@ -187,8 +187,9 @@ def test_score_report_load_refuses_wrong_types(tiny_llama_folder, tmp_path):
         assert message in str(caught.value), caught.value
 
 
-def test_damaged_cells_store_starts_afresh(tiny, tmp_path, monkeypatch):
-    """A hand-edited cells.json with the right fingerprint but wrong types is lost work, not a crash."""
+def test_damaged_cells_store_starts_afresh(tiny, tmp_path, monkeypatch, capsys):
+    """A hand-edited cells.json with the right fingerprint but wrong types is lost work, not a crash, and said;
+    so is a damaged compare.json."""
     monkeypatch.setenv("NSDS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     config = CompareConfig(model=str(tiny[0]), budgets=(3.0,), quantizers=("rtn",), scorers=("zd",), seeds=0,
@@ -198,8 +199,14 @@ def test_damaged_cells_store_starts_afresh(tiny, tmp_path, monkeypatch):
     next(iter(cells["cells"].values()))["ppl"] = "low"
     (out / "cells.json").write_text(json.dumps(cells))
     (out / "compare.json").unlink()  # else it would lend its measurements (test_compare.py)
+    capsys.readouterr()
     again = compare(replace(config))
     assert again.counts.resumed is False and [c.ppl for c in again.cells] == [c.ppl for c in first.cells]
+    assert "cannot read compare cells file" in capsys.readouterr().err
+    (out / "cells.json").unlink()
+    (out / "compare.json").write_text("{ damaged")
+    compare(replace(config))
+    assert "cannot read compare results file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("memo", ["[1, 2]", '{"KEY": 42}', '{"KEY": "not-a-digest"}', "{broken"])
