@@ -412,13 +412,11 @@ def layer_roles(family: Family, geo: Geometry, fetch: Callable[[str], torch.Tens
     else:
         q, k, v = torch.split(get(family.qkv), [q_rows, kv_rows, kv_rows])
     experts = layer_experts(family, geo, fetch) if family.experts is not None else []
-    up = gate = down = None
-    if experts:
-        pass
-    elif family.gate_up is not None:
+    up = gate = down = None  # a MoE layer's MLP roles are its experts'
+    if not experts and family.gate_up is not None:
         gate, up = get(family.gate_up).chunk(2)
         down = get(family.down)
-    else:
+    elif not experts:
         gate = get(family.gate) if family.gate else None
         up, down = get(family.up), get(family.down)
     roles = LayerRoles(q=q, k=k, v=v, o=get(family.o), up=up, gate=gate, down=down, experts=experts,

@@ -10,7 +10,6 @@ larger than the preset's.
 """
 
 import hashlib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,12 +69,6 @@ def tensor_names(base: Path, modules: Iterable[str]) -> dict[str, str]:
     return {name: tensor for name, tensor in names.items() if tensor is not None}
 
 
-def file_formats(path: Path, names: Mapping[str, str]) -> dict[str, str]:
-    """Module name -> the ggml type its tensor has in the GGUF file at `path`."""
-    tensors = GGUFHeader(path).tensors
-    return {module: tensors[tensor].qtype.name for module, tensor in names.items()}
-
-
 def preset_file(base: Path, preset: str, folder: Path, imatrix: Path | None = None) -> Path:
     """llama.cpp's own preset of the base file, quantized by llama-quantize into `folder` (with the importance
     matrix file `imatrix`, when given)."""
@@ -122,21 +115,6 @@ def export(plan: Plan, base: Path, base_type: str, names: Mapping[str, str], tar
         target.unlink(missing_ok=True)
         raise NsdsError(f"llama-quantize did not write the plan's types: {'; '.join(wrong[:2])}")
     return overrides
-
-
-def predicted_bytes(template: Path, formats: Mapping[str, str]) -> int:
-    """The size of a file llama-quantize writes from the same base as `template` (a file it wrote with the
-    same base type), with the tensors in `formats` (GGUF name -> type) stored as those types instead: the
-    same header, then every tensor's data padded to the file's alignment."""
-    header = GGUFHeader(template)
-    size = header.data_start
-    for name, tensor in header.tensors.items():
-        nbytes = tensor.nbytes
-        if name in formats:
-            rows = math.prod(tensor.shape[:-1])
-            nbytes = ggml.tensor_bytes(formats[name], rows, tensor.shape[-1])
-        size += -(-nbytes // header.alignment) * header.alignment
-    return size
 
 
 @dataclass(frozen=True)

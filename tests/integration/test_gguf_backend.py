@@ -108,13 +108,27 @@ def test_the_export_holds_exactly_the_weights_nsds_evaluated(exported):
     assert len(lines) == len(plan.modules) and all(line.startswith("^blk\\.") for line in lines)
 
 
+def predicted_bytes(template, formats: dict[str, str]) -> int:
+    """The size of a file llama-quantize writes from the same base as `template` (a file it wrote with the
+    same base type), with the tensors in `formats` (GGUF name -> type) stored as those types instead: the
+    same header, then every tensor's data padded to the file's alignment."""
+    header = GGUFHeader(template)
+    size = header.data_start
+    for name, tensor in header.tensors.items():
+        nbytes = tensor.nbytes
+        if name in formats:
+            nbytes = ggml.tensor_bytes(formats[name], math.prod(tensor.shape[:-1]), tensor.shape[-1])
+        size += -(-nbytes // header.alignment) * header.alignment
+    return size
+
+
 def test_the_file_has_the_predicted_size_and_fits_the_preset(exported):
     source_path, out, preset = exported
     plan = Plan.load(out / "plan.json")
     names = runtime.tensor_names(source_path, [m.name for m in plan.modules])
     formats = {names[m.name]: m.format for m in plan.modules}
     size = (out / "model.gguf").stat().st_size
-    assert runtime.predicted_bytes(preset, formats) == size  # the preset's header and layout, the plan's types
+    assert predicted_bytes(preset, formats) == size  # the preset's header and layout, the plan's types
     preset_tensors = GGUFHeader(preset).tensors
     preset_bits = sum(8 * preset_tensors[names[m.name]].nbytes for m in plan.modules)
     assert plan.budget == pytest.approx(preset_bits / plan.params, rel=1e-12)  # the preset name resolved to its size
