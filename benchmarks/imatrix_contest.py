@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 if not sys.stderr.isatty():
@@ -74,10 +75,10 @@ def files_of(model_id: str, base: Path, preset: str, rows: tuple[str, ...], fold
 
 
 def measure(model_id: str, texts: list[str], presets: list[str], rows: tuple[str, ...], chunks: int,
-            saved: dict[tuple, dict]) -> list[dict]:  # fmt: skip
-    """Every cell (text x preset) of one model; rows not in `rows` kept from `saved`."""
+            saved: dict[tuple, dict]) -> Iterator[dict]:  # fmt: skip
+    """Every cell (text x preset) of one model, each as soon as it is measured; rows not in `rows` kept from
+    `saved`."""
     base = assets.path(model_id)
-    cells = []
     with tempfile.TemporaryDirectory(prefix="nsds-contest-") as tmp:
         work = Path(tmp)
         logits = {}
@@ -104,12 +105,11 @@ def measure(model_id: str, texts: list[str], presets: list[str], rows: tuple[str
                                         "bytes": files[label].stat().st_size}  # fmt: skip
                     else:
                         found[label] = kept[label]
-                cells.append({"model": model_id, "text": text, "preset": preset, "rows": found})
+                yield {"model": model_id, "text": text, "preset": preset, "rows": found}
                 shown = "  ".join(f"{k} {v['kld']:.4f}" for k, v in found.items())
                 print(f"{model_id:12s} {text:10s} {preset:7s} {shown}", flush=True)
             for path in folder.glob("*.gguf"):
                 path.unlink()
-    return cells
 
 
 def summary(cells: list[dict]) -> list[str]:
@@ -152,15 +152,17 @@ def main() -> None:
     saved = json.loads(args.out.read_text()) if args.out and args.out.exists() else {"settings": None, "cells": []}
     kept = {(c["model"], c["text"], c["preset"]): c for c in saved["cells"] if saved["settings"] == settings}
     rows = tuple(r for r in args.rows.split(",") if r)
-    found = []
-    for model_id in args.models.split(","):
-        found += measure(model_id, texts, presets, rows, args.chunks, kept)
+    found, lines = [], []
+    for cell in (
+        c for model_id in args.models.split(",") for c in measure(model_id, texts, presets, rows, args.chunks, kept)
+    ):
+        found.append(cell)
         fresh = {(c["model"], c["text"], c["preset"]) for c in found}
         cells = [c for key, c in kept.items() if key not in fresh] + found
         order = {p: i for i, p in enumerate(runtime.PRESETS)}
         cells.sort(key=lambda c: (c["model"] != "smollm2", c["model"], c["text"], order.get(c["preset"], 99)))
         lines = summary(cells)
-        if args.out:  # after every model: a long run keeps what it measured
+        if args.out:  # after every cell: a long run keeps what it measured
             write_json(args.out, {"schema": SCHEMA, "settings": settings, "cells": cells, "summary": lines})
     print("\n".join(lines))
     print(f"{time.perf_counter() - started:.0f} s")
