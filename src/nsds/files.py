@@ -61,6 +61,7 @@ def staged(target: Path, tool: str) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.fchmod(fd, 0o644)  # as atomic_write: a tool that truncates the file keeps mkstemp's 0600 otherwise
     os.close(fd)
     path = Path(name)
     try:
@@ -79,6 +80,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.nsds-"))
+    folder.chmod(0o755)  # mkdtemp makes 0700, and `publish` may rename this folder into place
     try:
         yield folder
     finally:
