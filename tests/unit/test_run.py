@@ -164,10 +164,11 @@ def test_an_interrupt_at_any_stage_leaves_nothing_behind(tiny_run, tmp_path, mon
     work.mkdir()
     argv = ["run", str(folder), "--budget", "2.5", "--group-size", "32", "--text", str(text), "--tokens", "200",
             "--window", "32", "--out", str(work / "out"), "--device", "cpu"]  # fmt: skip
+    before = signal.getsignal(signal.SIGTERM)  # the default, or one an earlier test's ray.init installed
     assert main(argv) == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
     assert list(temporary.iterdir()) == [] and list(work.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the default handler back
+    assert signal.getsignal(signal.SIGTERM) is before  # main() put the handler it found back
 
 
 def test_a_rerun_removes_the_outputs_of_an_earlier_run_it_does_not_write(tiny_run, tmp_path, capsys):
