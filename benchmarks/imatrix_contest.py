@@ -114,8 +114,10 @@ def measure(model_id: str, texts: list[str], presets: list[str], rows: tuple[str
 
 def summary(cells: list[dict]) -> list[str]:
     """How nsds's default does against the calibrated preset and the plain one, over the distinct cells (two
-    presets that are the same files on a model, as Q2_K and Q3_K_S on SmolLM2, count once)."""
-    cells = list({(c["model"], c["text"], json.dumps(c["rows"], sort_keys=True)): c for c in cells}.values())
+    presets whose files measure the same on a model, as Q2_K and Q3_K_S on SmolLM2, count once)."""
+    cells = list(
+        {(c["model"], c["text"], *(round(r["kld"], 6) for r in c["rows"].values())): c for c in cells}.values()
+    )
     if not cells:
         return []
     relative = [c["rows"]["nsds"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in cells]
