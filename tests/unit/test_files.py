@@ -1,13 +1,16 @@
 """Outputs reach their place whole and as ordinary files: a tool's output through `staged`, a command's
-folder through `staged_folder` and `publish` (readable by others, as any file a user makes)."""
+folder through `staged_folder` and `publish` (readable by others, as any file a user makes); a download is
+streamed, hashed, and refused whole when its checksum is not the pinned one."""
 
+import hashlib
+import io
 import stat
 from pathlib import Path
 
 import pytest
 
 from nsds.errors import NsdsError
-from nsds.files import publish, staged, staged_folder
+from nsds.files import atomic_write, check_digest, download, publish, staged, staged_folder
 
 
 def _mode(path: Path) -> int:
@@ -49,3 +52,20 @@ def test_publishing_into_an_earlier_folder_removes_its_stale_outputs(tmp_path: P
         (folder / "plan.json").write_text("{}")
         assert publish(folder, target, ["plan.json", "model.gguf"]) == ["model.gguf"]
     assert sorted(p.name for p in target.iterdir()) == ["mine.txt", "plan.json"]
+
+
+def test_a_download_is_hashed_and_a_wrong_one_leaves_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    source.write_bytes(b"not the pinned sdist")
+    buffer = io.BytesIO()
+    assert download(source.as_uri(), buffer, "downloading") == hashlib.sha256(b"not the pinned sdist").hexdigest()
+    assert buffer.getvalue() == b"not the pinned sdist"
+    target = tmp_path / "cache" / source.name
+    with pytest.raises(NsdsError, match=r"checksum mismatch for the sdist: got sha256 [0-9a-f]{64}, expected 00"):
+        atomic_write(target, lambda out: check_digest("the sdist", download(source.as_uri(), out, "d"), "00" * 32))
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_download_that_fails_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(NsdsError, match=r"cannot download file://.*missing\.tgz: "):
+        download((tmp_path / "missing.tgz").as_uri(), io.BytesIO(), "downloading")
