@@ -31,7 +31,7 @@ from pathlib import Path
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported, so before nsds/transformers are
 
-from nsds import assets, importance, llamacpp, runtime
+from nsds import assets, gguf_tools, importance, runtime
 from nsds.config import RunConfig
 from nsds.evaluate.text import load_text
 from nsds.files import cache_dir, sha256_file, write_bytes, write_json
@@ -53,7 +53,7 @@ def calibration_matrix(base: Path, model_id: str) -> Path:
         if not text.is_file():
             write_bytes(text, load_text("brown-tune").encode("utf-8"))
         print(f"{model_id}: importance matrix of brown-tune (llama-imatrix, {CALIBRATION_CHUNKS} chunks)", flush=True)
-        llamacpp.make_imatrix(base, text, target, CONTEXT, CALIBRATION_CHUNKS)
+        gguf_tools.make_imatrix(base, text, target, CONTEXT, CALIBRATION_CHUNKS)
     return target
 
 
@@ -65,7 +65,7 @@ def files_of(model_id: str, base: Path, preset: str, rows: tuple[str, ...], fold
     for label in ("preset", "preset+brown", "preset+self"):
         if label in rows:
             found[label] = folder / f"{label}.gguf"
-            llamacpp.quantize_gguf(base, found[label], preset, imatrix=matrices[label])
+            gguf_tools.quantize_gguf(base, found[label], preset, imatrix=matrices[label])
     if "nsds" in rows:
         out = folder / "nsds"
         run(RunConfig(model=model_id, quantizer="gguf", budget=preset, widths=WIDTHS, baselines=(), tokens=1024,
@@ -86,7 +86,7 @@ def measure(model_id: str, texts: list[str], presets: list[str], rows: tuple[str
             (work / text).mkdir()
             source = runtime.text_file(load_text(text), chunks * CONTEXT, work / text)
             logits[text] = work / f"{text}.kld"
-            base_ppl = llamacpp.kld_base(base, source, logits[text], CONTEXT, chunks).ppl
+            base_ppl = gguf_tools.kld_base(base, source, logits[text], CONTEXT, chunks).ppl
             print(f"{model_id} {text}: source GGUF PPL {base_ppl:.3f}", flush=True)
         for preset in presets:
             todo = tuple(r for r in ROWS if r in rows or any(r not in saved.get((model_id, t, preset), {}).get(
@@ -99,7 +99,7 @@ def measure(model_id: str, texts: list[str], presets: list[str], rows: tuple[str
                 found = {}
                 for label in ROWS:
                     if label in files:
-                        d = llamacpp.kl_divergence(files[label], logits[text], CONTEXT)
+                        d = gguf_tools.kl_divergence(files[label], logits[text], CONTEXT)
                         found[label] = {"kld": d.mean, "kld_stderr": d.mean_stderr, "kld_p99": d.p99,
                                         "same_top": d.same_top, "ppl": d.ppl,
                                         "bytes": files[label].stat().st_size}  # fmt: skip

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nsds import assets, importance, llamacpp, runtime
+from nsds import assets, gguf_tools, importance, runtime
 from nsds.evaluate.text import load_text
 
 CONTEXT = 512
@@ -38,13 +38,13 @@ def main() -> None:
         work = Path(tmp)
         text = runtime.text_file(load_text(args.text), args.chunks * CONTEXT, work)
         logits = work / "base.kld"
-        llamacpp.kld_base(base, text, logits, CONTEXT, args.chunks)
+        gguf_tools.kld_base(base, text, logits, CONTEXT, args.chunks)
         for preset in args.presets.split(","):
             row = []
             for matrix in [None, *matrices.values()]:
                 path = work / f"{preset}.gguf"
-                llamacpp.quantize_gguf(base, path, preset, imatrix=matrix)
-                found = llamacpp.kl_divergence(path, logits, CONTEXT)
+                gguf_tools.quantize_gguf(base, path, preset, imatrix=matrix)
+                found = gguf_tools.kl_divergence(path, logits, CONTEXT)
                 row.append(f"{found.mean:.4f} +/- {found.mean_stderr:.4f}")
             print(f"{preset:8s} " + " ".join(f"{cell:>16s}" for cell in row), flush=True)
     print(f"{time.perf_counter() - started:.0f} s")

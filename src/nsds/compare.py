@@ -49,7 +49,7 @@ from nsds.evaluate.protocol import Protocol
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, read_document, write_bytes, write_json
 from nsds.fisher import measure_fisher
-from nsds.llamacpp import TENSOR_TYPES_SUFFIX
+from nsds.gguf_tools import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import note, progress, stage
 from nsds.quantize import Quantizer, WeightBank, check_expert_formats, make_quantizer

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import torch
 
-from nsds import llamacpp
+from nsds import gguf_tools, llamacpp
 from nsds.errors import NsdsError, first_line
 from nsds.files import cache_dir, copy_file, sha256_file, write_bytes
 from nsds.gguf_header import GGUFHeader
@@ -177,10 +177,10 @@ def self_made(base: Path, tokens: int = DEFAULT_TOKENS) -> ImportanceMatrix:
     text = target.with_suffix("").with_suffix(".txt")
     stage(f"the model writes {sequences} x {LENGTH + SLACK} tokens of its own text (llama-completion)")
     prompt = start_prompt(GGUFHeader(base))
-    samples = [llamacpp.generate(base, prompt, LENGTH + SLACK, SEED + i, _SAMPLING) for i in range(sequences)]
+    samples = [gguf_tools.generate(base, prompt, LENGTH + SLACK, SEED + i, _SAMPLING) for i in range(sequences)]
     write_bytes(text, "\n".join(samples).encode("utf-8"))
     stage(f"importance matrix on that text (llama-imatrix, {sequences} chunks of {LENGTH})")
-    llamacpp.make_imatrix(base, text, target, LENGTH, sequences)
+    gguf_tools.make_imatrix(base, text, target, LENGTH, sequences)
     return read(target)
 
 

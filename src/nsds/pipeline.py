@@ -38,8 +38,8 @@ from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, copy_file, publish, staged_folder, write_bytes
 from nsds.fisher import measure_fisher
+from nsds.gguf_tools import TENSOR_TYPES_SUFFIX
 from nsds.importance import ImportanceMatrix
-from nsds.llamacpp import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import note, stage
 from nsds.quantize import QUANTIZERS, Quantizer, WeightBank, check_expert_formats, make_quantizer

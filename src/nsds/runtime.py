@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nsds import ggml, llamacpp
+from nsds import ggml, gguf_convert, gguf_tools
 from nsds.allocate import plan_of
 from nsds.errors import NsdsError
 from nsds.files import cache_dir, sha256_file
@@ -54,7 +54,7 @@ def base_gguf(source: WeightSource) -> Path:
 
     target = cache_dir() / "gguf" / f"{digest.hexdigest()[:16]}-{outtype}.gguf"
     if not target.is_file():
-        llamacpp.convert_hf_to_gguf(source.location, target, outtype)
+        gguf_convert.convert_hf_to_gguf(source.location, target, outtype)
     return target
 
 
@@ -73,7 +73,7 @@ def preset_file(base: Path, preset: str, folder: Path, imatrix: Path | None = No
     """llama.cpp's own preset of the base file, quantized by llama-quantize into `folder` (with the importance
     matrix file `imatrix`, when given)."""
     target = folder / f"{preset}.gguf"
-    llamacpp.quantize_gguf(base, target, preset, imatrix=imatrix)
+    gguf_tools.quantize_gguf(base, target, preset, imatrix=imatrix)
     return target
 
 
@@ -107,7 +107,7 @@ def export(plan: Plan, base: Path, base_type: str, names: Mapping[str, str], tar
     tensor-type file it read is kept beside it. Returns the overrides, after checking every planned tensor
     was written as planned."""
     overrides = {names[m.name]: m.format for m in plan.modules}
-    llamacpp.quantize_gguf(base, target, base_type, overrides, imatrix=imatrix)
+    gguf_tools.quantize_gguf(base, target, base_type, overrides, imatrix=imatrix)
     written = GGUFHeader(target).tensors
     wrong = [f"{t} is {written[t].qtype.name}, planned {kind}" for t, kind in overrides.items()
              if written[t].qtype.name != kind]  # fmt: skip
@@ -182,7 +182,7 @@ def measure(path: Path, text: Path, window: int, tokens: int) -> RuntimeMeasure:
     """llama-perplexity on the file: chunks of `window` tokens over the same `tokens` tokens of text as nsds's
     own windows (llama-perplexity scores the second half of each chunk)."""
     stage(f"llama-perplexity {path.name}")
-    result = llamacpp.perplexity_gguf(path, text, context=window, chunks=max(1, tokens // window))
+    result = gguf_tools.perplexity_gguf(path, text, context=window, chunks=max(1, tokens // window))
     return RuntimeMeasure(path.name, path.stat().st_size, result.ppl, result.stderr, result.context, result.chunks,
                           result.seconds)  # fmt: skip
 
@@ -194,13 +194,13 @@ def measure_files(files: Mapping[str, Path], text: Path, window: int, tokens: in
     log-probabilities kept in `folder`, then every other file's KL divergence from them (and perplexity)."""
     stage(f"llama-perplexity {files['reference'].name} (the reference's log-probabilities)")
     logits = folder / "reference.kld"
-    base = llamacpp.kld_base(files["reference"], text, logits, context=window, chunks=max(1, tokens // window))
+    base = gguf_tools.kld_base(files["reference"], text, logits, context=window, chunks=max(1, tokens // window))
     measured = {"reference": RuntimeMeasure(files["reference"].name, files["reference"].stat().st_size, base.ppl,
                                             base.stderr, base.context, base.chunks, base.seconds)}  # fmt: skip
     for label, path in files.items():
         if label != "reference":
             stage(f"llama-perplexity --kl-divergence {path.name}")
-            kld = llamacpp.kl_divergence(path, logits, context=window)
+            kld = gguf_tools.kl_divergence(path, logits, context=window)
             measured[label] = RuntimeMeasure(path.name, path.stat().st_size, kld.ppl, kld.ppl_stderr, kld.context,
                                              base.chunks, kld.seconds, kld.mean, kld.mean_stderr, kld.p99,
                                              kld.same_top)  # fmt: skip

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsds import ggml, importance, llamacpp, runtime
+from nsds import ggml, gguf_tools, importance, runtime
 from nsds.cli import main
 from nsds.config import RunConfig
 from nsds.errors import NsdsError
@@ -66,7 +66,7 @@ def test_written_types_are_what_llama_quantize_writes(lib, smollm2_gguf, tmp_pat
         if block < len(kinds)
     }
     target = tmp_path / "mixed.gguf"
-    llamacpp.quantize_gguf(smollm2_gguf, target, "Q8_0", overrides)
+    gguf_tools.quantize_gguf(smollm2_gguf, target, "Q8_0", overrides)
     written = GGUFHeader(target).tensors
     for name, kind in overrides.items():
         assert written[name].qtype.name == ggml.written_type(kind, written[name].shape[-1]), name

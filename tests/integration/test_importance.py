@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsds import ggml, importance, llamacpp
+from nsds import ggml, gguf_tools, importance, llamacpp
 from nsds.errors import NsdsError
 from nsds.gguf_header import GGUFHeader
 
@@ -44,8 +44,8 @@ def test_the_own_text_matrix_covers_every_planned_tensor(own, smollm2_gguf, monk
     def no_tools(*args, **kwargs):
         raise AssertionError("a cached matrix must not run llama.cpp again")
 
-    monkeypatch.setattr(llamacpp, "generate", no_tools)
-    monkeypatch.setattr(llamacpp, "make_imatrix", no_tools)
+    monkeypatch.setattr(gguf_tools, "generate", no_tools)
+    monkeypatch.setattr(gguf_tools, "make_imatrix", no_tools)
     assert importance.self_made(smollm2_gguf, TOKENS).path == own.path
 
 
@@ -53,7 +53,7 @@ def test_both_formats_of_llama_imatrix_read_the_same(own, smollm2_gguf, tmp_path
     """llama-imatrix's legacy .dat of the same text: the same weights (it stores mean x 1 call)."""
     text = own.path.with_suffix("").with_suffix(".txt")
     legacy = tmp_path / "own.dat"
-    result = llamacpp._run_streams(llamacpp.tools().imatrix, ["-m", smollm2_gguf, "-f", text, "-o", legacy, "-c",
+    result = llamacpp.run_streams(llamacpp.tools().imatrix, ["-m", smollm2_gguf, "-f", text, "-o", legacy, "-c",
                                    "512", "--chunks", "2", "--no-ppl", "--output-format", "dat"], "llama-imatrix",
                                    None)  # fmt: skip
     assert result.returncode == 0
@@ -73,7 +73,7 @@ def test_quantizing_with_it_is_bit_identical_to_llama_quantize(own, smollm2_gguf
                and len(t.shape) == 2]  # fmt: skip
     overrides = {name: kinds[i % len(kinds)] for i, name in enumerate(planned)}  # each type on ffn_down too
     target = tmp_path / "mixed.gguf"
-    llamacpp.quantize_gguf(smollm2_gguf, target, "Q8_0", overrides, imatrix=own.path)
+    gguf_tools.quantize_gguf(smollm2_gguf, target, "Q8_0", overrides, imatrix=own.path)
     written = GGUFHeader(target)
     kinds_written, changed = set(), set()
     for name in overrides:

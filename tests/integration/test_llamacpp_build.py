@@ -36,7 +36,8 @@ def test_built_tools_are_complete(llama):
 def test_requantize_smollm2_to_q8_0(llama, smollm2_gguf, tmp_path):
     out = tmp_path / "smollm2-q8_0.gguf"
     args = ["--allow-requantize", smollm2_gguf, out, "Q8_0", "2"]
-    output = llamacpp.run_tool(llama.quantize, args, "llama-quantize", timeout=120)
+    result = llamacpp.run_streams(llama.quantize, args, "llama-quantize", timeout=120)
+    output = result.stdout + result.stderr
     assert re.search(r"model size\s*=", output), output[-2000:]
 
     source = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}

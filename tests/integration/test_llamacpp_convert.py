@@ -1,4 +1,4 @@
-"""nsds.llamacpp.convert_hf_to_gguf: llama.cpp's own converter on a tiny random Llama, read back by nsds.
+"""nsds.gguf_convert.convert_hf_to_gguf: llama.cpp's own converter on a tiny random Llama, read back by nsds.
 
 Skipped, with the reason, when llama.cpp's tools (and the converter beside them) are not built. The pinned
 converter imports `sentencepiece` for every Llama folder, so the round trip is skipped without it (and the
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nsds import llamacpp
+from nsds import gguf_convert, gguf_tools, llamacpp
 from nsds.cli import main
 from nsds.errors import NsdsError
 from nsds.files import cache_dir
@@ -85,7 +85,7 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 def test_converter_imports_its_own_gguf_py(script, monkeypatch):
     monkeypatch.setenv("NO_LOCAL_GGUF", "1")  # would make the converter fall back to the venv's gguf
-    env = llamacpp.converter_env(script)
+    env = gguf_convert.converter_env(script)
     assert "NO_LOCAL_GGUF" not in env
     found = subprocess.run(
         [sys.executable, "-c", "import gguf; print(gguf.__file__)"], env=env, capture_output=True, text=True,
@@ -97,7 +97,7 @@ def test_converter_imports_its_own_gguf_py(script, monkeypatch):
 @NEEDS_SENTENCEPIECE
 def test_f32_conversion_streams_the_safetensors_tensors_exactly(script, tiny_llama, tmp_path):
     target = tmp_path / "out" / "tiny-f32.gguf"
-    llamacpp.convert_hf_to_gguf(tiny_llama, target, "F32", timeout=300)
+    gguf_convert.convert_hf_to_gguf(tiny_llama, target, "F32", timeout=300)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary left
     original = SafetensorsSource(tiny_llama)
     with GGUFSource(target) as converted:
@@ -109,8 +109,8 @@ def test_f32_conversion_streams_the_safetensors_tensors_exactly(script, tiny_lla
             got, want = converted.tensor(name), original.tensor(name)
             assert got.dtype == want.dtype == torch.float32, name
             assert torch.equal(got, want), name  # f32: exact, q/k un-permuted by nsds
-    types = llamacpp.tensor_types_of(target)
-    matrices = [name for name, shape, _ in llamacpp.gguf_tensor_infos(target) if len(shape) == 2]
+    types = gguf_tools.tensor_types_of(target)
+    matrices = [name for name, shape, _ in gguf_tools.gguf_tensor_infos(target) if len(shape) == 2]
     assert len(matrices) >= 2 + 4 * 7
     assert {types[name] for name in matrices} == {"F32"}
 
@@ -122,7 +122,7 @@ def test_unknown_byte_level_pre_tokenizer_is_one_line(script, tmp_path):
     save_tiny_tokenizer(folder, TEXT)
     target = tmp_path / "out" / "tiny.gguf"
     with pytest.raises(NsdsError) as err:
-        llamacpp.convert_hf_to_gguf(folder, target, timeout=300)
+        gguf_convert.convert_hf_to_gguf(folder, target, timeout=300)
     assert "pre-tokenizer was not recognized" in one_line(err) and "chkhsh" in one_line(err)
     assert list(target.parent.iterdir()) == []
 
@@ -133,7 +133,7 @@ def test_unsupported_architecture_is_one_line_and_leaves_no_target(script, tmp_p
     (folder / "config.json").write_text('{"architectures": ["NoSuchModelForCausalLM"]}')
     target = tmp_path / "out" / "x.gguf"
     with pytest.raises(NsdsError) as err:
-        llamacpp.convert_hf_to_gguf(folder, target, timeout=300)
+        gguf_convert.convert_hf_to_gguf(folder, target, timeout=300)
     assert "NoSuchModelForCausalLM is not supported" in one_line(err)
     assert list(target.parent.iterdir()) == []
 
@@ -142,7 +142,7 @@ def test_folder_without_config_fails_before_running(script, tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     target = tmp_path / "x.gguf"
     with pytest.raises(NsdsError, match=r"no config\.json") as err:
-        llamacpp.convert_hf_to_gguf(tmp_path, target)
+        gguf_convert.convert_hf_to_gguf(tmp_path, target)
     one_line(err)
     assert not target.exists()
 
@@ -150,7 +150,7 @@ def test_folder_without_config_fails_before_running(script, tmp_path):
 @pytest.mark.parametrize("outtype", ["q4_k_m", "auto", "tq1_0"])
 def test_unknown_outtype_is_refused_up_front(outtype, tmp_path):
     with pytest.raises(NsdsError, match="valid types are f32, f16, bf16, q8_0"):
-        llamacpp.convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf", outtype)
+        gguf_convert.convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf", outtype)
 
 
 @NEEDS_SENTENCEPIECE
@@ -168,7 +168,7 @@ def test_run_gguf_on_a_model_folder_converts_it_once_and_measures_every_plan(scr
     assert all(e.runtime is not None and e.runtime.chunks == 4 for e in result.evaluations)
     assert result.evaluation("reference").runtime.file.endswith("-f32.gguf")  # the converted base, in the cache
     plan = Plan.load(out / "plan.json")
-    written = llamacpp.tensor_types_of(out / "model.gguf")
+    written = gguf_tools.tensor_types_of(out / "model.gguf")
     with GGUFSource(out / "model.gguf") as exported:
         names = {m.name: exported.gguf_name(f"{m.name}.weight") for m in plan.modules}
     assert {m.name: written[names[m.name]] for m in plan.modules} == plan.formats()

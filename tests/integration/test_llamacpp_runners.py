@@ -10,7 +10,7 @@ import re
 import gguf
 import pytest
 
-from nsds import assets, llamacpp
+from nsds import assets, gguf_tools, llamacpp
 from nsds.errors import NsdsError
 
 from needs import missing
@@ -58,7 +58,7 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_preset_types_are_llama_quantizes_list(llama):
-    presets = llamacpp.preset_types()
+    presets = gguf_tools.presets_of(llama.quantize)
     for name in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"):
         assert name in presets
     for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "F16", "BF16", "F32"):
@@ -69,7 +69,7 @@ def test_preset_types_are_llama_quantizes_list(llama):
 
 def test_requantize_with_per_tensor_types(llama, smollm2, tmp_path):
     target = tmp_path / "out" / "smollm2-mix.gguf"
-    llamacpp.quantize_gguf(smollm2, target, "q8_0", tensor_types=OVERRIDES, threads=2, timeout=120)
+    gguf_tools.quantize_gguf(smollm2, target, "q8_0", tensor_types=OVERRIDES, threads=2, timeout=120)
 
     # the overrides file llama-quantize read, kept beside the target; nothing temporary left behind
     assert target.with_suffix(".tensor-types.txt").read_text() == (
@@ -77,8 +77,8 @@ def test_requantize_with_per_tensor_types(llama, smollm2, tmp_path):
     )
     assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-mix.gguf", "smollm2-mix.tensor-types.txt"]
 
-    source = llamacpp.tensor_types_of(smollm2)
-    result = llamacpp.tensor_types_of(target)
+    source = gguf_tools.tensor_types_of(smollm2)
+    result = gguf_tools.tensor_types_of(target)
     assert result == {t.name: t.tensor_type.name for t in gguf.GGUFReader(target).tensors}  # the slow reader agrees
     assert result.keys() == source.keys() and len(result) == 272
     for name, type_ in result.items():
@@ -96,19 +96,19 @@ def test_requantize_with_per_tensor_types(llama, smollm2, tmp_path):
 def test_unknown_types_are_one_line_and_write_nothing(llama, smollm2, tmp_path):
     target = tmp_path / "never.gguf"
     with pytest.raises(NsdsError) as err:
-        llamacpp.quantize_gguf(smollm2, target, "Q4_K_X")
+        gguf_tools.quantize_gguf(smollm2, target, "Q4_K_X")
     message = one_line(err)
     assert "'Q4_K_X'" in message and "Q4_K_M" in message and "Q8_0" in message
 
     with pytest.raises(NsdsError) as err:
-        llamacpp.quantize_gguf(smollm2, target, "Q8_0", tensor_types={"blk.0.ffn_down.weight": "q4_k_m"})
+        gguf_tools.quantize_gguf(smollm2, target, "Q8_0", tensor_types={"blk.0.ffn_down.weight": "q4_k_m"})
     message = one_line(err)
     assert "'q4_k_m'" in message and "Q6_K" in message and "Q4_K_M" not in message
 
     with pytest.raises(NsdsError, match=re.escape("no tensor named 'blk.99.ffn_down.weight'")):
-        llamacpp.quantize_gguf(smollm2, target, "Q8_0", tensor_types={"blk.99.ffn_down.weight": "q6_K"})
+        gguf_tools.quantize_gguf(smollm2, target, "Q8_0", tensor_types={"blk.99.ffn_down.weight": "q6_K"})
     with pytest.raises(NsdsError, match=re.escape("never quantizes 'blk.0.attn_norm.weight'")):
-        llamacpp.quantize_gguf(smollm2, target, "Q8_0", tensor_types={"blk.0.attn_norm.weight": "q8_0"})
+        gguf_tools.quantize_gguf(smollm2, target, "Q8_0", tensor_types={"blk.0.attn_norm.weight": "q8_0"})
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -117,7 +117,7 @@ def test_a_failed_quantization_keeps_the_old_target(llama, smollm2, tmp_path):
     target = tmp_path / "kept.gguf"
     target.write_bytes(b"an earlier result")
     with pytest.raises(NsdsError) as err:  # Q4_1 tensors, requantizing not allowed: llama-quantize fails
-        llamacpp.quantize_gguf(smollm2, target, "Q8_0", allow_requantize=False, threads=2)
+        gguf_tools.quantize_gguf(smollm2, target, "Q8_0", allow_requantize=False, threads=2)
     assert one_line(err) == (
         "llama-quantize failed: requantizing from type q4_1 is disabled (pass allow_requantize=True)"
     )
@@ -126,7 +126,7 @@ def test_a_failed_quantization_keeps_the_old_target(llama, smollm2, tmp_path):
 
 
 def test_perplexity_on_two_chunks_is_deterministic(llama, smollm2, brown):
-    runs = [llamacpp.perplexity_gguf(smollm2, brown, 128, chunks=2, threads=2, max_chars=4000) for _ in range(2)]
+    runs = [gguf_tools.perplexity_gguf(smollm2, brown, 128, chunks=2, threads=2, max_chars=4000) for _ in range(2)]
     first = runs[0]
     assert math.isfinite(first.ppl) and first.ppl > 1
     assert math.isfinite(first.stderr) and first.stderr > 0
@@ -137,7 +137,7 @@ def test_perplexity_on_two_chunks_is_deterministic(llama, smollm2, brown):
 
 def test_perplexity_on_too_little_text_says_so(llama, smollm2, brown):
     with pytest.raises(NsdsError) as err:  # 1000 characters: ~200 tokens, and 2 chunks of 128 need 256
-        llamacpp.perplexity_gguf(smollm2, brown, 128, chunks=2, threads=2, max_chars=1000)
+        gguf_tools.perplexity_gguf(smollm2, brown, 128, chunks=2, threads=2, max_chars=1000)
     message = one_line(err)
     assert re.search(r"tokenizes to only \d+ tokens", message) and "raise max_chars" in message
     assert not re.match(r"\d", message.split(": ", 1)[1])  # no log timestamp

@@ -1,7 +1,7 @@
 """llama.cpp's tools: the user's own binaries (NSDS_LLAMA_CPP), the cache stamp, safe extraction, errors.
 
 The "binaries" here are tiny shell scripts standing where a user's llama.cpp build would: tools() and
-run_tool() run them for real. Building the real tools is tests/integration/test_llamacpp_build.py's job.
+run_streams() run them for real. Building the real tools is tests/integration/test_llamacpp_build.py's job.
 """
 
 import io
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsds import assets, llamacpp
+from nsds import assets, gguf_tools, llamacpp
 from nsds.errors import NsdsError
 
 QUANTIZE = """#!/bin/sh
@@ -65,8 +65,8 @@ def test_own_binaries_from_a_build_folder(monkeypatch, tmp_path):
         version="4242 (abc1234)",
         ggml_library=build / "bin" / "libggml-base.so",
     )
-    output = llamacpp.run_tool(found.perplexity, ["-m", "x.gguf"], "llama-perplexity")
-    assert "Final estimate: PPL = 12.3456" in output
+    result = llamacpp.run_streams(found.perplexity, ["-m", "x.gguf"], "llama-perplexity")
+    assert "Final estimate: PPL = 12.3456" in result.stdout + result.stderr
 
 
 def test_own_binaries_from_the_bin_folder_itself(monkeypatch, tmp_path):
@@ -119,16 +119,16 @@ def test_a_binary_missing_its_libraries_names_them(monkeypatch, tmp_path):
         llamacpp.tools()
 
 
-def test_run_tool_failure_is_the_last_error_line(tmp_path):
+def test_a_failing_tool_is_its_last_error_line(tmp_path):
     tool = _script(
         tmp_path / "tool",
         "#!/bin/sh\necho 'loading ...' >&2\necho 'llama_model_load: error loading model: bad magic' >&2\n"
         "echo 'main: unable to load model' >&2\necho '.....' >&2\nexit 3\n",
     )
     with pytest.raises(NsdsError, match=r"^llama-perplexity failed: main: unable to load model \(exit status 3\)$"):
-        llamacpp.run_tool(tool, ["-m", "x"], "llama-perplexity")
+        llamacpp.run_streams(tool, ["-m", "x"], "llama-perplexity")
     with pytest.raises(NsdsError, match="cannot run llama-quantize"):
-        llamacpp.run_tool(tmp_path / "missing", [], "llama-quantize")
+        llamacpp.run_streams(tmp_path / "missing", [], "llama-quantize")
 
 
 def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
@@ -296,7 +296,7 @@ def test_a_perplexity_run_whose_log_was_cut_short_is_repeated(tmp_path, monkeypa
     """llama.cpp's logger thread can lose the last lines when a run exits on a busy machine (a user's build
     without nsds's patch): the run is repeated instead of failing."""
     model, text = _perplexity_tool(tmp_path, monkeypatch, CUT_SHORT_ONCE)
-    result = llamacpp.perplexity_gguf(model, text, context=64, chunks=4)
+    result = gguf_tools.perplexity_gguf(model, text, context=64, chunks=4)
     assert (result.ppl, result.chunks) == (12.3456, 4)
 
 
@@ -304,7 +304,7 @@ def test_a_perplexity_run_always_cut_short_fails_in_one_line(tmp_path, monkeypat
     always = CUT_SHORT_ONCE.replace('[ ! -e "$(dirname "$0")/ran-once" ]', "true")
     model, text = _perplexity_tool(tmp_path, monkeypatch, always)
     with pytest.raises(NsdsError, match="llama-perplexity printed no final estimate") as err:
-        llamacpp.perplexity_gguf(model, text, context=64, chunks=4)
+        gguf_tools.perplexity_gguf(model, text, context=64, chunks=4)
     assert "\n" not in str(err.value)
 
 
