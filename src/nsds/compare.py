@@ -284,155 +284,215 @@ def _evaluator(cfg: CompareConfig, loaded: Loaded, ray: str | None, workers: int
     return cluster.EvaluationPool(path, loaded.windows, cfg, compute, cluster.workers_for(compute, workers))
 
 
+@dataclass
+class _Session:
+    """What the phases of one comparison share: the options, the loaded model and its modules, the saved cells,
+    where evaluations run, and the counts and timings for the result."""
+
+    cfg: CompareConfig
+    ready: Prepared
+    loaded: Loaded
+    evaluator: Evaluator
+    modules: list[Module]
+    layers: int
+    provenance: dict[str, Any]  # the model's identity (results.json's `model`)
+    fingerprint: dict[str, Any]
+    store: _Cells
+    work: Path
+    timing: dict[str, float]
+    evaluated: int = 0
+    reused: int = 0
+    memo: dict[str, Any] = field(default_factory=dict)  # NSDS's run, shared by its ablations across quantizers
+    sampled: dict[str, torch.Tensor] = field(default_factory=dict)  # the Fisher information, measured once
+
+    def evaluate(self, bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
+        """The perplexity of each job (index, PPL), counted."""
+        for i, ppl in self.evaluator.run(bank, jobs):
+            self.evaluated += 1
+            yield i, ppl
+
+    def fisher_information(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's Fisher information (called with every bank restored), sampled on first use."""
+        if not self.sampled:
+            start = time.perf_counter()
+            self.sampled.update(measure_fisher(self.loaded.model, self.loaded.tokenizer, self.modules))
+            self.timing["fisher_s"] = time.perf_counter() - start
+        return self.sampled
+
+
 def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | None) -> CompareResult:
     started = time.perf_counter()
     ready = prepare(cfg, work)
-    low = min(cfg.widths)
     loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
-    model, windows = loaded.model, loaded.windows
-    evaluator = _evaluator(cfg, loaded, ray, workers)
     provenance = loaded.source.provenance()
-    modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
-    layers = arch.geometry(model.config).num_layers
-    fingerprint = _settings(cfg, provenance, __version__) | {"windows": windows_digest(windows)}
+    fingerprint = _settings(cfg, provenance, __version__) | {"windows": windows_digest(loaded.windows)}
     cfg.out.mkdir(parents=True, exist_ok=True)
-    store = _Cells(cfg.out / "cells.json", fingerprint)
-    previous = None if store.resumed else _previous(cfg.out / "compare.json", fingerprint, loaded.protocol)
-    evaluated = reused = 0
-
-    def evaluate(bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
-        nonlocal evaluated
-        for i, ppl in evaluator.run(bank, jobs):
-            evaluated += 1
-            yield i, ppl
-
-    if store.data.reference is None:
-        [(_, store.data.reference)] = evaluate(None, [Evaluation("perplexity (reference)", {})])
-        store.save()
-        if previous is not None and math.isclose(store.data.reference, previous.reference_ppl, rel_tol=REPRODUCED):
-            stage(f"reusing the measurements of {cfg.out / 'compare.json'} (same model, settings and text)")
-            store.adopt(previous, ready.scorers)
-
-    memo: dict[str, Any] = {}  # NSDS's run, shared by its ablations across quantizers
-    kinds = {spec.name: KIND_OF_SCORER[spec.kind] for spec in ready.scorers}
-    timing: dict[str, float] = {"load_s": loaded.seconds}
+    session = _Session(
+        cfg, ready, loaded, _evaluator(cfg, loaded, ray, workers),
+        arch.linear_modules(loaded.model, fuse=cfg.fuse, per_expert=cfg.per_expert),
+        arch.geometry(loaded.model.config).num_layers, provenance, fingerprint,
+        _Cells(cfg.out / "cells.json", fingerprint),
+        work, {"load_s": loaded.seconds},
+    )  # fmt: skip
+    _reference(session)
     per_quantizer: dict[str, QuantizerResult] = {}
     cells: list[Cell] = []
-    sampled: dict[str, dict[str, torch.Tensor]] = {}  # the Fisher information, measured once if any table needs it
-
-    def fisher_information() -> dict[str, torch.Tensor]:  # the checkpoint's: called with every bank restored
-        if not sampled:
-            start = time.perf_counter()
-            sampled.update(measure_fisher(model, loaded.tokenizer, modules))
-            timing["fisher_s"] = time.perf_counter() - start
-        return sampled
-
     for q, quantizer in ready.quantizers.items():
-        bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        # the oracle does not depend on the other widths nor on fusing, so it is shared across those settings
-        key = {k: fingerprint[k] for k in ("model", "group_size", "symmetric", "windows", "nsds_version")}
-        key |= {"quantizer": q, "bits": low}
-
-        def measure(todo: list[int], bank: WeightBank = bank) -> Iterator[tuple[int, float]]:
-            jobs = [Evaluation(f"oracle layer {layer}", _alone(modules, layer, low, bank.quantizer)) for layer in todo]
-            for i, ppl in evaluate(bank, jobs):
-                yield todo[i], ppl
-
-        if q not in store.data.oracles:
-            stage(f"oracle ({q}): one layer at {low} bits at a time")
-            start = time.perf_counter()
-            store.data.oracles[q] = single_layer_sensitivity(layers, measure, key)
-            timing[f"oracle_{q}_s"] = time.perf_counter() - start
-            store.save()
-        oracle = store.data.oracles[q]
-
+        bank = WeightBank(loaded.model, [m.name for m in session.modules], quantizer, keep=True)
+        oracle = _oracle(session, q, bank)
         bank.restore()  # scorers read the loaded model's weights: the checkpoint's, not the oracle's last layer
-        weights_only = Subject(loaded.source, None, None, quantizer, low, loaded.compute, memo)
-        with_model = replace(weights_only, model=model, tokenizer=loaded.tokenizer)
-        scores: dict[str, list[float]] = {}
-        for spec in ready.scorers:
-            stored = f"{spec.name}@{q}" if spec.quantizer_dependent else spec.name
-            if stored not in store.data.scores:
-                stage(f"scoring ({spec.name})")
-                start = time.perf_counter()
-                subject = with_model if spec.needs_model else weights_only
-                store.data.scores[stored] = [float(x) for x in spec.load()(subject)]
-                timing[f"score_{stored}_s"] = time.perf_counter() - start
-                store.save()
-            scores[spec.name] = store.data.scores[stored]
+        scores = _scores(session, q, quantizer)
         correlations = {name: Correlation.of(spearman(s, oracle), kendall(s, oracle)) for name, s in scores.items()}
-        per_quantizer[q] = QuantizerResult(Oracle(low, oracle), scores, correlations)
-
-        start, sampling = time.perf_counter(), timing.get("fisher_s", 0.0)
-        gains = arch.input_gains(model, modules)
-        errors = cached_errors(bank, modules, cfg.widths, gains, fisher_information, fingerprint["model"])
-        timing[f"errors_{q}_s"] = time.perf_counter() - start - (timing.get("fisher_s", 0.0) - sampling)
-        rows = []
-        for budget in ready.budgets:
-            setting = ready.settings[q, budget]
-            rows += [(budget, row) for row in _plans(modules, setting, ready.allocator, scores, kinds, oracle,
-                                                     cfg.seeds, errors)]  # fmt: skip
-            target = ready.targets.get(budget)
-            if target is not None and target.preset is not None:
-                preset = runtime.preset_plan(target, modules, quantizer, provenance["id"])
-                rows.append((budget, _Row("llama.cpp preset", "baseline allocator", None, preset)))
+        per_quantizer[q] = QuantizerResult(Oracle(min(cfg.widths), oracle), scores, correlations)
+        rows = _rows(session, q, bank, scores, oracle)
         start = time.perf_counter()
-        jobs: dict[str, Evaluation] = {}  # plan digest -> its evaluation, each distinct plan once
-        for budget, row in rows:
-            digest = _plan_digest(q, row.plan)
-            if digest in store.data.plans or digest in jobs:
-                reused += 1
-            else:
-                _check_plan(row.plan, bank.quantizer)
-                jobs[digest] = Evaluation(f"{row.label} at {_budget_name(budget)} ({q})", row.plan.formats())
-        stage(f"evaluating {len(jobs)} distinct plans of {len(rows)} ({q})")
-        digests = list(jobs)
-        for i, ppl in progress(evaluate(bank, list(jobs.values())), f"plans ({q})", len(jobs), "plan"):
-            store.data.plans[digests[i]] = ppl
-            store.save()
-        for budget, row in rows:
-            name = _budget_name(budget)
-            cell_id = f"{q}|{name}|{row.label}"
-            digest = _plan_digest(q, row.plan)
-            target = ready.targets.get(budget) if q == "gguf" else None
-            if target is not None and row.label in RUNTIME_LABELS and digest not in store.data.runtime:
-                store.data.runtime[digest] = _runtime_ppl(row, target, work, cfg, ready.window)
-            store.data.cells[cell_id] = Cell(
-                quantizer=q,
-                budget=ready.settings[q, budget].budget,
-                label=row.label,
-                kind=row.kind,
-                seed=row.seed,
-                allocator=row.plan.allocator,
-                weight_bits=row.plan.weight_bits,
-                storage_bits=row.plan.storage_bits,
-                high_layers=[i for i, b in enumerate(row.plan.layer_bits()) if b == max(row.plan.widths)],
-                plan=digest,
-                ppl=store.data.plans[digest],
-                budget_name=ready.budget_names.get(budget),
-                runtime_ppl=store.data.runtime.get(digest),
-            )
-            store.save()
-            cells.append(store.data.cells[cell_id])
-        timing[f"plans_{q}_s"] = time.perf_counter() - start
+        _evaluate_plans(session, q, bank, rows)
+        cells += _cells(session, q, rows)
+        session.timing[f"plans_{q}_s"] = time.perf_counter() - start
         bank.restore()
-        del bank, measure  # its pristine copy and quantized variants, before the next quantizer makes its own
-
-    timing["total_s"] = time.perf_counter() - started
+        del bank  # its pristine copy and quantized variants, before the next quantizer makes its own
+    session.timing["total_s"] = time.perf_counter() - started
     result = CompareResult(
         model=provenance,
-        geometry=Shape(model.config.model_type, layers),
+        geometry=Shape(loaded.model.config.model_type, session.layers),
         config=replace(cfg, scorers=tuple(spec.name for spec in ready.scorers)),
         allocator=ready.allocator,
         protocol=loaded.protocol,
-        reference_ppl=store.data.reference,
+        reference_ppl=session.store.data.reference,
         quantizers=per_quantizer,
         cells=cells,
-        counts=Counts(evaluated, reused, store.resumed),
-        timing=timing,
+        counts=Counts(session.evaluated, session.reused, session.store.resumed),
+        timing=session.timing,
     )
     write_outputs(result, cfg.out)
     return result
+
+
+def _reference(session: _Session) -> None:
+    """The reference's perplexity; when it reproduces an earlier compare.json's, that run's measurements are
+    adopted (only plans that changed are evaluated again)."""
+    cfg, store = session.cfg, session.store
+    if store.data.reference is not None:
+        return
+    previous = None if store.resumed else _previous(cfg.out / "compare.json", session.fingerprint,
+                                                    session.loaded.protocol)  # fmt: skip
+    [(_, store.data.reference)] = session.evaluate(None, [Evaluation("perplexity (reference)", {})])
+    store.save()
+    if previous is not None and math.isclose(store.data.reference, previous.reference_ppl, rel_tol=REPRODUCED):
+        stage(f"reusing the measurements of {cfg.out / 'compare.json'} (same model, settings and text)")
+        store.adopt(previous, session.ready.scorers)
+
+
+def _oracle(session: _Session, q: str, bank: WeightBank) -> list[float]:
+    """Each layer's perplexity alone at the lowest width (cached across runs: it does not depend on the other
+    widths nor on fusing)."""
+    store, low = session.store, min(session.cfg.widths)
+    if q not in store.data.oracles:
+        key = {k: session.fingerprint[k] for k in ("model", "group_size", "symmetric", "windows", "nsds_version")}
+        key |= {"quantizer": q, "bits": low}
+
+        def measure(todo: list[int]) -> Iterator[tuple[int, float]]:
+            jobs = [Evaluation(f"oracle layer {layer}", _alone(session.modules, layer, low, bank.quantizer))
+                    for layer in todo]  # fmt: skip
+            for i, ppl in session.evaluate(bank, jobs):
+                yield todo[i], ppl
+
+        stage(f"oracle ({q}): one layer at {low} bits at a time")
+        start = time.perf_counter()
+        store.data.oracles[q] = single_layer_sensitivity(session.layers, measure, key)
+        session.timing[f"oracle_{q}_s"] = time.perf_counter() - start
+        store.save()
+    return store.data.oracles[q]
+
+
+def _scores(session: _Session, q: str, quantizer: Quantizer) -> dict[str, list[float]]:
+    """Every scorer's layer scores (a quantizer-dependent one per quantizer), each computed once and saved."""
+    store, loaded = session.store, session.loaded
+    weights_only = Subject(loaded.source, None, None, quantizer, min(session.cfg.widths), loaded.compute,
+                           session.memo)  # fmt: skip
+    with_model = replace(weights_only, model=loaded.model, tokenizer=loaded.tokenizer)
+    scores: dict[str, list[float]] = {}
+    for spec in session.ready.scorers:
+        stored = f"{spec.name}@{q}" if spec.quantizer_dependent else spec.name
+        if stored not in store.data.scores:
+            stage(f"scoring ({spec.name})")
+            start = time.perf_counter()
+            subject = with_model if spec.needs_model else weights_only
+            store.data.scores[stored] = [float(x) for x in spec.load()(subject)]
+            session.timing[f"score_{stored}_s"] = time.perf_counter() - start
+            store.save()
+        scores[spec.name] = store.data.scores[stored]
+    return scores
+
+
+def _rows(session: _Session, q: str, bank: WeightBank, scores: dict[str, list[float]],
+          oracle: list[float]) -> list[tuple[float | str, _Row]]:  # fmt: skip
+    """Every plan of this quantizer, per budget: each scorer's, the baselines', the oracle's, the random
+    rankings' and, at a preset's size, the preset's own."""
+    cfg, ready, timing = session.cfg, session.ready, session.timing
+    start, sampling = time.perf_counter(), timing.get("fisher_s", 0.0)
+    gains = arch.input_gains(session.loaded.model, session.modules)
+    errors = cached_errors(bank, session.modules, cfg.widths, gains, session.fisher_information,
+                           session.fingerprint["model"])  # fmt: skip
+    timing[f"errors_{q}_s"] = time.perf_counter() - start - (timing.get("fisher_s", 0.0) - sampling)
+    kinds = {spec.name: KIND_OF_SCORER[spec.kind] for spec in ready.scorers}
+    rows = []
+    for budget in ready.budgets:
+        rows += [(budget, row) for row in _plans(session.modules, ready.settings[q, budget], ready.allocator, scores,
+                                                 kinds, oracle, cfg.seeds, errors)]  # fmt: skip
+        target = ready.targets.get(budget)
+        if target is not None and target.preset is not None:
+            preset = runtime.preset_plan(target, session.modules, bank.quantizer, session.provenance["id"])
+            rows.append((budget, _Row("llama.cpp preset", "baseline allocator", None, preset)))
+    return rows
+
+
+def _evaluate_plans(session: _Session, q: str, bank: WeightBank, rows: list[tuple[float | str, _Row]]) -> None:
+    """Each distinct plan's perplexity, once (plans with the same widths, here or in the saved cells, share it)."""
+    store = session.store
+    jobs: dict[str, Evaluation] = {}  # plan digest -> its evaluation
+    for budget, row in rows:
+        digest = _plan_digest(q, row.plan)
+        if digest in store.data.plans or digest in jobs:
+            session.reused += 1
+        else:
+            _check_plan(row.plan, bank.quantizer)
+            jobs[digest] = Evaluation(f"{row.label} at {_budget_name(budget)} ({q})", row.plan.formats())
+    stage(f"evaluating {len(jobs)} distinct plans of {len(rows)} ({q})")
+    digests = list(jobs)
+    for i, ppl in progress(session.evaluate(bank, list(jobs.values())), f"plans ({q})", len(jobs), "plan"):
+        store.data.plans[digests[i]] = ppl
+        store.save()
+
+
+def _cells(session: _Session, q: str, rows: list[tuple[float | str, _Row]]) -> list[Cell]:
+    """One cell per row, with llama-perplexity's measure of the GGUF files at a preset's size."""
+    cfg, ready, store = session.cfg, session.ready, session.store
+    cells = []
+    for budget, row in rows:
+        cell_id = f"{q}|{_budget_name(budget)}|{row.label}"
+        digest = _plan_digest(q, row.plan)
+        target = ready.targets.get(budget) if q == "gguf" else None
+        if target is not None and row.label in RUNTIME_LABELS and digest not in store.data.runtime:
+            store.data.runtime[digest] = _runtime_ppl(row, target, session.work, cfg, ready.window)
+        store.data.cells[cell_id] = Cell(
+            quantizer=q,
+            budget=ready.settings[q, budget].budget,
+            label=row.label,
+            kind=row.kind,
+            seed=row.seed,
+            allocator=row.plan.allocator,
+            weight_bits=row.plan.weight_bits,
+            storage_bits=row.plan.storage_bits,
+            high_layers=[i for i, b in enumerate(row.plan.layer_bits()) if b == max(row.plan.widths)],
+            plan=digest,
+            ppl=store.data.plans[digest],
+            budget_name=ready.budget_names.get(budget),
+            runtime_ppl=store.data.runtime.get(digest),
+        )
+        store.save()
+        cells.append(store.data.cells[cell_id])
+    return cells
 
 
 def _alone(modules: list[Module], layer: int, bits: int, quantizer: Quantizer) -> dict[str, str]:
