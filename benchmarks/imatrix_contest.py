@@ -120,16 +120,24 @@ def summary(cells: list[dict]) -> list[str]:
     )
     if not cells:
         return []
-    relative = [c["rows"]["nsds"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in cells]
+    exact = [c for c in cells if c["rows"]["preset+brown"]["kld"] == 0]  # the preset reproduces the source file
+    rated = [c for c in cells if c["rows"]["preset+brown"]["kld"] > 0]
+    relative = [c["rows"]["nsds"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in rated]
     wins = sum(r < 0 for r in relative)
     plain = sum(c["rows"]["nsds"]["kld"] < c["rows"]["preset"]["kld"] for c in cells)
-    own = [c["rows"]["preset+self"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in cells]
+    own = [c["rows"]["preset+self"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in rated]
     lines = [
-        f"nsds (no data) below the preset with a brown-tune imatrix in {wins} of {len(cells)} distinct cells, mean KLD "
-        f"{100 * sum(relative) / len(relative):+.1f} % ({100 * min(relative):+.1f} .. {100 * max(relative):+.1f} %)",
+        f"nsds (no data) below the preset with a brown-tune imatrix in {wins} of {len(cells)} distinct cells"
+        + (f", mean KLD {100 * sum(relative) / len(relative):+.1f} % ({100 * min(relative):+.1f} .. "
+           f"{100 * max(relative):+.1f} %)" if relative else ""),
+        *(f"{c['model']} {c['text']} {c['preset']}: the preset reproduces the source file (KLD 0); nsds "
+          f"{c['rows']['nsds']['kld']:.4f}" for c in exact),
         f"nsds below the preset without an imatrix in {plain} of {len(cells)} cells",
-        f"the preset with the self-made imatrix vs with brown-tune's: mean KLD {100 * sum(own) / len(own):+.1f} %",
-    ]
+    ]  # fmt: skip
+    if own:
+        lines.append(
+            f"the preset with the self-made imatrix vs with brown-tune's: mean KLD {100 * sum(own) / len(own):+.1f} %"
+        )
     for model in dict.fromkeys(c["model"] for c in cells):
         mine = [c for c in cells if c["model"] == model]
         won = sum(c["rows"]["nsds"]["kld"] < c["rows"]["preset+brown"]["kld"] for c in mine)

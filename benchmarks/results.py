@@ -325,7 +325,7 @@ def contest_section() -> list[str]:
                     continue
                 rows = {label: c["rows"][label] for label in CONTEST_ROWS}
                 brown, nsds = rows["preset+brown"], rows["nsds"]
-                change = f"{100 * (nsds['kld'] / brown['kld'] - 1):+.1f} %"
+                change = f"{100 * (nsds['kld'] / brown['kld'] - 1):+.1f} %" if brown["kld"] > 0 else "- (exact)"
                 parts.append(
                     f"| {c['preset']} | {brown['bytes'] / 1e6:.1f} | " + " | ".join(_kld_cells(rows)) + f" | {change} "
                     f"| {brown['kld_p99']:.3f} / {nsds['kld_p99']:.3f} | {100 * brown['same_top']:.1f} / "
