@@ -28,7 +28,7 @@ from nsds.progress import note, stage
 
 LENGTH = 512  # llama-imatrix's chunk (its default -c): the statistics cover `tokens` // LENGTH chunks
 SLACK = 16  # each sequence is this much longer: its text may tokenize back to a few tokens fewer
-DEFAULT_TOKENS = 8192  # 16 sequences: docs/GGUF.md §5 measures the effect of the sample's size
+DEFAULT_TOKENS = 8192  # 16 sequences; the sample's size is studied in docs/GGUF.md §5
 SEED = 0
 SUFFIX = ".imatrix.gguf"
 _METADATA = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
