@@ -24,7 +24,7 @@ from nsds import arch
 from nsds.compute import PRECISIONS, Compute
 from nsds.config import CompareConfig
 from nsds.errors import NsdsError
-from nsds.evaluate.jobs import Evaluation, measure
+from nsds.evaluate.jobs import PerplexityJob, measure
 from nsds.evaluate.loading import load_model
 from nsds.progress import progress, stage
 from nsds.quantize import WeightBank, make_quantizer
@@ -178,7 +178,7 @@ class ModelCopy:
         self.names = [m.name for m in arch.linear_modules(self.model, fuse=cfg.fuse)]
         self.bank: WeightBank | None = None
 
-    def evaluate(self, index: int, quantizer: str | None, job: Evaluation) -> tuple[int, float]:
+    def evaluate(self, index: int, quantizer: str | None, job: PerplexityJob) -> tuple[int, float]:
         if self.bank is not None and self.bank.quantizer.name != quantizer:
             self.bank.restore()  # the checkpoint's weights back: a new bank copies them as its pristine ones
             self.bank = None  # and its quantized variants freed before the next bank makes its own
@@ -200,7 +200,7 @@ class EvaluationPool:
         shared = ray.put(windows)
         self.pool = ActorPool([actor.remote(path, compute.device, shared, cfg) for _ in range(workers)])
 
-    def run(self, bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
+    def run(self, bank: WeightBank | None, jobs: list[PerplexityJob]) -> Iterator[tuple[int, float]]:
         """As Here.run; the copies build their own bank of `bank`'s quantizer."""
         quantizer = None if bank is None else bank.quantizer.name
         with _task_errors():

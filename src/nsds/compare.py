@@ -42,7 +42,7 @@ from nsds.config import CompareConfig
 from nsds.distortion import ErrorTable, cached_errors
 from nsds.documents import build, plain
 from nsds.errors import NsdsError, first_line
-from nsds.evaluate.jobs import Evaluation, Evaluator, Here
+from nsds.evaluate.jobs import Evaluator, Here, PerplexityJob
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
 from nsds.evaluate.protocol import Protocol
@@ -188,7 +188,7 @@ def _plans(modules: list[Module], setting: Setting, allocator: str, scores: dict
 
 
 @dataclass(frozen=True)
-class Prepared:
+class PreparedComparison:
     """A comparison's options, checked and resolved before anything expensive."""
 
     quantizers: dict[str, Quantizer]
@@ -202,7 +202,7 @@ class Prepared:
     window: int  # tokens per evaluation window (the text's default when none was given)
 
 
-def prepare(cfg: CompareConfig, work: Path | None = None) -> Prepared:
+def prepare(cfg: CompareConfig, work: Path | None = None) -> PreparedComparison:
     """Check every option (one NsdsError naming the first bad one); with the GGUF quantizer, quantize each
     preset named as a budget into `work` (or a temporary folder) to learn its size."""
     if not cfg.quantizers:
@@ -245,8 +245,8 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> Prepared:
     }
     for q, quantizer in quantizers.items():
         check_fits(modules, quantizer, [settings[q, b] for b in budgets])
-    return Prepared(quantizers, budgets, settings, targets, names, scorers, paper_allocator(cfg.widths), compute,
-                    window)  # fmt: skip
+    return PreparedComparison(quantizers, budgets, settings, targets, names, scorers, paper_allocator(cfg.widths),
+                              compute, window)  # fmt: skip
 
 
 def _distinct_presets(
@@ -290,7 +290,7 @@ class _Session:
     where evaluations run, and the counts and timings for the result."""
 
     cfg: CompareConfig
-    ready: Prepared
+    ready: PreparedComparison
     loaded: Loaded
     evaluator: Evaluator
     modules: list[Module]
@@ -305,7 +305,7 @@ class _Session:
     memo: dict[str, Any] = field(default_factory=dict)  # NSDS's run, shared by its ablations across quantizers
     sampled: dict[str, torch.Tensor] = field(default_factory=dict)  # the Fisher information, measured once
 
-    def evaluate(self, bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
+    def evaluate(self, bank: WeightBank | None, jobs: list[PerplexityJob]) -> Iterator[tuple[int, float]]:
         """The perplexity of each job (index, PPL), counted."""
         for i, ppl in self.evaluator.run(bank, jobs):
             self.evaluated += 1
@@ -376,7 +376,7 @@ def _reference(session: _Session) -> None:
         return
     previous = None if store.resumed else _previous(cfg.out / "compare.json", session.fingerprint,
                                                     session.loaded.protocol)  # fmt: skip
-    [(_, store.data.reference)] = session.evaluate(None, [Evaluation("perplexity (reference)", {})])
+    [(_, store.data.reference)] = session.evaluate(None, [PerplexityJob("perplexity (reference)", {})])
     store.save()
     if previous is not None and math.isclose(store.data.reference, previous.reference_ppl, rel_tol=REPRODUCED):
         stage(f"reusing the measurements of {cfg.out / 'compare.json'} (same model, settings and text)")
@@ -392,7 +392,7 @@ def _oracle(session: _Session, q: str, bank: WeightBank) -> list[float]:
         key |= {"quantizer": q, "bits": low}
 
         def measure(todo: list[int]) -> Iterator[tuple[int, float]]:
-            jobs = [Evaluation(f"oracle layer {layer}", _alone(session.modules, layer, low, bank.quantizer))
+            jobs = [PerplexityJob(f"oracle layer {layer}", _alone(session.modules, layer, low, bank.quantizer))
                     for layer in todo]  # fmt: skip
             for i, ppl in session.evaluate(bank, jobs):
                 yield todo[i], ppl
@@ -450,14 +450,14 @@ def _rows(session: _Session, q: str, bank: WeightBank, scores: dict[str, list[fl
 def _evaluate_plans(session: _Session, q: str, bank: WeightBank, rows: list[tuple[float | str, _Row]]) -> None:
     """Each distinct plan's perplexity, once (plans with the same widths, here or in the saved cells, share it)."""
     store = session.store
-    jobs: dict[str, Evaluation] = {}  # plan digest -> its evaluation
+    jobs: dict[str, PerplexityJob] = {}  # plan digest -> its evaluation
     for budget, row in rows:
         digest = _plan_digest(q, row.plan)
         if digest in store.data.plans or digest in jobs:
             session.reused += 1
         else:
             _check_plan(row.plan, bank.quantizer)
-            jobs[digest] = Evaluation(f"{row.label} at {_budget_name(budget)} ({q})", row.plan.formats())
+            jobs[digest] = PerplexityJob(f"{row.label} at {_budget_name(budget)} ({q})", row.plan.formats())
     stage(f"evaluating {len(jobs)} distinct plans of {len(rows)} ({q})")
     digests = list(jobs)
     for i, ppl in progress(session.evaluate(bank, list(jobs.values())), f"plans ({q})", len(jobs), "plan"):

@@ -38,7 +38,7 @@ class LlamaPerplexity:
     """What llama-perplexity reported: the final PPL, its +/- value, and the chunks it scored."""
 
     ppl: float
-    stderr: float  # the "+/-" value llama-perplexity prints beside the PPL
+    ppl_stderr: float  # the "+/-" value llama-perplexity prints beside the PPL
     chunks: int  # chunks scored (its `[i]value,` progress)
     context: int  # tokens per chunk (-c)
     seconds: float  # wall time of the run, tokenization and model load included
@@ -274,7 +274,7 @@ def perplexity_gguf(
             f"max_chars={max_chars} holds only {scored} of the {chunks} chunks of {context} tokens asked for: "
             "raise max_chars"
         )
-    return LlamaPerplexity(ppl=ppl, stderr=plus_minus, chunks=scored, context=context, seconds=seconds)
+    return LlamaPerplexity(ppl=ppl, ppl_stderr=plus_minus, chunks=scored, context=context, seconds=seconds)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def imatrix_choice(cfg: RunConfig) -> str:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class PreparedRun:
     """A run's options, checked and resolved before anything expensive."""
 
     quantizer: Quantizer
@@ -119,7 +119,7 @@ class Prepared:
     imatrix: ImportanceMatrix | str | None  # a user's matrix (read and checked), "self" (made in the run) or None
 
 
-def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
+def prepare(cfg: RunConfig, work: Path | None = None) -> PreparedRun:
     """Check every option (one NsdsError naming the first bad one) and resolve `auto`s and a preset budget
     (its file is quantized into `work`, or a temporary folder)."""
     cfg = with_default_widths(cfg)
@@ -163,7 +163,7 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> Prepared:
     budget = target.budget if target and target.preset else cfg.budget
     setting = allocation_setting(quantizer, cfg.model, budget, cfg.widths, cfg.budget_counts)
     check_fits(modules, quantizer, [setting])
-    return Prepared(quantizer, setting, allocator, compute, window, target, modules, imatrix)
+    return PreparedRun(quantizer, setting, allocator, compute, window, target, modules, imatrix)
 
 
 def _importance_option(cfg: RunConfig) -> ImportanceMatrix | str | None:
@@ -184,7 +184,7 @@ def module_importance(matrix: ImportanceMatrix, target: GGUFTarget, modules: lis
     return matrix.for_modules({m.name: target.names[m.name] for m in modules}, {m.name: m.in_features for m in modules})
 
 
-def with_importance(cfg: RunConfig, ready: Prepared, work: Path) -> tuple[Prepared, ImportanceMatrix | None]:
+def with_importance(cfg: RunConfig, ready: PreparedRun, work: Path) -> tuple[PreparedRun, ImportanceMatrix | None]:
     """The run's importance matrix (the user's, or made from the model's own text, from the nsds cache when
     it was made before), and the run's target and budget with every file quantized by it."""
     if ready.imatrix is None or ready.gguf is None:
@@ -209,7 +209,7 @@ def run(cfg: RunConfig) -> RunResult:
 class Job:
     """A run's loaded model and its evidence: what every plan of the run is made from and evaluated on."""
 
-    ready: Prepared
+    ready: PreparedRun
     loaded: Loaded
     scores: ScoreReport
     modules: list[Module]

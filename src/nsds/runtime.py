@@ -196,7 +196,7 @@ def measure_files(files: Mapping[str, Path], text: Path, window: int, tokens: in
     logits = folder / "reference.kld"
     base = gguf_tools.kld_base(files["reference"], text, logits, context=window, chunks=max(1, tokens // window))
     measured = {"reference": RuntimeMeasure(files["reference"].name, files["reference"].stat().st_size, base.ppl,
-                                            base.stderr, base.context, base.chunks, base.seconds)}  # fmt: skip
+                                            base.ppl_stderr, base.context, base.chunks, base.seconds)}  # fmt: skip
     for label, path in files.items():
         if label != "reference":
             stage(f"llama-perplexity --kl-divergence {path.name}")

@@ -129,10 +129,10 @@ def test_perplexity_on_two_chunks_is_deterministic(llama, smollm2, brown):
     runs = [gguf_tools.perplexity_gguf(smollm2, brown, 128, chunks=2, threads=2, max_chars=4000) for _ in range(2)]
     first = runs[0]
     assert math.isfinite(first.ppl) and first.ppl > 1
-    assert math.isfinite(first.stderr) and first.stderr > 0
+    assert math.isfinite(first.ppl_stderr) and first.ppl_stderr > 0
     assert (first.chunks, first.context) == (2, 128)
     assert first.seconds > 0
-    assert runs[1].ppl == first.ppl and runs[1].stderr == first.stderr
+    assert runs[1].ppl == first.ppl and runs[1].ppl_stderr == first.ppl_stderr
 
 
 def test_perplexity_on_too_little_text_says_so(llama, smollm2, brown):

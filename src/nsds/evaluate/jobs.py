@@ -12,7 +12,7 @@ from nsds.quantize import WeightBank
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class PerplexityJob:
     """One perplexity: the model with these modules stored as these formats, every other module at the
     checkpoint's weights (no formats: the checkpoint itself)."""
 
@@ -20,7 +20,7 @@ class Evaluation:
     formats: dict[str, str]  # module name -> storage format, as Plan.formats() gives
 
 
-def measure(model: torch.nn.Module, windows: torch.Tensor, bank: WeightBank | None, job: Evaluation) -> float:
+def measure(model: torch.nn.Module, windows: torch.Tensor, bank: WeightBank | None, job: PerplexityJob) -> float:
     """The job's perplexity; `bank` (the quantizer's, over `model`) puts the formats in from pristine weights."""
     if bank is not None:
         bank.load_formats(job.formats, desc=job.desc)
@@ -31,7 +31,7 @@ class Evaluator(Protocol):
     """Runs jobs for one quantizer's bank (None: jobs without formats) and yields (index in `jobs`,
     perplexity) as each finishes, in any order."""
 
-    def run(self, bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]: ...
+    def run(self, bank: WeightBank | None, jobs: list[PerplexityJob]) -> Iterator[tuple[int, float]]: ...
 
 
 class Here:
@@ -40,6 +40,6 @@ class Here:
     def __init__(self, model: torch.nn.Module, windows: torch.Tensor) -> None:
         self.model, self.windows = model, windows
 
-    def run(self, bank: WeightBank | None, jobs: list[Evaluation]) -> Iterator[tuple[int, float]]:
+    def run(self, bank: WeightBank | None, jobs: list[PerplexityJob]) -> Iterator[tuple[int, float]]:
         for i, job in enumerate(jobs):
             yield i, measure(self.model, self.windows, bank, job)
