@@ -3,11 +3,16 @@ stored in its results."""
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nsds.documents import build, plain
 
 DEFAULT_MODEL = "smollm2"
+# The options that take one of a few names; the registries they name (nsds.quantize.QUANTIZERS,
+# nsds.allocate.ALLOCATORS) hold the same names, in this order (tests/unit/test_cli.py checks it).
+QuantizerName = Literal["rtn", "hqq", "gguf"]
+AllocatorName = Literal["auto", "error", "topk", "budget", "fisher", "higgs", "uniform", "llama.cpp"]
+BudgetCounts = Literal["weights", "storage"]
 
 
 @dataclass(frozen=True)
@@ -16,14 +21,14 @@ class RunConfig:
     gguf_file: str | None = None
     budget: float | str = 3.0  # bits per weight, or (quantizer gguf) a llama.cpp preset whose size to match
     widths: tuple[int, ...] | None = None  # None: the quantizer's (rtn/hqq 2,4; gguf every type, 2,3,4,5,6,8)
-    quantizer: str = "rtn"
+    quantizer: QuantizerName = "rtn"
     group_size: int | None = None  # None: the quantizer's default (128; GGUF types fix their own blocks)
-    allocator: str = "auto"  # auto: nsds's default (error); results store the one used
+    allocator: AllocatorName = "auto"  # auto: nsds's default (error); results store the one used
     baselines: tuple[str, ...] = ("uniform",)  # plans evaluated beside nsds's (pipeline.BASELINES), or "all"
     symmetric: bool = False
     fuse: bool = True  # q/k/v and gate/up share a width, as fused runtimes need
     per_expert: bool = False  # each MoE expert its own width (nsds's own evaluation; not llama.cpp/fused kernels)
-    budget_counts: str | None = None  # None: the quantizer's default (weights for rtn/hqq, storage for gguf)
+    budget_counts: BudgetCounts | None = None  # None: the quantizer's default (weights for rtn/hqq, storage for gguf)
     text: str = "brown"
     tokens: int = 8192
     window: int | None = None
@@ -50,7 +55,7 @@ class CompareConfig:
     gguf_file: str | None = None
     budgets: tuple[float | str, ...] = (2.5, 3.0, 3.5)  # bits, or (quantizer gguf) llama.cpp presets
     widths: tuple[int, ...] = (2, 4)
-    quantizers: tuple[str, ...] = ("rtn", "hqq")
+    quantizers: tuple[QuantizerName, ...] = ("rtn", "hqq")
     scorers: tuple[str, ...] = ("all",)
     seeds: int = 5
     group_size: int | None = None

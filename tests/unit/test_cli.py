@@ -92,3 +92,15 @@ def test_failed_run_leaves_existing_output_untouched(tiny_llama, tmp_path):
     assert result.returncode == 2 and "NaN or Inf" in result.stderr
     assert out.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".scores")] == []
+
+
+def test_the_option_names_are_the_registries_names():
+    """config's Literal types, which results documents are checked against, name what the CLI dispatches to."""
+    from typing import get_args
+
+    from nsds.allocate import ALLOCATORS
+    from nsds.config import AllocatorName, QuantizerName
+    from nsds.quantize import QUANTIZERS
+
+    assert get_args(QuantizerName) == tuple(QUANTIZERS)
+    assert get_args(AllocatorName) == ("auto", *ALLOCATORS)
