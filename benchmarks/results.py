@@ -286,8 +286,8 @@ def _contest() -> dict | None:
 
 def _kld_cells(rows: dict[str, dict], digits: int = 4) -> list[str]:
     """Mean KLD per row, the lowest in bold."""
-    lowest = min(r["kld"] for r in rows.values())
-    return [f"**{r['kld']:.{digits}f}**" if r["kld"] == lowest else f"{r['kld']:.{digits}f}" for r in rows.values()]
+    klds = [abs(r["kld"]) if r["kld"] == 0 else r["kld"] for r in rows.values()]  # llama.cpp prints -0 too
+    return [f"**{kld:.{digits}f}**" if kld == min(klds) else f"{kld:.{digits}f}" for kld in klds]
 
 
 def contest_section() -> list[str]:
