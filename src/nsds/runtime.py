@@ -183,7 +183,7 @@ def measure(path: Path, text: Path, window: int, tokens: int) -> RuntimeMeasure:
     own windows (llama-perplexity scores the second half of each chunk)."""
     stage(f"llama-perplexity {path.name}")
     result = gguf_tools.perplexity_gguf(path, text, context=window, chunks=max(1, tokens // window))
-    return RuntimeMeasure(path.name, path.stat().st_size, result.ppl, result.stderr, result.context, result.chunks,
+    return RuntimeMeasure(path.name, path.stat().st_size, result.ppl, result.ppl_stderr, result.context, result.chunks,
                           result.seconds)  # fmt: skip
 
 

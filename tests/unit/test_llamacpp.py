@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsds import assets, gguf_tools, llamacpp
+from nsds import assets, gguf_tools, llamacpp, runtime
 from nsds.errors import NsdsError
 
 QUANTIZE = """#!/bin/sh
@@ -298,6 +298,13 @@ def test_a_perplexity_run_whose_log_was_cut_short_is_repeated(tmp_path, monkeypa
     model, text = _perplexity_tool(tmp_path, monkeypatch, CUT_SHORT_ONCE)
     result = gguf_tools.perplexity_gguf(model, text, context=64, chunks=4)
     assert (result.ppl, result.chunks) == (12.3456, 4)
+
+
+def test_a_files_perplexity_is_measured_with_its_plus_minus(tmp_path, monkeypatch):
+    """runtime.measure (nsds compare's llama-perplexity of a GGUF file) keeps the PPL and its +/- value."""
+    model, text = _perplexity_tool(tmp_path, monkeypatch, CUT_SHORT_ONCE)
+    measured = runtime.measure(model, text, window=64, tokens=256)
+    assert (measured.ppl, measured.ppl_stderr, measured.chunks, measured.file_bytes) == (12.3456, 0.78901, 4, 4)
 
 
 def test_a_perplexity_run_always_cut_short_fails_in_one_line(tmp_path, monkeypatch):
