@@ -120,8 +120,9 @@ def summary(cells: list[dict]) -> list[str]:
     )
     if not cells:
         return []
-    exact = [c for c in cells if c["rows"]["preset+brown"]["kld"] == 0]  # the preset reproduces the source file
-    rated = [c for c in cells if c["rows"]["preset+brown"]["kld"] > 0]
+    # the preset reproduces the source file (llama-perplexity prints 0, or -0 from rounding)
+    exact = [c for c in cells if c["rows"]["preset+brown"]["kld"] <= 0]
+    rated = [c for c in cells if c not in exact]
     relative = [c["rows"]["nsds"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in rated]
     wins = sum(r < 0 for r in relative)
     plain = sum(c["rows"]["nsds"]["kld"] < c["rows"]["preset"]["kld"] for c in cells)
