@@ -11,13 +11,15 @@ second-order estimate of what a small weight change d costs the model's predicti
 which the `error` allocator minimises where the quantization noise is small (allocate.least_error).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from nsds import arch
+from nsds.layerwise import LayerwiseModel, layer_output, sequence_gradients
 from nsds.plan import Module
 from nsds.progress import progress, stage
 
@@ -118,3 +120,54 @@ def _slice(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, squ
     finally:
         parameter.data = data
     return view.T if transposed else view
+
+
+def layerwise_fisher(lm: LayerwiseModel, modules: Sequence[Module], tokens: torch.Tensor, folder: Path,
+                     each_layer: Callable[[int, dict[str, torch.Tensor]], None]) -> None:  # fmt: skip
+    """diagonal_fisher of `lm`, one decoder layer at a time: `each_layer(i, F)` is called, from the last
+    layer down, with F for layer i's modules while that layer is loaded (its weights readable in lm.model),
+    and F is dropped after. The inputs of every layer of the forward pass wait in a file in `folder` (the
+    sequences' hidden states, in the model's dtype, memory-mapped); the backward pass runs each layer again on them with
+    the gradient the layer above handed down. Memory: the stem, one layer, its float32 sums and the
+    sequences' hidden states, whatever the depth."""
+    by_layer: dict[int, list[Module]] = {}
+    for m in modules:
+        by_layer.setdefault(m.layer, []).append(m)
+    sequences, length = tokens.shape
+    hidden = lm.model.config.get_text_config().hidden_size
+    path = folder / "fisher-inputs.bin"
+    inputs = torch.from_file(str(path), shared=True, size=lm.num_layers * sequences * length * hidden,
+                             dtype=lm.dtype).view(lm.num_layers, sequences, length, hidden)  # fmt: skip
+    try:
+
+        def keep(i: int, j: int, state: torch.Tensor) -> None:
+            inputs[i, j] = state[0]
+
+        finals, calls = lm.forward_pass(tokens, keep_inputs=keep, desc="Fisher information: forward")
+        gradients = sequence_gradients(lm, tokens, finals)
+        del finals
+        for i in progress(range(lm.num_layers - 1, -1, -1), desc="Fisher information: backward", unit="layer"):
+            with lm.layer(i) as layer:
+                parameters = dict(lm.model.named_parameters())
+                planned = by_layer.get(i, [])
+                owner = {m.name: _owner(lm.model, m.name, parameters) for m in planned}
+                wanted = list(dict.fromkeys(owner.values()))
+                squares = {name: torch.zeros_like(parameters[name], dtype=torch.float32) for name in wanted}
+                for name in wanted:
+                    parameters[name].requires_grad_(True)
+                with torch.enable_grad():
+                    for j in range(sequences):
+                        state = inputs[i, j][None].to(lm.device, copy=True).requires_grad_(True)
+                        args, kwargs = calls[j][i]
+                        torch.autograd.backward(layer_output(layer(state, *args, **kwargs)), gradients[j])
+                        for name in wanted:
+                            squares[name] += parameters[name].grad.float().square()
+                            parameters[name].grad = None
+                        gradients[j] = state.grad
+                for name in wanted:
+                    parameters[name].requires_grad_(False)
+                    squares[name] /= sequences * (length - 1)
+                each_layer(i, {m.name: _slice(lm.model, m.name, parameters[owner[m.name]], squares[owner[m.name]]).cpu()
+                               for m in planned})  # fmt: skip
+    finally:
+        path.unlink(missing_ok=True)  # the mapping lives on until `inputs` is freed

@@ -30,12 +30,12 @@ def load_tokenizer(path: Path):
     return _pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
 
 
-def load_model(path: Path, device: str) -> torch.nn.Module:
-    """The transformers model in float32 (a GGUF file is dequantized)."""
+def load_model(path: Path, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The transformers model in `dtype` (a GGUF file is dequantized)."""
     from transformers import AutoModelForCausalLM
 
     def loader(folder, **extra):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
 
     return _pretrained(loader, path, "model").eval().to(device)
 
