@@ -19,19 +19,19 @@ makes without its Fisher model, the default the kept `error` perplexities were m
 import argparse
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
-from nsds import arch
+from nsds import arch, fisher
 from nsds.allocate import Evidence, allocation_setting, least_error, plan_for
 from nsds.compute import Compute
 from nsds.distortion import ErrorTable, cached_errors
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.perplexity import perplexity
 from nsds.files import cache_dir, write_json
-from nsds.fisher import measure_fisher
 from nsds.plan import Module, Plan
-from nsds.quantize import WeightBank, make_quantizer
+from nsds.quantize import Quantizer, WeightBank, make_quantizer
 from nsds.scorers.nsds import score
 from nsds.weights import weights_identity
 
@@ -42,7 +42,7 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
           tokens: int, allocators: tuple[str, ...], saved: dict[tuple, dict]) -> list[dict]:  # fmt: skip
     """One cell per quantizer x budget: every allocator's perplexity, those not in `allocators` from `saved`."""
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
-    model = loaded.model
+    model = loaded.lm.model
     modules = arch.linear_modules(model, fuse=True)
     reference = perplexity(model, loaded.windows, desc="reference")
     scores = score(loaded.source, compute=loaded.compute).scores
@@ -51,7 +51,7 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = measured_errors(bank, modules, widths, loaded)
+        errors = measured_errors(quantizer, modules, widths, loaded)
         evidence = Evidence(scores=scores, errors=errors)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
@@ -85,13 +85,17 @@ def cells(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
     return found
 
 
-def measured_errors(bank: WeightBank, modules: list[Module], widths: tuple[int, ...], loaded: Loaded) -> ErrorTable:
-    """The error table as `nsds run` measures it, through the nsds cache (it does not depend on the text; HQQ's
-    and the Fisher information take minutes on a CPU). Call it while the bank holds the checkpoint's weights."""
-    model = loaded.model
-    return cached_errors(bank, modules, widths, arch.input_gains(model, modules),
-                         lambda: measure_fisher(model, loaded.tokenizer, modules),
-                         weights_identity(loaded.source.provenance()))  # fmt: skip
+def measured_errors(quantizer: Quantizer, modules: list[Module], widths: tuple[int, ...], loaded: Loaded,
+                    base: Path | None = None, importance: tuple[dict, str] | None = None) -> ErrorTable:  # fmt: skip
+    """The error table as `nsds run` measures it (the model's own text sampled by llama.cpp from `base`, the
+    GGUF file, for llama.cpp's types; rounded by `importance`), through the nsds cache (it does not depend on
+    the text; HQQ's and the Fisher information take minutes on a CPU). Call it while the model holds the
+    checkpoint's weights."""
+    lm = loaded.lm
+    sample = (fisher.settings(lm, base), lambda: fisher.own_tokens(lm, loaded.tokenizer, base))
+    with tempfile.TemporaryDirectory(prefix="nsds-errors-") as work:
+        return cached_errors(lm, modules, quantizer, widths, weights_identity(loaded.source.provenance()), sample,
+                             Path(work), importance)  # fmt: skip
 
 
 class Evaluated:
@@ -109,7 +113,7 @@ class Evaluated:
         key = hashlib.sha256(json.dumps([bank.quantizer.name, sorted(plan.formats().items())]).encode()).hexdigest()
         if key not in self.known:
             bank.load_plan(plan)
-            self.known[key] = perplexity(self.loaded.model, self.loaded.windows, desc=desc)
+            self.known[key] = perplexity(self.loaded.lm.model, self.loaded.windows, desc=desc)
             write_json(self.path, self.known)
         return self.known[key]
 

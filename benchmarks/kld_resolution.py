@@ -25,7 +25,7 @@ import numpy as np
 
 from nsds.config import RunConfig
 from nsds.evaluate.divergence import ReferenceLogProbs
-from nsds.pipeline import plans_for_run, prepare_run
+from nsds.pipeline import log_probs, plans_for_run, prepare_run
 
 
 def main() -> None:
@@ -42,11 +42,10 @@ def main() -> None:
             job = prepare_run(cfg, Path(tmp))
             plans = plans_for_run(cfg, job)
             reference = ReferenceLogProbs(Path(tmp))
-            reference.record(job.loaded.model, job.loaded.windows)
+            reference.record(job.loaded.windows, log_probs(job, None, "reference"))
             found = {}
             for label in ("nsds", args.preset):
-                job.bank.load_plan(plans[label])
-                found[label] = reference.compare(job.loaded.model, job.loaded.windows, label)
+                found[label] = reference.compare(job.loaded.windows, log_probs(job, plans[label], label))
             reference.close()
         a, b = (np.array(found[label].window_klds) for label in ("nsds", args.preset))
         windows = a.size

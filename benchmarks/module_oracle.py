@@ -20,25 +20,25 @@ from pathlib import Path
 from nsds import arch
 from nsds.allocate import PredictedLoss
 from nsds.compute import Compute
-from nsds.distortion import measure_errors
 from nsds.evaluate.loading import load_for_evaluation
 from nsds.evaluate.oracle import kendall, spearman, unit_sensitivity, windows_digest
 from nsds.evaluate.perplexity import perplexity
 from nsds.files import write_json
-from nsds.fisher import measure_fisher
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers.nsds import score
+
+from allocators import measured_errors
 
 
 def study(model_id: str, quantizer_name: str, bits: int, text: str, tokens: int) -> dict:
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
-    model = loaded.model
+    model = loaded.lm.model
     modules = arch.linear_modules(model, fuse=True)
     reference = perplexity(model, loaded.windows, desc="reference")
     layer_scores = score(loaded.source, compute=loaded.compute).scores
     quantizer = make_quantizer(quantizer_name)
     bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-    errors = measure_errors(bank, modules, (bits,), {}, measure_fisher(model, loaded.tokenizer, modules))
+    errors = measured_errors(quantizer, modules, (bits,), loaded)
     groups = list(dict.fromkeys(m.group for m in modules))
     members = {g: [m for m in modules if m.group == g] for g in groups}
     provenance = loaded.source.provenance()

@@ -30,14 +30,14 @@ def study(model_id: str, quantizers: list[str], budgets: list[float], widths: tu
           ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Perplexity of every variant (and of the baselines) per cell "model quantizer budget"."""
     loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
-    model = loaded.model
+    model = loaded.lm.model
     modules = arch.linear_modules(model, fuse=True)
     evaluated = Evaluated(model_id, loaded)
     found: dict[str, dict[str, float]] = {}
     for q in quantizers:
         quantizer = make_quantizer(q)
         bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True)
-        errors = measured_errors(bank, modules, widths, loaded)
+        errors = measured_errors(quantizer, modules, widths, loaded)
         for budget in budgets:
             setting = allocation_setting(quantizer, model_id, budget, widths)
             plans = {f"R^{k:g}x{g:g} edge={e:g} prior={p:g} fisher<{r:g}":

@@ -25,14 +25,14 @@ if not sys.stderr.isatty():
 from nsds import arch, importance, runtime
 from nsds.allocate import Evidence, allocation_setting, fisher, higgs, least_error, plan_for
 from nsds.compute import Compute
-from nsds.distortion import cached_errors
 from nsds.evaluate.divergence import ReferenceLogProbs
 from nsds.evaluate.loading import load_for_evaluation
-from nsds.fisher import measure_fisher
 from nsds.pipeline import module_importance
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.runtime import GGUFTarget
-from nsds.weights import open_source, weights_identity
+from nsds.weights import open_source
+
+from allocators import measured_errors
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
 
@@ -48,15 +48,12 @@ def study(model_id: str, presets: list[str], text: str, tokens: int) -> dict[str
         matrix = importance.self_made(target.base)
         target = GGUFTarget(target.base, target.names, target.base_type, imatrix=matrix.path)
         loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))
-        model = loaded.model
-        modules = arch.linear_modules(model, fuse=True)
-        bank = WeightBank(model, [m.name for m in modules], quantizer, keep=True,
-                          importance=module_importance(matrix, target, modules))  # fmt: skip
-        errors = cached_errors(bank, modules, WIDTHS, arch.input_gains(model, modules),
-                               lambda: measure_fisher(model, loaded.tokenizer, modules),
-                               weights_identity(loaded.source.provenance()), matrix.digest)  # fmt: skip
+        modules = arch.linear_modules(loaded.lm.model, fuse=True)
+        weights = module_importance(matrix, target, modules)
+        bank = WeightBank(loaded.lm.model, [m.name for m in modules], quantizer, keep=True, importance=weights)
+        errors = measured_errors(quantizer, modules, WIDTHS, loaded, target.base, (weights, matrix.digest))
         reference = ReferenceLogProbs(work)
-        reference.record(model, loaded.windows)
+        reference.record(loaded.windows, loaded.lm.log_probs(loaded.windows))
         found: dict[str, dict[str, float]] = {}
         for preset in presets:
             path = runtime.preset_file(target.base, preset, work, matrix.path)
@@ -78,7 +75,7 @@ def study(model_id: str, presets: list[str], text: str, tokens: int) -> dict[str
                 key = tuple(sorted(plan.formats().items()))
                 if key not in seen:
                     bank.load_plan(plan)
-                    seen[key] = reference.compare(model, loaded.windows, f"{label} {preset}").kld
+                    seen[key] = reference.compare(loaded.windows, loaded.lm.log_probs(loaded.windows)).kld
                 cell[label] = seen[key]
             print(f"{model_id} {preset}: " + ", ".join(f"{k} {v:.4f}" for k, v in cell.items()), flush=True)
         reference.close()

@@ -206,3 +206,12 @@ def save_tiny_tokenizer(
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<s>").save_pretrained(folder)
+
+
+def whole_log_probs(model: torch.nn.Module, windows: torch.Tensor):
+    """(window ids, float32 log-probabilities of positions 0..n-2) of a whole loaded model, window by window:
+    what LayerwiseModel.log_probs gives, computed the plain way."""
+    with torch.inference_mode():
+        for window in windows:
+            logits = model(input_ids=window.unsqueeze(0)).logits[0, :-1].float()
+            yield window, torch.log_softmax(logits, dim=-1)

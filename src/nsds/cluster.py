@@ -25,7 +25,7 @@ from nsds.compute import PRECISIONS, Compute
 from nsds.config import CompareConfig
 from nsds.errors import NsdsError
 from nsds.evaluate.jobs import PerplexityJob, measure
-from nsds.evaluate.loading import load_model
+from nsds.layerwise import load_model
 from nsds.progress import progress, stage
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.scorers import nsds

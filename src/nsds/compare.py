@@ -23,9 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from nsds import __version__, arch, runtime
+from nsds import __version__, arch, fisher, runtime
 from nsds.allocate import (
     DEFAULT_ALLOCATOR,
     Evidence,
@@ -48,7 +46,6 @@ from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, wi
 from nsds.evaluate.protocol import Protocol
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, read_document, write_bytes, write_json
-from nsds.fisher import measure_fisher
 from nsds.gguf_tools import TENSOR_TYPES_SUFFIX
 from nsds.plan import Module, Plan
 from nsds.progress import note, progress, stage
@@ -275,7 +272,7 @@ def compare(cfg: CompareConfig, ray: str | None = None, workers: int | None = No
 def _evaluator(cfg: CompareConfig, loaded: Loaded, ray: str | None, workers: int | None) -> Evaluator:
     """Where the evaluations run: here, or on Ray model copies (connected only once the options are checked)."""
     if ray is None:
-        return Here(loaded.model, loaded.windows)
+        return Here(loaded.lm.model, loaded.windows)
     from nsds import cluster
 
     cluster.connect(ray)
@@ -303,21 +300,12 @@ class _Session:
     evaluated: int = 0
     reused: int = 0
     memo: dict[str, Any] = field(default_factory=dict)  # NSDS's run, shared by its ablations across quantizers
-    sampled: dict[str, torch.Tensor] = field(default_factory=dict)  # the Fisher information, measured once
 
     def evaluate(self, bank: WeightBank | None, jobs: list[PerplexityJob]) -> Iterator[tuple[int, float]]:
         """The perplexity of each job (index, PPL), counted."""
         for i, ppl in self.evaluator.run(bank, jobs):
             self.evaluated += 1
             yield i, ppl
-
-    def fisher_information(self) -> dict[str, torch.Tensor]:
-        """The checkpoint's Fisher information (called with every bank restored), sampled on first use."""
-        if not self.sampled:
-            start = time.perf_counter()
-            self.sampled.update(measure_fisher(self.loaded.model, self.loaded.tokenizer, self.modules))
-            self.timing["fisher_s"] = time.perf_counter() - start
-        return self.sampled
 
 
 def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | None) -> CompareResult:
@@ -329,8 +317,8 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     cfg.out.mkdir(parents=True, exist_ok=True)
     session = _Session(
         cfg, ready, loaded, _evaluator(cfg, loaded, ray, workers),
-        arch.linear_modules(loaded.model, fuse=cfg.fuse, per_expert=cfg.per_expert),
-        arch.geometry(loaded.model.config).num_layers, provenance, fingerprint,
+        arch.linear_modules(loaded.lm.model, fuse=cfg.fuse, per_expert=cfg.per_expert),
+        arch.geometry(loaded.lm.model.config).num_layers, provenance, fingerprint,
         _Cells(cfg.out / "cells.json", fingerprint),
         work, {"load_s": loaded.seconds},
     )  # fmt: skip
@@ -338,7 +326,7 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     per_quantizer: dict[str, QuantizerResult] = {}
     cells: list[Cell] = []
     for q, quantizer in ready.quantizers.items():
-        bank = WeightBank(loaded.model, [m.name for m in session.modules], quantizer, keep=True)
+        bank = WeightBank(loaded.lm.model, [m.name for m in session.modules], quantizer, keep=True)
         oracle = _oracle(session, q, bank)
         bank.restore()  # scorers read the loaded model's weights: the checkpoint's, not the oracle's last layer
         scores = _scores(session, q, quantizer)
@@ -354,7 +342,7 @@ def _compare(cfg: CompareConfig, work: Path, ray: str | None, workers: int | Non
     session.timing["total_s"] = time.perf_counter() - started
     result = CompareResult(
         model=provenance,
-        geometry=Shape(loaded.model.config.model_type, session.layers),
+        geometry=Shape(loaded.lm.model.config.model_type, session.layers),
         config=replace(cfg, scorers=tuple(spec.name for spec in ready.scorers)),
         allocator=ready.allocator,
         protocol=loaded.protocol,
@@ -410,7 +398,7 @@ def _scores(session: _Session, q: str, quantizer: Quantizer) -> dict[str, list[f
     store, loaded = session.store, session.loaded
     weights_only = Subject(loaded.source, None, None, quantizer, min(session.cfg.widths), loaded.compute,
                            session.memo)  # fmt: skip
-    with_model = replace(weights_only, model=loaded.model, tokenizer=loaded.tokenizer)
+    with_model = replace(weights_only, model=loaded.lm.model, tokenizer=loaded.tokenizer)
     scores: dict[str, list[float]] = {}
     for spec in session.ready.scorers:
         stored = f"{spec.name}@{q}" if spec.quantizer_dependent else spec.name
@@ -430,11 +418,12 @@ def _rows(session: _Session, q: str, bank: WeightBank, scores: dict[str, list[fl
     """Every plan of this quantizer, per budget: each scorer's, the baselines', the oracle's, the random
     rankings' and, at a preset's size, the preset's own."""
     cfg, ready, timing = session.cfg, session.ready, session.timing
-    start, sampling = time.perf_counter(), timing.get("fisher_s", 0.0)
-    gains = arch.input_gains(session.loaded.model, session.modules)
-    errors = cached_errors(bank, session.modules, cfg.widths, gains, session.fisher_information,
-                           session.fingerprint["model"])  # fmt: skip
-    timing[f"errors_{q}_s"] = time.perf_counter() - start - (timing.get("fisher_s", 0.0) - sampling)
+    start, loaded = time.perf_counter(), session.loaded
+    base = next(iter(ready.targets.values())).base if q == "gguf" and ready.targets else None  # as `nsds run`
+    sample = (fisher.settings(loaded.lm, base), lambda: fisher.own_tokens(loaded.lm, loaded.tokenizer, base))
+    errors = cached_errors(loaded.lm, session.modules, bank.quantizer, cfg.widths, session.fingerprint["model"],
+                           sample, session.work)  # fmt: skip
+    timing[f"errors_{q}_s"] = time.perf_counter() - start
     kinds = {spec.name: KIND_OF_SCORER[spec.kind] for spec in ready.scorers}
     rows = []
     for budget in ready.budgets:

@@ -27,14 +27,16 @@ from typing import Any
 
 import torch
 
-from nsds import __version__
+from nsds import __version__, arch
 from nsds.documents import build, plain
 from nsds.errors import NsdsError, first_line
 from nsds.files import keyed_cache_path, read_document, write_cache, write_json
-from nsds.fisher import settings
+from nsds.fisher import layerwise_fisher
+from nsds.layerwise import LayerwiseModel
 from nsds.plan import Module
-from nsds.progress import note, progress, stage
+from nsds.progress import note, stage
 from nsds.quantize.bank import WeightBank
+from nsds.quantize.base import Quantizer
 
 SCHEMA = "nsds.errors/3"
 
@@ -107,14 +109,12 @@ def measure_errors(
     widths: Sequence[int],
     gains: Mapping[str, torch.Tensor],
     fisher: Mapping[str, torch.Tensor],
-) -> ErrorTable:
-    """The error table of the bank's quantizer over `modules` at `widths` (each module quantized once per
-    width; with the bank's `keep`, those variants serve the plans' evaluations afterwards), with the norm
-    gains (arch.input_gains) and the diagonal Fisher information (fisher.diagonal_fisher) of every module, and
-    the importance the bank rounds by, if any."""
-    widths = tuple(sorted(set(widths)))
+) -> dict[str, ModuleError]:
+    """Every module's errors at `widths` (sorted) with the bank's quantizer (each module quantized once per
+    width), with the norm gains (arch.input_gains) and the diagonal Fisher information (nsds.fisher) of every
+    module, and the importance the bank rounds by, if any."""
     table: dict[str, ModuleError] = {}
-    for m in progress(modules, desc=f"measuring errors ({bank.quantizer.name})", unit="module"):
+    for m in modules:
         weight = bank.linear(m.name)
         scale = bank.importance[m.name].sqrt() if m.name in bank.importance else None
         relative, gained, weighted, important = [], [], [], []
@@ -128,41 +128,70 @@ def measure_errors(
                 important.append(output_error(weight, quantized, scale))
         table[m.name] = ModuleError(tuple(relative), tuple(gained), tuple(weighted),
                                     tuple(important) if scale is not None else None)  # fmt: skip
-    return ErrorTable(bank.quantizer.name, widths, table)
+    return table
+
+
+def layerwise_errors(
+    lm: LayerwiseModel,
+    modules: Sequence[Module],
+    quantizer: Quantizer,
+    widths: Sequence[int],
+    importance: Mapping[str, torch.Tensor],
+    tokens: torch.Tensor,
+    folder: Path,
+) -> ErrorTable:
+    """The error table of `quantizer` (rounding by `importance`, module name -> one weight per input column,
+    where given) over `modules` at `widths`, one decoder layer at a time: each layer's modules are measured
+    while the layer-by-layer Fisher pass on the self-text `tokens` holds that layer (nsds.fisher)."""
+    widths = tuple(sorted(set(widths)))
+    found: dict[str, ModuleError] = {}
+
+    def each_layer(i: int, fisher: dict[str, torch.Tensor]) -> None:
+        own = [m for m in modules if m.name in fisher]
+        if own:
+            weights = {m.name: importance[m.name] for m in own if m.name in importance}
+            bank = WeightBank(lm.model, [m.name for m in own], quantizer, keep=False, importance=weights)
+            found.update(measure_errors(bank, own, widths, arch.input_gains(lm.model, own), fisher))
+
+    layerwise_fisher(lm, modules, tokens, folder, each_layer)
+    return ErrorTable(quantizer.name, widths, {m.name: found[m.name] for m in modules})
 
 
 def cached_errors(
-    bank: WeightBank,
+    lm: LayerwiseModel,
     modules: Sequence[Module],
+    quantizer: Quantizer,
     widths: Sequence[int],
-    gains: Mapping[str, torch.Tensor],
-    fisher: Callable[[], Mapping[str, torch.Tensor]],
     weights: list[str] | str,
-    importance: str | None = None,
+    sample: tuple[dict[str, object], Callable[[], torch.Tensor]],
+    folder: Path,
+    importance: tuple[Mapping[str, torch.Tensor], str] | None = None,
 ) -> ErrorTable:
-    """measure_errors, kept in the nsds cache: the table depends on the weights alone (no text), so a rerun with
-    another budget, text or allocator reads it back instead of sampling, differentiating and quantizing again.
-    The key: `weights` (weights.weights_identity of the bank's model; `gains` are arch.input_gains of those
-    weights), the Fisher settings, the quantizer, the importance matrix the bank rounds by (`importance`: its
-    file's SHA-256), the widths and the modules. `fisher` (the bank's model's
-    fisher.measure_fisher, while it holds the checkpoint's weights) is called only when the table is measured."""
+    """layerwise_errors, kept in the nsds cache: the table depends on the weights alone (no text), so a rerun
+    with another budget, text or allocator reads it back instead of sampling, differentiating and quantizing
+    again. The key: `weights` (weights.weights_identity of the model), the Fisher sample's settings (`sample`:
+    fisher.settings and the function that samples, called only when the table is measured), the quantizer,
+    the importance matrix it rounds by (`importance`: module weights and the file's SHA-256), the widths and
+    the modules."""
     widths = tuple(sorted(set(widths)))
     shapes = [[m.name, m.out_features, m.in_features] for m in modules]
-    key = {"schema": SCHEMA, "nsds_version": __version__, "weights": weights, "fisher": settings(bank.model),
-           "quantizer": bank.quantizer.describe(), "importance": importance, "widths": widths,
-           "modules": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:20]}  # fmt: skip
+    settings, tokens = sample
+    key = {"schema": SCHEMA, "nsds_version": __version__, "weights": weights, "fisher": settings,
+           "quantizer": quantizer.describe(), "importance": None if importance is None else importance[1],
+           "widths": widths, "modules": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:20]}  # fmt: skip
     path = keyed_cache_path("errors", key)
     if path.is_file():
         try:
             stored, table = read_document(path, SCHEMA, "cached error table",
                                           lambda data: (data["key"], build(ErrorTable, data["table"])))  # fmt: skip
             if stored == json.loads(json.dumps(key)):
-                stage(f"every module's error at every width ({bank.quantizer.name}): from the nsds cache")
+                stage(f"every module's error at every width ({quantizer.name}): from the nsds cache")
                 return table
-        except NsdsError as err:  # a damaged cache (any part of it) is only lost work: measure again
+        except NsdsError as err:  # a damaged cache (any part of it) is only lost work
             note(f"{first_line(err)}; measuring the error table again")
-    fisher_of = fisher()
-    stage(f"measuring every module's error at every width ({bank.quantizer.name})")
-    table = measure_errors(bank, modules, widths, gains, fisher_of)
+    sampled = tokens()
+    stage(f"measuring every module's error at every width ({quantizer.name}), one layer at a time")
+    table = layerwise_errors(lm, modules, quantizer, widths, {} if importance is None else importance[0], sampled,
+                             folder)  # fmt: skip
     write_cache(path, {"schema": SCHEMA, "key": key, "table": table.to_dict()}, "error cache")
     return table

@@ -9,38 +9,50 @@ second-order estimate of what a small weight change d costs the model's predicti
     KL(model || changed model) ~ 1/2 sum_i F_ii d_i^2   nats per token,
 
 which the `error` allocator minimises where the quantization noise is small (allocate.least_error).
+
+Who samples: with llama.cpp's types, llama-completion on the model's GGUF file (nsds.selftext, the text the
+importance matrix is made of), so the model is never held whole; with the other quantizers, transformers on
+the loaded model. The gradients are taken one decoder layer at a time (layerwise_fisher).
 """
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from nsds import arch
+from nsds import arch, selftext
 from nsds.layerwise import LayerwiseModel, layer_output, sequence_gradients
 from nsds.plan import Module
 from nsds.progress import progress, stage
 
 SEQUENCES = 16
-LENGTH = 512
+LENGTH = selftext.LENGTH
 SEED = 0
 
 
-def settings(model: torch.nn.Module) -> dict[str, object]:
-    """What the estimate depends on besides the weights (sampling differs across devices and torch versions)."""
-    parameter = next(model.parameters())
-    return {"sequences": SEQUENCES, "length": LENGTH, "seed": SEED, "device": parameter.device.type,
-            "dtype": str(parameter.dtype), "torch": torch.__version__}  # fmt: skip
+def settings(lm: LayerwiseModel, base: Path | None) -> dict[str, object]:
+    """What the estimate depends on besides the weights: who sampled the text (llama.cpp on `base`, or
+    transformers, whose sampling differs across devices and torch versions) and the precision of the pass."""
+    sampler = {"llama.cpp": selftext.settings(SEQUENCES)} if base is not None else {"transformers": SEED}
+    return {"sequences": SEQUENCES, "length": LENGTH, "sampler": sampler, "device": str(lm.device),
+            "dtype": str(lm.dtype), "torch": torch.__version__}  # fmt: skip
 
 
-def measure_fisher(model: torch.nn.Module, tokenizer, modules: Sequence[Module]) -> dict[str, torch.Tensor]:
-    """Every module's diagonal Fisher information per token, on SEQUENCES x LENGTH tokens of self-text."""
-    stage("Fisher information on the model's own samples")
-    bos = next((t for t in (tokenizer.bos_token_id, model.config.bos_token_id, tokenizer.eos_token_id)
+def own_tokens(lm: LayerwiseModel, tokenizer, base: Path | None) -> torch.Tensor:
+    """SEQUENCES x (1 + LENGTH) token ids of the model's own text (cut to its context): sampled by
+    llama-completion from `base` (nsds.selftext) and tokenized, or, without `base`, by transformers from the
+    model, which must then be resident."""
+    bos = next((t for t in (tokenizer.bos_token_id, lm.model.config.bos_token_id, tokenizer.eos_token_id)
                 if isinstance(t, int)), 0)  # fmt: skip
-    return diagonal_fisher(model, modules, self_text(model, bos))
+    context = arch.context_length(lm.model.config)
+    length = min(LENGTH, context - 1) if context else LENGTH
+    if base is not None:
+        return selftext.token_sequences(tokenizer, selftext.sample(base, SEQUENCES), bos, length)
+    if not lm.resident:
+        raise RuntimeError("transformers samples from a resident model only")
+    stage("the model writes its own text (transformers)")
+    return self_text(lm.model, bos, SEQUENCES, length)
 
 
 def self_text(model: torch.nn.Module, bos: int, sequences: int = SEQUENCES, length: int = LENGTH,
@@ -58,68 +70,6 @@ def self_text(model: torch.nn.Module, bos: int, sequences: int = SEQUENCES, leng
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         return model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=settings)
-
-
-def diagonal_fisher(model: torch.nn.Module, modules: Sequence[Module], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """F_ii per token for every module's weight (out x in, float32, on the CPU), from the self-text `tokens`:
-    the mean over sequences of the squared gradient of each sequence's log-likelihood, divided by its length.
-
-    Each parameter's gradient is squared into its sum as soon as backward completes it and then freed, so
-    the peak memory is the model, one float32 sum per planned parameter and one gradient at a time (not a
-    whole second set of gradients); the modules' tensors are views of those sums, not copies."""
-    parameters = dict(model.named_parameters())
-    owner = {m.name: _owner(model, m.name, parameters) for m in modules}
-    wanted = list(dict.fromkeys(owner.values()))
-    kept = {name: (p.requires_grad, p.grad) for name, p in parameters.items()}
-    squares = {name: torch.zeros_like(parameters[name], dtype=torch.float32) for name in wanted}
-
-    def accumulate(name: str):
-        def hook(parameter: torch.nn.Parameter) -> None:
-            squares[name] += parameter.grad.float().square()
-            parameter.grad = None
-
-        return hook
-
-    hooks = [parameters[name].register_post_accumulate_grad_hook(accumulate(name)) for name in wanted]
-    try:
-        for name, p in parameters.items():
-            p.requires_grad_(name in squares)
-            p.grad = None
-        for sequence in progress(tokens, desc="Fisher information", unit="sequence"):
-            ids = sequence.unsqueeze(0)
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            F.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for name, p in parameters.items():
-            p.requires_grad_(kept[name][0])
-            p.grad = kept[name][1]
-    per_token = tokens.shape[0] * (tokens.shape[1] - 1)
-    for square in squares.values():
-        square /= per_token
-    return {m.name: _slice(model, m.name, parameters[owner[m.name]], squares[owner[m.name]]).cpu() for m in modules}
-
-
-def _owner(model: torch.nn.Module, name: str, parameters: dict[str, torch.nn.Parameter]) -> str:
-    """The name of the parameter that holds a module's weight (its own, or a fused experts parameter it is a
-    slice of)."""
-    view, _ = arch.module_weight(model, name)
-    base = view if view._base is None else view._base
-    return next(key for key, p in parameters.items() if p is base or p.data_ptr() == base.data_ptr())
-
-
-def _slice(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, squares: torch.Tensor) -> torch.Tensor:
-    """The module's part of its parameter's squared gradients, read exactly as its weight is read (out x in):
-    the parameter briefly holds the squares, so arch.module_weight's own slicing applies."""
-    data = parameter.data
-    parameter.data = squares
-    try:
-        view, transposed = arch.module_weight(model, name)
-        view = view.detach()  # a view of `squares` (float32): no copy
-    finally:
-        parameter.data = data
-    return view.T if transposed else view
 
 
 def layerwise_fisher(lm: LayerwiseModel, modules: Sequence[Module], tokens: torch.Tensor, folder: Path,
@@ -171,3 +121,24 @@ def layerwise_fisher(lm: LayerwiseModel, modules: Sequence[Module], tokens: torc
                                for m in planned})  # fmt: skip
     finally:
         path.unlink(missing_ok=True)  # the mapping lives on until `inputs` is freed
+
+
+def _owner(model: torch.nn.Module, name: str, parameters: dict[str, torch.nn.Parameter]) -> str:
+    """The name of the parameter that holds a module's weight (its own, or a fused experts parameter it is a
+    slice of)."""
+    view, _ = arch.module_weight(model, name)
+    base = view if view._base is None else view._base
+    return next(key for key, p in parameters.items() if p is base or p.data_ptr() == base.data_ptr())
+
+
+def _slice(model: torch.nn.Module, name: str, parameter: torch.nn.Parameter, squares: torch.Tensor) -> torch.Tensor:
+    """The module's part of its parameter's squared gradients, read exactly as its weight is read (out x in):
+    the parameter briefly holds the squares, so arch.module_weight's own slicing applies."""
+    data = parameter.data
+    parameter.data = squares
+    try:
+        view, transposed = arch.module_weight(model, name)
+        view = view.detach()  # a view of `squares` (float32): no copy
+    finally:
+        parameter.data = data
+    return view.T if transposed else view

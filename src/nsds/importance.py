@@ -3,9 +3,8 @@ square and the token count (per expert for MoE), llama.cpp's `imatrix` (docs/GGU
 
 llama-quantize --imatrix rounds every block to minimise the error weighted by the mean of x_j^2, which is
 worth more than any choice of types. The data-free default makes one from the model's own text: the model
-writes `tokens` tokens from its BOS token (llama-completion: plain sampling, temperature 1, no top-k/top-p/
-min-p, no repetition penalty, end of text suppressed, one seed per sequence) and llama-imatrix accumulates
-the statistics on that text. No text is read. A user's own matrix (made by llama-imatrix on any text, in its
+writes `tokens` tokens (nsds.selftext) and llama-imatrix accumulates the statistics on that text. No text is
+read. A user's own matrix (made by llama-imatrix on any text, in its
 GGUF or legacy .dat format) is read the same way. Both are read exactly as llama-quantize reads them, so the
 weights nsds quantizes in process are the ones llama-quantize writes.
 """
@@ -20,16 +19,14 @@ import gguf
 import numpy as np
 import torch
 
-from nsds import gguf_tools, llamacpp
+from nsds import gguf_tools, selftext
 from nsds.errors import NsdsError, first_line
-from nsds.files import cache_dir, copy_file, sha256_file, write_bytes
+from nsds.files import cache_dir, copy_file, sha256_file
 from nsds.gguf_header import GGUFHeader
 from nsds.progress import note, stage
+from nsds.selftext import LENGTH
 
-LENGTH = 512  # llama-imatrix's chunk (its default -c): the statistics cover `tokens` // LENGTH chunks
-SLACK = 16  # each sequence is this much longer: its text may tokenize back to a few tokens fewer
-DEFAULT_TOKENS = 8192  # 16 sequences; the sample's size is studied in docs/GGUF.md §5
-SEED = 0
+DEFAULT_TOKENS = 8192  # 16 sequences of selftext.LENGTH; the sample's size is studied in docs/GGUF.md §5
 SUFFIX = ".imatrix.gguf"
 _METADATA = ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")
 
@@ -142,13 +139,8 @@ def _read_legacy(path: Path) -> ImportanceMatrix:
 
 def settings(tokens: int) -> dict[str, object]:
     """What a self-made matrix depends on besides the model file: the sample and the llama.cpp build."""
-    return {"tokens": tokens, "length": LENGTH, "slack": SLACK, "seed": SEED, "llama.cpp": llamacpp.tools().version,
-            "sampling": list(_SAMPLING)}  # fmt: skip
-
-
-# llama-completion's sampling: temperature 1 over the whole vocabulary (only the temperature sampler, then
-# the seeded draw), end of generation suppressed, no chat template; the text printed is what it sampled.
-_SAMPLING = ("--samplers", "temperature", "--temp", "1", "--ignore-eos", "-no-cnv", "--no-warmup", "--simple-io")
+    own = selftext.settings(tokens // LENGTH)
+    return {"tokens": tokens, **{k: v for k, v in own.items() if k != "sequences"}}
 
 
 def check_tokens(tokens: int) -> int:
@@ -160,8 +152,8 @@ def check_tokens(tokens: int) -> int:
 
 
 def self_made(base: Path, tokens: int = DEFAULT_TOKENS) -> ImportanceMatrix:
-    """The importance matrix of `base` (a GGUF file) on `tokens` tokens of text it wrote itself, kept in the
-    nsds cache (keyed by the file's SHA-256 and the settings) with the text beside it."""
+    """The importance matrix of `base` (a GGUF file) on `tokens` tokens of text it wrote itself (nsds.selftext),
+    kept in the nsds cache (keyed by the file's SHA-256 and the settings) with the text beside it."""
     tokens = check_tokens(tokens)
     key = {"model": sha256_file(base), **settings(tokens)}
     digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:20]
@@ -174,25 +166,10 @@ def self_made(base: Path, tokens: int = DEFAULT_TOKENS) -> ImportanceMatrix:
         except NsdsError as err:  # a damaged entry is only lost work
             note(f"{first_line(err)}; making the importance matrix again")
     sequences = tokens // LENGTH
-    text = target.with_suffix("").with_suffix(".txt")
-    stage(f"the model writes {sequences} x {LENGTH + SLACK} tokens of its own text (llama-completion)")
-    prompt = start_prompt(GGUFHeader(base))
-    samples = [gguf_tools.generate(base, prompt, LENGTH + SLACK, SEED + i, _SAMPLING) for i in range(sequences)]
-    write_bytes(text, "\n".join(samples).encode("utf-8"))
+    text = selftext.text_file(base, sequences, target.with_suffix("").with_suffix(".txt"))
     stage(f"importance matrix on that text (llama-imatrix, {sequences} chunks of {LENGTH})")
     gguf_tools.make_imatrix(base, text, target, LENGTH, sequences)
     return read(target)
-
-
-def start_prompt(header: GGUFHeader) -> str:
-    """What llama-completion starts from: nothing where the vocabulary adds its BOS token itself, else the
-    text of the BOS token (the EOS token where there is none), which it parses back to that token."""
-    if header.metadata.get("tokenizer.ggml.add_bos_token") is True:
-        return ""
-    start = header.metadata.get("tokenizer.ggml.bos_token_id", header.metadata.get("tokenizer.ggml.eos_token_id"))
-    if not isinstance(start, int):
-        raise NsdsError("the model's vocabulary names no BOS or EOS token to start its own text from")
-    return header.string_item("tokenizer.ggml.tokens", start)
 
 
 def keep_beside(matrix: ImportanceMatrix, target: Path) -> None:

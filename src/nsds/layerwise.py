@@ -20,12 +20,30 @@ import torch.nn.functional as F
 
 from nsds import arch
 from nsds.errors import NsdsError, first_line
-from nsds.evaluate.loading import load_model
 from nsds.progress import note, progress
 from nsds.weights.safetensors import SafetensorsSource
 
 # What a pass may do to a layer once its checkpoint weights are in: (layer index, the model) -> None.
 LayerHook = Callable[[int, torch.nn.Module], None]
+
+
+def pretrained(loader, path: Path, what: str):
+    """transformers' from_pretrained on a folder or a GGUF file, with its errors as one line."""
+    folder, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    try:
+        return loader(folder, **extra)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise NsdsError(f"transformers cannot load the {what} in '{path}': {first_line(err)}") from None
+
+
+def load_model(path: Path, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The transformers model in `dtype` (a GGUF file is dequantized)."""
+    from transformers import AutoModelForCausalLM
+
+    def loader(folder, **extra):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+
+    return pretrained(loader, path, "model").eval().to(device)
 
 
 class _Tensors(Protocol):
@@ -76,9 +94,12 @@ class LayerwiseModel:
     """The transformers model of the checkpoint at `location` (a model folder or a GGUF file), built without
     weights; its stem is loaded at once, its decoder layers when a pass reaches them (in `dtype`, on `device`).
     Its config and weights are what transformers' from_pretrained reads (a GGUF file: one tensor at a time,
-    dequantized and processed as transformers processes it)."""
+    dequantized and processed as transformers processes it). `resident`: loaded whole by from_pretrained
+    instead (what sampling with transformers and lm-eval need); so is a checkpoint whose tensors transformers
+    converts on load. Passes over a resident model run the same way and leave its weights as they were."""
 
-    def __init__(self, location: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+    def __init__(self, location: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 resident: bool = False) -> None:  # fmt: skip
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.dtype, self.device = dtype, device
@@ -94,12 +115,13 @@ class LayerwiseModel:
         self.tensors: _Tensors = _GGUFTensors(location, model) if is_gguf else SafetensorsSource(location)
         available = self.tensors.names()
         missing = [name for name, _ in model.named_parameters() if name not in available]
-        self.resident = bool(missing)
-        if self.resident:  # e.g. experts transformers fuses on load: its loader alone knows how
+        self.resident = resident or bool(missing)
+        if missing and not resident:  # e.g. experts transformers fuses on load: its loader alone knows how
             note(
                 f"transformers' {type(model).__name__} has no tensor '{missing[0]}' in the checkpoint (it converts "
                 "the checkpoint's tensors when it loads them): the whole model is loaded, not one layer at a time"
             )
+        if self.resident:
             model = load_model(location, device, dtype)
         self.model = model.eval()
         self.body = arch.find_body(family, {name for name, _ in model.named_parameters()})
@@ -210,13 +232,18 @@ class LayerwiseModel:
         with torch.no_grad():
             for i in progress(range(self.num_layers), desc=desc, unit="layer"):
                 with self.layer(i) as layer:
-                    if prepare is not None:
-                        prepare(i, self.model)
-                    for j, hidden in enumerate(states):
-                        if keep_inputs is not None:
-                            keep_inputs(i, j, hidden)
-                        args, kwargs = calls[j][i]
-                        states[j] = layer_output(layer(hidden, *args, **kwargs))
+                    kept = {k: v.clone() for k, v in layer.state_dict().items()} if prepare and self.resident else None
+                    try:
+                        if prepare is not None:
+                            prepare(i, self.model)
+                        for j, hidden in enumerate(states):
+                            if keep_inputs is not None:
+                                keep_inputs(i, j, hidden)
+                            args, kwargs = calls[j][i]
+                            states[j] = layer_output(layer(hidden, *args, **kwargs))
+                    finally:
+                        if kept is not None:
+                            layer.load_state_dict(kept)
         return states, calls
 
     def log_probs(self, windows: torch.Tensor, prepare: LayerHook | None = None,

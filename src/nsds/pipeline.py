@@ -1,22 +1,24 @@
-"""The main job, `nsds run`: check -> load once -> score -> allocate -> quantize -> evaluate -> outputs.
+"""The main job, `nsds run`: check -> own text, importance -> score -> errors -> allocate -> evaluate -> outputs.
 
-Every option is checked before the model is loaded (a llama.cpp preset budget is resolved then, from the
+Every option is checked before the model is read (a llama.cpp preset budget is resolved then, from the
 preset's own file). With the GGUF quantizer every plan is also written as a GGUF file and measured by
-llama-perplexity (nsds.runtime). The model is loaded once; its planned modules'
-weights are kept pristine and every plan (the NSDS plan, the uniform baseline at the same budget) is put
-into it from those (quantize.WeightBank), so comparing plans costs one load. Outputs are written only
-once everything has succeeded, each file atomically.
+llama-perplexity (nsds.runtime), and the model is never held whole: its own text and importance matrix come
+from llama.cpp on the GGUF file, and the error table and every plan's evaluation are passes over the decoder
+layers, each layer read from the checkpoint when the pass reaches it (nsds.layerwise, docs/DESIGN.md
+Memory). With the other quantizers the model is loaded whole once (transformers samples its own text) and
+the same passes run over it. Outputs are written only once everything has succeeded, each file atomically.
 """
 
 import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from nsds import arch, importance, runtime
+from nsds import arch, fisher, importance, runtime
 from nsds.allocate import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
@@ -37,12 +39,12 @@ from nsds.evaluate.lmeval import zero_shot
 from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, copy_file, publish, staged_folder, write_bytes
-from nsds.fisher import measure_fisher
 from nsds.gguf_tools import TENSOR_TYPES_SUFFIX
 from nsds.importance import ImportanceMatrix
 from nsds.plan import Module, Plan
 from nsds.progress import note, stage
 from nsds.quantize import QUANTIZERS, Quantizer, WeightBank, check_expert_formats, make_quantizer
+from nsds.quantize.bank import quantize_into
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
 from nsds.results import Evaluation, RunResult
@@ -207,39 +209,48 @@ def run(cfg: RunConfig) -> RunResult:
 
 @dataclass
 class Job:
-    """A run's loaded model and its evidence: what every plan of the run is made from and evaluated on."""
+    """A run's model and its evidence: what every plan of the run is made from and evaluated on."""
 
     ready: PreparedRun
     loaded: Loaded
     scores: ScoreReport
     modules: list[Module]
-    bank: WeightBank  # the loaded model's planned modules, rounded by the importance matrix if any
+    importance: dict[str, torch.Tensor]  # module -> the quantization weights it is rounded by (gguf), else empty
     errors: ErrorTable | None
     matrix: ImportanceMatrix | None
     matrix_s: float  # seconds spent making (or reading) the importance matrix
+    errors_s: float  # seconds spent measuring (or reading) the error table, the Fisher step included
+
+
+def resident(cfg: RunConfig) -> bool:
+    """Whether the run holds the whole model: for transformers' sampling (the Fisher step of quantizers other
+    than gguf, whose runs sample with llama.cpp) and for lm-eval's tasks. Otherwise it holds one layer at a
+    time (docs/DESIGN.md, memory)."""
+    return cfg.quantizer != "gguf" or bool(cfg.tasks)
 
 
 def prepare_run(cfg: RunConfig, work: Path) -> Job:
-    """Check the options, make the importance matrix (gguf), load the model once, score it and measure the
-    error table (when a plan reads it): everything but the plans. `cfg` must have its widths
-    (with_default_widths)."""
+    """Check the options, make the importance matrix (gguf), load the model (whole, or its stem: `resident`),
+    score it and measure the error table (when a plan reads it): everything but the plans. `cfg` must have
+    its widths (with_default_widths)."""
     ready = prepare(cfg, work)
     started = time.perf_counter()
     ready, matrix = with_importance(cfg, ready, work)
     matrix_s = time.perf_counter() - started
-    loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute)
-    model = loaded.model
+    loaded = load_for_evaluation(cfg.model, cfg.gguf_file, cfg.text, ready.window, cfg.tokens, ready.compute,
+                                 resident(cfg))  # fmt: skip
+    lm = loaded.lm
     stage("scoring (NSDS)")
     scores = score(loaded.source, compute=loaded.compute)
-    modules = arch.linear_modules(model, fuse=cfg.fuse, per_expert=cfg.per_expert)
-    weights = None if matrix is None or ready.gguf is None else module_importance(matrix, ready.gguf, modules)
-    bank = WeightBank(model, [m.name for m in modules], ready.quantizer, keep=False, importance=weights)
-    errors = None
+    modules = arch.linear_modules(lm.model, fuse=cfg.fuse, per_expert=cfg.per_expert)
+    weights = {} if matrix is None or ready.gguf is None else module_importance(matrix, ready.gguf, modules)
+    errors, started = None, time.perf_counter()
     if measures_errors(cfg):
-        errors = cached_errors(bank, modules, cfg.widths, arch.input_gains(model, modules),
-                               lambda: measure_fisher(model, loaded.tokenizer, modules),
-                               weights_identity(scores.model), None if matrix is None else matrix.digest)  # fmt: skip
-    return Job(ready, loaded, scores, modules, bank, errors, matrix, matrix_s)
+        base = None if ready.gguf is None else ready.gguf.base  # gguf: llama.cpp samples from the base file
+        sample = (fisher.settings(lm, base), lambda: fisher.own_tokens(lm, loaded.tokenizer, base))
+        errors = cached_errors(lm, modules, ready.quantizer, cfg.widths, weights_identity(scores.model), sample,
+                               work, None if matrix is None else (weights, matrix.digest))  # fmt: skip
+    return Job(ready, loaded, scores, modules, weights, errors, matrix, matrix_s, time.perf_counter() - started)
 
 
 def plans_for_run(cfg: RunConfig, job: Job) -> dict[str, Plan]:
@@ -258,15 +269,13 @@ def plans_for_run(cfg: RunConfig, job: Job) -> dict[str, Plan]:
 def _run(cfg: RunConfig, work: Path) -> RunResult:
     started = time.perf_counter()
     job = prepare_run(cfg, work)
-    ready, loaded, scores, bank, errors, matrix = job.ready, job.loaded, job.scores, job.bank, job.errors, job.matrix
-    model, target = loaded.model, ready.gguf
+    ready, loaded, scores, errors, matrix = job.ready, job.loaded, job.scores, job.errors, job.matrix
+    target = ready.gguf
     plans = plans_for_run(cfg, job)
     reference = ReferenceLogProbs(work)
-    evaluations = [_evaluate(model, loaded.tokenizer, loaded.windows, "reference", None, cfg, reference)]
+    evaluations = [_evaluate(job, "reference", None, cfg, reference)]
     for label, plan in plans.items():
-        bank.load_plan(plan)
-        evaluations.append(_evaluate(model, loaded.tokenizer, loaded.windows, label, plan, cfg, reference))
-    bank.restore()
+        evaluations.append(_evaluate(job, label, plan, cfg, reference))
     reference.close()
     files: dict[str, Path] = {}
     if target is not None:
@@ -288,13 +297,14 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
             "load_s": loaded.seconds,
             "imatrix_s": job.matrix_s,
             "score_s": scores.timing["total_s"],
+            "errors_s": job.errors_s,
             "total_s": time.perf_counter() - started,
         },
     )
     report, figures = render(result, scores, plans["nsds"])
     if cfg.save is not None:
         stage(f"saving the HQQ model to {cfg.save}")
-        save_hqq_model(model, plans["nsds"], cfg.save)
+        save_hqq_model(loaded.lm.model, plans["nsds"], cfg.save)
     # every output is written into a sibling folder first and moved into --out once all are there, so an
     # interrupted or failed run leaves no partial set (nor an empty --out)
     with staged_folder(cfg.out) as out:
@@ -320,22 +330,46 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     return result
 
 
-def _evaluate(model: torch.nn.Module, tokenizer, windows: torch.Tensor, label: str, plan: Plan | None,
-              cfg: RunConfig, reference: ReferenceLogProbs) -> Evaluation:  # fmt: skip
-    """The reference (plan None: its log-probabilities recorded) or a plan: perplexity, and the plan's KL
-    divergence from the reference on the same windows."""
+def _evaluate(job: Job, label: str, plan: Plan | None, cfg: RunConfig, reference: ReferenceLogProbs) -> Evaluation:
+    """The reference (plan None: its log-probabilities recorded) or a plan, put into each layer as a pass reaches
+    it: perplexity, and the plan's KL divergence from the reference on the same windows."""
     stage(f"evaluating {label}")
     start = time.perf_counter()
-    desc = f"perplexity ({label})"
-    measured: dict[str, float] = {}
+    windows, measured = job.loaded.windows, {}
     if plan is None:
-        ppl = reference.record(model, windows, desc)
+        ppl = reference.record(windows, log_probs(job, None, f"perplexity ({label})"))
     else:
-        found = reference.compare(model, windows, desc)
+        found = reference.compare(windows, log_probs(job, plan, f"perplexity ({label})"))
         ppl = found.ppl
         measured = {"kld": found.kld, "kld_stderr": found.kld_stderr, "kld_p99": found.kld_p99,
                     "same_top": found.same_top}  # fmt: skip
-    tasks = zero_shot(model, tokenizer, list(cfg.tasks), cfg.task_limit) if cfg.tasks else {}
+    tasks = _tasks(job, plan, cfg) if cfg.tasks else {}
     bits = {} if plan is None else {"weight_bits": plan.weight_bits, "storage_bits": plan.storage_bits}
     allocator = plan.allocator if plan else None
     return Evaluation(label, allocator, ppl, time.perf_counter() - start, tasks, **bits, **measured)
+
+
+def log_probs(job: Job, plan: Plan | None, desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The log-probabilities of the job's windows (as evaluate.divergence reads them) with the plan's formats
+    put into each layer as the pass reaches it (None: the checkpoint's weights)."""
+    by_layer: dict[int, dict[str, str]] = {}
+    for m in plan.modules if plan is not None else ():
+        by_layer.setdefault(m.layer, {})[m.name] = m.format
+
+    def put_plan(i: int, model: torch.nn.Module) -> None:
+        quantize_into(model, by_layer.get(i, {}), job.ready.quantizer, job.importance)
+
+    return job.loaded.lm.log_probs(job.loaded.windows, put_plan if plan is not None else None, desc=desc)
+
+
+def _tasks(job: Job, plan: Plan | None, cfg: RunConfig) -> dict:
+    """lm-eval's zero-shot tasks on the resident model with the plan in it (then its weights back)."""
+    model = job.loaded.lm.model
+    bank = WeightBank(model, [m.name for m in job.modules], job.ready.quantizer, keep=False,
+                      importance=job.importance)  # fmt: skip
+    if plan is not None:
+        bank.load_plan(plan)
+    try:
+        return zero_shot(model, job.loaded.tokenizer, list(cfg.tasks), cfg.task_limit)
+    finally:
+        bank.restore()

@@ -119,7 +119,7 @@ def test_the_error_table_weighs_each_module_by_its_importance(own, smollm2_gguf,
     """The importance-weighted error of a module rounded by the matrix: ||(W - Q) diag(sqrt I)||^2 / ||W
     diag(sqrt I)||^2, Q being the weights llama-quantize --imatrix writes."""
     from nsds import arch, runtime
-    from nsds.distortion import measure_errors, output_error
+    from nsds.distortion import ErrorTable, measure_errors, output_error
     from nsds.quantize import WeightBank, make_quantizer
 
     modules = arch.linear_modules(smollm2_hf, fuse=True)[:7]  # the first layer
@@ -128,7 +128,7 @@ def test_the_error_table_weighs_each_module_by_its_importance(own, smollm2_gguf,
     quantizer = make_quantizer("gguf")
     bank = WeightBank(smollm2_hf, [m.name for m in modules], quantizer, keep=False, importance=weights)
     fisher = {m.name: torch.ones(m.out_features, m.in_features) for m in modules}
-    table = measure_errors(bank, modules, (2, 4), {}, fisher)
+    table = ErrorTable("gguf", (2, 4), measure_errors(bank, modules, (2, 4), {}, fisher))
     for m in modules:
         w = smollm2_hf.get_submodule(m.name).weight.detach()
         for bits in (2, 4):

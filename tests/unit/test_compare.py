@@ -11,9 +11,10 @@ import torch
 from nsds import arch
 from nsds.compare import compare, write_outputs
 from nsds.config import CompareConfig
-from nsds.evaluate.loading import load_model, load_tokenizer
+from nsds.evaluate.loading import load_tokenizer
 from nsds.evaluate.perplexity import perplexity
 from nsds.evaluate.text import token_windows
+from nsds.layerwise import load_model
 from nsds.quantize.rtn import rtn
 from nsds.results import CompareResult
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from nsds import arch
-from nsds.distortion import ErrorTable, cached_errors, measure_errors, output_error
+from nsds.distortion import ErrorTable, cached_errors, layerwise_errors, measure_errors, output_error
 from nsds.errors import NsdsError
+from nsds.fisher import layerwise_fisher, self_text
+from nsds.layerwise import LayerwiseModel
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.quantize.rtn import rtn
 
@@ -55,8 +57,8 @@ def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
     gains = arch.input_gains(model, modules)
     fisher = {m.name: torch.rand(m.out_features, m.in_features, generator=torch.Generator().manual_seed(i))
               for i, m in enumerate(modules)}  # fmt: skip
-    table = measure_errors(bank, modules, (4, 2), gains, fisher)
-    assert table.widths == (2, 4) and set(table.modules) == {m.name for m in modules}
+    table = ErrorTable("rtn", (2, 4), measure_errors(bank, modules, (2, 4), gains, fisher))
+    assert set(table.modules) == {m.name for m in modules}
     for m in modules[:7]:
         w = model.get_submodule(m.name).weight.detach()
         for bits in (2, 4):
@@ -75,32 +77,56 @@ def test_error_table_of_a_model_equals_a_direct_computation(tmp_path):
         table.of(modules[0].name, 2, "importance")
 
 
-def test_the_error_table_is_kept_in_the_nsds_cache_under_its_weights_quantizer_and_widths(tmp_path, monkeypatch):
-    monkeypatch.setenv("NSDS_CACHE", str(tmp_path))
-    model = tiny_model("llama")
+def test_the_layer_by_layer_table_equals_the_whole_models(tmp_path):
+    """Each layer's modules measured while the Fisher pass holds that layer: the table of the whole model with
+    the same Fisher information, gains and quantizer (rounding by an importance matrix: the integration
+    tests with llama.cpp's types)."""
+    model = tiny_model("gemma3")
+    model.save_pretrained(tmp_path / "model")
     modules = arch.linear_modules(model, fuse=True)
-    gains = arch.input_gains(model, modules)
+    quantizer = make_quantizer("rtn", group_size=16)
+    tokens = self_text(model, bos=1, sequences=2, length=10)
+    lm = LayerwiseModel(tmp_path / "model")
+    table = layerwise_errors(lm, modules, quantizer, (4, 2), {}, tokens, tmp_path)
+    fisher: dict[str, torch.Tensor] = {}
+    layerwise_fisher(LayerwiseModel(tmp_path / "model", resident=True), modules, tokens, tmp_path,
+                     lambda i, found: fisher.update(found))  # fmt: skip
+    bank = WeightBank(model, [m.name for m in modules], quantizer, keep=False)
+    whole = ErrorTable("rtn", (2, 4), measure_errors(bank, modules, (2, 4), arch.input_gains(model, modules), fisher))
+    assert table == whole
+
+
+def _tiny_lm(folder) -> tuple[LayerwiseModel, list]:
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    return LayerwiseModel(folder), arch.linear_modules(model, fuse=True)
+
+
+def test_the_error_table_is_kept_in_the_nsds_cache_under_its_weights_quantizer_and_widths(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSDS_CACHE", str(tmp_path / "cache"))
+    lm, modules = _tiny_lm(tmp_path / "model")
     calls = []
 
-    def fisher():
+    def tokens():
         calls.append(1)
-        return {m.name: torch.ones(m.out_features, m.in_features) for m in modules}
+        return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
 
     def table(widths, weights="digest-a", group_size=32):
-        bank = WeightBank(model, [m.name for m in modules], make_quantizer("rtn", group_size=group_size), keep=False)
-        return cached_errors(bank, modules, widths, gains, fisher, weights)
+        quantizer = make_quantizer("rtn", group_size=group_size)
+        return cached_errors(lm, modules, quantizer, widths, weights, ({"sample": 1}, tokens), tmp_path)
 
+    cache = tmp_path / "cache" / "errors"
     first = table((2, 4))
-    assert len(calls) == 1 and len(list((tmp_path / "errors").iterdir())) == 1
+    assert len(calls) == 1 and len(list(cache.iterdir())) == 1
     assert table((4, 2)) == first and len(calls) == 1  # read back: no sampling, no quantizing
     assert table((2, 3)).widths == (2, 3) and len(calls) == 2  # each of these is measured: another key
     table((2, 4), weights="digest-b")
     table((2, 4), group_size=64)
-    assert len(calls) == 4 and len(list((tmp_path / "errors").iterdir())) == 4
-    for path in (tmp_path / "errors").iterdir():
+    assert len(calls) == 4 and len(list(cache.iterdir())) == 4
+    for path in cache.iterdir():
         path.write_text("{ damaged")
     assert table((2, 4)) == first and len(calls) == 5  # a damaged entry is measured again
-    for path in (tmp_path / "errors").iterdir():  # valid JSON, right key, a value of the wrong type
+    for path in cache.iterdir():  # valid JSON, right key, a value of the wrong type
         if path.read_text().startswith("{ damaged"):
             continue
         entry = json.loads(path.read_text())

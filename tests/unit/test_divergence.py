@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from nsds.evaluate.divergence import ReferenceLogProbs
 from nsds.evaluate.perplexity import perplexity
 
-from tiny_models import tiny_model
+from tiny_models import tiny_model, whole_log_probs
 
 
 def _exact(reference: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor) -> np.ndarray:
@@ -32,16 +32,17 @@ def test_kld_equals_the_direct_computation(tmp_path):
             parameter.add_(0.004 * torch.randn_like(parameter))  # a "quantized" copy
     windows = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(1))
     recorded = ReferenceLogProbs(tmp_path)
-    assert recorded.record(reference, windows) == pytest.approx(perplexity(reference, windows), rel=1e-6)
+    ppl = recorded.record(windows, whole_log_probs(reference, windows))
+    assert ppl == pytest.approx(perplexity(reference, windows), rel=1e-6)
     assert recorded.path.is_file()
-    found = recorded.compare(model, windows)
+    found = recorded.compare(windows, whole_log_probs(model, windows))
     exact = _exact(reference, model, windows)
     assert found.kld == pytest.approx(exact.mean(), rel=2e-3)  # float16 storage, its rounding shift taken off
     assert found.kld_p99 == pytest.approx(np.percentile(exact, 99), rel=5e-3)
     assert found.kld_stderr == pytest.approx(exact.std(ddof=1) / math.sqrt(exact.size), rel=5e-3)
     assert found.ppl == pytest.approx(perplexity(model, windows), rel=1e-6)
     assert 0 < found.same_top < 1
-    itself = recorded.compare(reference, windows)
+    itself = recorded.compare(windows, whole_log_probs(reference, windows))
     assert abs(itself.kld) < 1e-6 and itself.same_top == 1.0
     recorded.close()
     assert not recorded.path.exists()

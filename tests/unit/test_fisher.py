@@ -1,12 +1,14 @@
-"""The Fisher information on the model's own samples: deterministic self-text, and the diagonal against an
-independent per-sequence gradient computation (also for experts sliced from fused 3-D parameters)."""
+"""The Fisher information on the model's own samples: deterministic self-text, and the layer-by-layer diagonal
+against an independent per-sequence gradient computation on the whole model (also for experts sliced from
+fused 3-D parameters)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nsds import arch
-from nsds.fisher import diagonal_fisher, self_text
+from nsds.fisher import layerwise_fisher, self_text
+from nsds.layerwise import LayerwiseModel
 
 from tiny_models import tiny_model
 
@@ -23,20 +25,29 @@ def test_self_text_is_seeded_cut_to_the_context_and_leaves_the_callers_random_st
     assert len({tuple(row.tolist()) for row in text}) == 4  # sampled, not greedy
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "mixtral"])
-def test_diagonal_fisher_is_the_mean_squared_sequence_gradient(model_type):
+@pytest.mark.parametrize("model_type", ["llama", "gemma3", "gpt2", "mixtral"])
+def test_layerwise_fisher_is_the_mean_squared_sequence_gradient(model_type, tmp_path):
+    """Layer by layer (mixtral: resident, its experts sliced from fused 3-D parameters), handed over from the
+    last layer down while each layer is loaded, and no file left behind."""
     model = tiny_model(model_type)
+    model.save_pretrained(tmp_path / "model")
     modules = arch.linear_modules(model, fuse=True)
     tokens = self_text(model, bos=1, sequences=3, length=12)
     assert tokens.shape == (3, 13)
-    trainable = [p.requires_grad for p in model.parameters()]
-    held = model.get_submodule(modules[0].name).weight
-    held.grad = torch.ones_like(held)  # a caller's gradient on a measured weight: neither summed in nor lost
-    fisher = diagonal_fisher(model, modules, tokens)
-    assert [p.requires_grad for p in model.parameters()] == trainable
-    assert torch.equal(held.grad, torch.ones_like(held))
-    assert all(p.grad is None for p in model.parameters() if p is not held)
-    held.grad = None
+    lm = LayerwiseModel(tmp_path / "model")
+    assert lm.resident == (model_type == "mixtral")
+    seen, fisher = [], {}
+
+    def each_layer(i: int, found: dict[str, torch.Tensor]) -> None:
+        assert all(p.device.type != "meta" for p in lm.layers[i].parameters())
+        assert {m.name for m in modules if m.layer == i} == set(found)
+        seen.append(i)
+        fisher.update(found)
+
+    layerwise_fisher(lm, modules, tokens, tmp_path, each_layer)
+    assert seen == [3, 2, 1, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the layers' inputs are gone
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
     parameters = dict(model.named_parameters())
     expected = {name: torch.zeros_like(p) for name, p in parameters.items()}
     for sequence in tokens:  # every parameter's gradient, one sequence at a time, by plain backward

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsds import importance
+from nsds import importance, selftext
 from nsds.errors import NsdsError
 from nsds.gguf_header import GGUFHeader
 
@@ -110,9 +110,9 @@ def _vocabulary(path: Path, add_bos: bool | None, bos: int | None = 1) -> GGUFHe
 
 
 def test_the_model_starts_its_own_text_from_its_bos_token(tmp_path):
-    assert importance.start_prompt(_vocabulary(tmp_path / "a.gguf", add_bos=True)) == ""  # the vocabulary adds it
-    assert importance.start_prompt(_vocabulary(tmp_path / "b.gguf", add_bos=False)) == "<s>"
-    assert importance.start_prompt(_vocabulary(tmp_path / "c.gguf", add_bos=None, bos=None)) == "</s>"  # EOS
+    assert selftext.start_prompt(_vocabulary(tmp_path / "a.gguf", add_bos=True)) == ""  # the vocabulary adds it
+    assert selftext.start_prompt(_vocabulary(tmp_path / "b.gguf", add_bos=False)) == "<s>"
+    assert selftext.start_prompt(_vocabulary(tmp_path / "c.gguf", add_bos=None, bos=None)) == "</s>"  # EOS
 
 
 @pytest.mark.parametrize("tokens", [0, 1023, True, 2.5])

@@ -1,17 +1,14 @@
-"""A model run one decoder layer at a time gives exactly the whole model's numbers: log-probabilities, a
-change made to one layer, and the diagonal Fisher information (tiny models of every dense family, written
-as safetensors checkpoints; experts transformers fuses on load run resident)."""
+"""A model run one decoder layer at a time gives exactly the whole model's numbers: log-probabilities and a
+change made to one layer (tiny models of every dense family, written as safetensors checkpoints; experts
+transformers fuses on load run resident). The layer-by-layer Fisher information: tests/unit/test_fisher.py."""
 
 import pytest
 import torch
 
-from nsds import arch
 from nsds.errors import NsdsError
-from nsds.evaluate.divergence import _log_probs
-from nsds.fisher import diagonal_fisher, layerwise_fisher, self_text
 from nsds.layerwise import LayerwiseModel
 
-from tiny_models import tiny_model
+from tiny_models import tiny_model, whole_log_probs
 
 DENSE = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
 
@@ -23,8 +20,7 @@ def _checkpoint(model_type: str, folder):
 
 
 def _whole(model, windows):
-    with torch.inference_mode():
-        return [logp for _, logp in _log_probs(model, windows, "whole")]
+    return [logp for _, logp in whole_log_probs(model, windows)]
 
 
 @pytest.mark.parametrize("model_type", DENSE)
@@ -56,29 +52,6 @@ def test_a_change_to_one_layer_is_the_same_change_to_the_whole_model(tmp_path):
         halve(2, model)
     assert all(torch.equal(a, b) for a, b in zip(_whole(model, windows), layerwise, strict=True))
     assert not all(torch.equal(a, b) for a, (_, b) in zip(layerwise, lm.log_probs(windows), strict=True))
-
-
-@pytest.mark.parametrize("model_type", ["llama", "gemma3", "gpt2"])
-def test_layerwise_fisher_equals_the_whole_models(model_type, tmp_path):
-    model = _checkpoint(model_type, tmp_path / "model")
-    modules = arch.linear_modules(model, fuse=True)
-    tokens = self_text(model, bos=1, sequences=3, length=12)
-    expected = diagonal_fisher(model, modules, tokens)
-    lm = LayerwiseModel(tmp_path / "model")
-    seen, found = [], {}
-
-    def each_layer(i: int, fisher: dict[str, torch.Tensor]) -> None:
-        assert all(p.device.type != "meta" for p in lm.layers[i].parameters())  # loaded while it is handed over
-        assert {m.name for m in modules if m.layer == i} == set(fisher)
-        seen.append(i)
-        found.update(fisher)
-
-    layerwise_fisher(lm, modules, tokens, tmp_path, each_layer)
-    assert seen == [3, 2, 1, 0]
-    assert set(found) == set(expected)
-    for name, value in expected.items():
-        assert torch.allclose(found[name], value, rtol=1e-5, atol=1e-12), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the inputs' file is gone
 
 
 def test_experts_transformers_fuses_on_load_run_resident(tmp_path):

@@ -10,14 +10,12 @@ error ~1e-3), not a bias of the size of a small model's KLD.
 """
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from nsds.progress import progress
 
 
 @dataclass(frozen=True)
@@ -43,11 +41,12 @@ class ReferenceLogProbs:
         self.top: np.ndarray | None = None  # per token: the reference's most likely next token
 
     @torch.inference_mode()
-    def record(self, model: torch.nn.Module, windows: torch.Tensor, desc: str = "perplexity (reference)") -> float:
-        """The reference's perplexity on the windows; its log-probabilities kept for `compare`."""
+    def record(self, windows: torch.Tensor, log_probs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """The reference's perplexity on the windows, from its `log_probs` (window ids, float32 log-probabilities
+        of positions 0..n-2, window by window: LayerwiseModel.log_probs); they are kept for `compare`."""
         positions = windows.shape[1] - 1
         total = 0.0
-        for i, (ids, logp) in enumerate(_log_probs(model, windows, desc)):
+        for i, (ids, logp) in enumerate(log_probs):
             if self.logprobs is None:
                 shape = (windows.shape[0] * positions, logp.shape[-1])
                 self.logprobs = np.memmap(self.path, dtype=np.float16, mode="w+", shape=shape)
@@ -63,13 +62,14 @@ class ReferenceLogProbs:
         return math.exp(total / (windows.shape[0] * positions))
 
     @torch.inference_mode()
-    def compare(self, model: torch.nn.Module, windows: torch.Tensor, desc: str = "perplexity") -> Divergence:
-        """The model's perplexity and its KL divergence from the recorded reference, on the same windows."""
+    def compare(self, windows: torch.Tensor, log_probs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Divergence:
+        """A model's perplexity and its KL divergence from the recorded reference, from its `log_probs` on the
+        same windows (as `record` reads them)."""
         if self.logprobs is None or self.correction is None or self.top is None:
             raise RuntimeError("the reference log-probabilities were not recorded")
         positions = windows.shape[1] - 1
         total, klds, same = 0.0, [], 0
-        for i, (ids, logq) in enumerate(_log_probs(model, windows, desc)):
+        for i, (ids, logq) in enumerate(log_probs):
             rows = slice(i * positions, (i + 1) * positions)
             reference = torch.from_numpy(np.asarray(self.logprobs[rows])).float()
             kld = (reference.exp() * (reference - logq)).sum(-1).double() - torch.from_numpy(self.correction[rows])
@@ -91,12 +91,3 @@ class ReferenceLogProbs:
         """Drop the recorded log-probabilities and their file."""
         self.logprobs = None
         self.path.unlink(missing_ok=True)
-
-
-def _log_probs(model: torch.nn.Module, windows: torch.Tensor, desc: str):
-    """(window ids, float32 log-probabilities of positions 0..n-2 on the CPU) for each window in turn."""
-    device = next(model.parameters()).device
-    for window in progress(windows, desc=desc, unit="window"):
-        ids = window.unsqueeze(0).to(device)
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        yield window, F.log_softmax(logits, dim=-1).cpu()

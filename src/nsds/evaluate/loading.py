@@ -9,55 +9,37 @@ import torch
 
 from nsds import arch
 from nsds.compute import Compute
-from nsds.errors import NsdsError, first_line
 from nsds.evaluate.text import Protocol, load_text, token_windows
+from nsds.layerwise import LayerwiseModel, pretrained
 from nsds.progress import note, stage
-from nsds.weights import ModuleSource, open_source
-
-
-def _pretrained(loader, path: Path, what: str):
-    """transformers' from_pretrained on a folder or a GGUF file, with its errors as one line."""
-    folder, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
-    try:
-        return loader(folder, **extra)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise NsdsError(f"transformers cannot load the {what} in '{path}': {first_line(err)}") from None
+from nsds.weights import ModuleSource, WeightSource, open_source
 
 
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return _pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
-
-
-def load_model(path: Path, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The transformers model in `dtype` (a GGUF file is dequantized)."""
-    from transformers import AutoModelForCausalLM
-
-    def loader(folder, **extra):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
-
-    return _pretrained(loader, path, "model").eval().to(device)
+    return pretrained(AutoTokenizer.from_pretrained, path, "tokenizer")
 
 
 @dataclass
 class Loaded:
-    """A model loaded once for evaluation, with its tokenizer and the token windows every plan is scored on."""
+    """A model ready for evaluation, with its tokenizer and the token windows every plan is scored on."""
 
-    model: torch.nn.Module
+    lm: LayerwiseModel  # resident (loaded whole) or read one layer at a time
     tokenizer: Any
     windows: torch.Tensor
     protocol: Protocol
-    source: ModuleSource  # the loaded model's weights, with the files they came from
+    source: WeightSource  # the model's weights for the scorers: the resident model's, or streamed from its files
     compute: Compute
     seconds: float  # tokenizer + tokenization + model load
 
 
 def load_for_evaluation(model_id: str, gguf_file: str | None, text_name: str, window: int, tokens: int,
-                        compute: Compute) -> Loaded:  # fmt: skip
+                        compute: Compute, resident: bool = True) -> Loaded:  # fmt: skip
     """Read the text, check the architecture and context length from the weights' header (cheap, before the
-    long load), then load the tokenizer, cut the token windows and load the model on the compute device.
-    `window` is the one text.check_protocol resolved."""
+    long load), then load the tokenizer, cut the token windows and load the model on the compute device:
+    whole (`resident`), or only its stem, its layers read as passes reach them (nsds.layerwise). `window` is
+    the one text.check_protocol resolved."""
     text = load_text(text_name)
     with open_source(model_id, gguf_file) as source:
         path, files = source.location, source.files
@@ -68,7 +50,8 @@ def load_for_evaluation(model_id: str, gguf_file: str | None, text_name: str, wi
     if protocol.windows < max(1, tokens // (window - 1)):  # the text holds fewer windows than were asked for
         note(f"text '{text_name}' holds {protocol.windows} windows of {window} tokens: {protocol.scored_tokens} "
              f"scored tokens, not the {tokens} asked for")  # fmt: skip
-    stage(f"loading {model_id} ({compute.device})")
-    model = load_model(path, compute.device)
-    seconds = time.perf_counter() - start
-    return Loaded(model, tokenizer, windows, protocol, ModuleSource(model, model_id, files), compute, seconds)
+    how = "" if resident else ", one layer at a time"
+    stage(f"loading {model_id} ({compute.device}{how})")
+    lm = LayerwiseModel(path, torch.float32, compute.device, resident=resident)
+    streamed = open_source(model_id, gguf_file) if not lm.resident else ModuleSource(lm.model, model_id, files)
+    return Loaded(lm, tokenizer, windows, protocol, streamed, compute, time.perf_counter() - start)

@@ -35,11 +35,8 @@ class WeightBank:
         """The module's checkpoint weight quantized-dequantized as `storage_format`, in the module's layout."""
         if (name, storage_format) in self.variants:
             return self.variants[name, storage_format]
-        transposed = self.slots[name][1]
-        weight = self.pristine[name]
-        quantized = self.quantizer.fake_quantize_as(weight.T if transposed else weight, storage_format,
-                                                    self.importance.get(name))  # fmt: skip
-        quantized = quantized.T if transposed else quantized
+        quantized = _quantized(self.quantizer, self.pristine[name], self.slots[name][1], storage_format,
+                               self.importance.get(name))  # fmt: skip
         if self.keep:
             self.variants[name, storage_format] = quantized
         return quantized
@@ -82,3 +79,20 @@ class WeightBank:
     def restore(self) -> None:
         """Every module back at the checkpoint's weights."""
         self.load({}, desc="restoring")
+
+
+def _quantized(quantizer: Quantizer, weight: torch.Tensor, transposed: bool, storage_format: str,
+               importance: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """`weight` (as the model holds it, transposed or not) stored as `storage_format` and read back."""
+    quantized = quantizer.fake_quantize_as(weight.T if transposed else weight, storage_format, importance)
+    return quantized.T if transposed else quantized
+
+
+def quantize_into(model: torch.nn.Module, formats: Mapping[str, str], quantizer: Quantizer,
+                  importance: Mapping[str, torch.Tensor]) -> None:  # fmt: skip
+    """Every module named in `formats` stored as its format and read back, in place, from the weights the model
+    holds now (a layer just read from the checkpoint; rounded by `importance` where the quantizer takes one)."""
+    with torch.no_grad():
+        for name, storage_format in formats.items():
+            view, transposed = module_weight(model, name)
+            view.copy_(_quantized(quantizer, view, transposed, storage_format, importance.get(name)))
