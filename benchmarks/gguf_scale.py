@@ -11,7 +11,11 @@ and prints the job's peak RSS (the nsds process, and the largest of the llama.cp
 seconds of each stage, and, between the two largest depths of one shape, the seconds and MiB each layer
 adds. PROJECTIONS to the full model are computed from those slopes, not measured, and labelled so.
 
-    python benchmarks/gguf_scale.py [--shape llama-3.1-8b] [--layers 2 6] [--tokens 8192] [--dir /tmp]
+    python benchmarks/gguf_scale.py [--shape llama-3.1-8b] [--layers 2 6] [--tokens 8192] [--device cpu]
+                                    [--dir /tmp]
+
+With `--device cuda` every stage that computes in nsds's process runs on the GPU and the peak GPU memory is
+printed too; `--layers 32` runs the full Llama-3.1-8B shape (the GPU figures of the README).
 """
 
 import argparse
@@ -25,21 +29,28 @@ import time
 from pathlib import Path
 
 import torch
+import transformers as tf
 
 from nsds import assets
 from nsds.files import cache_dir
 
-from scale import SHAPES, write_checkpoint
+from scale import SHAPES, Shape, write_checkpoint
+
+# Llama's layer at a toy width over SmolLM2's vocabulary: the whole job in a minute, for the test.
+TINY = Shape(lambda n: tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                                      tie_word_embeddings=False), 4)  # fmt: skip
 
 RUN = r"""
 import json, resource, sys, time
 from pathlib import Path
 from nsds.config import RunConfig
 from nsds.pipeline import run
-model, out, text, tokens = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+import torch
+model, out, text, tokens, device = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 start = time.perf_counter()
 result = run(RunConfig(model=model, quantizer="gguf", budget="Q4_K_M", widths=(2, 3, 4, 5, 6, 8), export=True,
-                       out=out, text=text, tokens=tokens))
+                       out=out, text=text, tokens=tokens, device=device))
 stages = dict(result.timing)
 for e in result.evaluations:
     stages[f"evaluate {e.label}_s"] = e.seconds
@@ -48,23 +59,26 @@ for e in result.evaluations:
 print(json.dumps({"wall_s": time.perf_counter() - start, "stages": stages,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "tools_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                   "kld": {e.label: e.kld for e in result.evaluations}}))
 """
 
 
 def add_tokenizer(folder: Path) -> None:
-    """SmolLM2's tokenizer (read from its GGUF asset by transformers) and its BOS/EOS ids in the config."""
-    import transformers as tf
-
+    """SmolLM2's tokenizer (read from its GGUF asset by transformers), its BOS/EOS ids and the model class in
+    the config (llama.cpp's converter picks its architecture by that name)."""
     path = assets.path("smollm2")
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    config |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder))
+    config |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "architectures": [type(model).__name__]}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def job(folder: Path, work: Path, text: str, tokens: int) -> dict:
+def job(folder: Path, work: Path, text: str, tokens: int, device: str) -> dict:
     """One default GGUF job in a fresh process and a fresh nsds cache (the tools and texts linked in)."""
     cache = work / "cache"
     cache.mkdir()
@@ -72,7 +86,7 @@ def job(folder: Path, work: Path, text: str, tokens: int) -> dict:
         if (cache_dir() / name).is_dir():
             (cache / name).symlink_to((cache_dir() / name).resolve(), target_is_directory=True)
     env = os.environ | {"NSDS_CACHE": str(cache), "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-c", RUN, str(folder), str(work / "out"), text, str(tokens)]
+    command = [sys.executable, "-c", RUN, str(folder), str(work / "out"), text, str(tokens), device]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(work / "out", ignore_errors=True)
@@ -83,13 +97,14 @@ def job(folder: Path, work: Path, text: str, tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="llama-3.1-8b")
+    parser.add_argument("--shape", choices=[*SHAPES, "tiny"], default="llama-3.1-8b", help="tiny: for the test")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 6], help="depths to run (two or more)")
     parser.add_argument("--text", default="brown")
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (the job's default: 8192)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (every stage that computes runs there)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where checkpoints go")
     args = parser.parse_args()
-    shape = SHAPES[args.shape]
+    shape = (SHAPES | {"tiny": TINY})[args.shape]
     print(
         f"{args.shape} shape, bf16, depths {args.layers} (the full model has {shape.layers}); evaluation on "
         f"{args.tokens} tokens of {args.text}; torch {torch.__version__}, {os.cpu_count()} CPUs",
@@ -103,7 +118,7 @@ def main() -> None:
             size = write_checkpoint(shape, layers, folder, torch.bfloat16)
             add_tokenizer(folder)
             start = time.perf_counter()
-            found[layers] = job(folder, work, args.text, args.tokens)
+            found[layers] = job(folder, work, args.text, args.tokens, args.device)
             took = time.perf_counter() - start
         finally:
             shutil.rmtree(work, ignore_errors=True)
