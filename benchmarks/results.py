@@ -449,6 +449,9 @@ def page(runs: dict[str, CompareResult]) -> str:
         "2026-12-02 reusing their earlier compare.json, so only the plans the Fisher model changed were "
         "evaluated again (12 of the 17 preset plans; none in the paper-range tables, where the uniform plan's "
         "predicted loss is above the Fisher model's range and the plans are unchanged).",
+        "- The GGUF compare folders (`*-gguf`) predate two changes to the GGUF job: its importance matrix "
+        "(they round without one) and its Fisher step's text, written by llama-completion since 2026-12-07 "
+        "(before, transformers sampled on the loaded model). The contest below is measured with today's job.",
         "",
     ]
     paper = {folder: result for folder, result in runs.items() if "gguf" not in result.quantizers}
