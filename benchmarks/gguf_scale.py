@@ -65,8 +65,9 @@ print(json.dumps({"wall_s": time.perf_counter() - start, "stages": stages,
 
 
 def add_tokenizer(folder: Path) -> None:
-    """SmolLM2's tokenizer (read from its GGUF asset by transformers), its BOS/EOS ids and the model class in
-    the config (llama.cpp's converter picks its architecture by that name)."""
+    """SmolLM2's tokenizer (read from its GGUF asset by transformers), its BOS/EOS ids, the model class (llama.cpp's
+    converter picks its architecture by that name) and the weights' dtype in the config, as a checkpoint saved
+    by transformers declares it (nsds converts a bf16 checkpoint to a bf16 GGUF, an undeclared one to f32)."""
     path = assets.path("smollm2")
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.save_pretrained(folder)
@@ -74,7 +75,7 @@ def add_tokenizer(folder: Path) -> None:
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder))
     config |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "architectures": [type(model).__name__]}  # fmt: skip
+               "architectures": [type(model).__name__], "dtype": "bfloat16"}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -87,11 +88,11 @@ def job(folder: Path, work: Path, text: str, tokens: int, device: str) -> dict:
             (cache / name).symlink_to((cache_dir() / name).resolve(), target_is_directory=True)
     env = os.environ | {"NSDS_CACHE": str(cache), "TQDM_DISABLE": "1"}
     command = [sys.executable, "-c", RUN, str(folder), str(work / "out"), text, str(tokens), device]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # its progress goes to stderr
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(work / "out", ignore_errors=True)
     if done.returncode:
-        raise SystemExit(f"the job failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"the job failed (exit {done.returncode}): its messages are above")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
