@@ -41,7 +41,7 @@ from nsds.distortion import ErrorTable, cached_errors
 from nsds.documents import build, plain
 from nsds.errors import NsdsError, first_line
 from nsds.evaluate.jobs import Evaluator, Here, PerplexityJob
-from nsds.evaluate.loading import Loaded, load_for_evaluation
+from nsds.evaluate.loading import Loaded, check_whole_model_fits, load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
 from nsds.evaluate.protocol import Protocol
 from nsds.evaluate.text import check_protocol, load_text
@@ -232,6 +232,7 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> PreparedComparison:
         with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
             modules = arch.source_modules(source, fuse=cfg.fuse, per_expert=cfg.per_expert)
             check_expert_formats(modules, quantizers, cfg.per_expert, save=False)
+            check_whole_model_fits(source, compute.memory())  # compare holds the model whole
             if "gguf" in quantizers:
                 targets = {b: runtime.gguf_target(source, modules, presets.get(b), folder) for b in budgets}
     budgets, names = _distinct_presets(budgets, presets, targets)

@@ -1,5 +1,6 @@
 """Where and in what precision the scorers' linear algebra runs."""
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,3 +34,13 @@ class Compute:
         if precision not in PRECISIONS:
             raise NsdsError(f"unknown precision '{precision}' (use float64 or float32)")
         return cls(device=device, dtype=PRECISIONS[precision])
+
+    def memory(self) -> int | None:
+        """Bytes of memory on the device: the GPU's, or the machine's physical memory (None where the system
+        does not say)."""
+        if self.device.startswith("cuda"):
+            return torch.cuda.get_device_properties(torch.device(self.device)).total_memory
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that names these
+            return None

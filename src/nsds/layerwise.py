@@ -104,11 +104,7 @@ class LayerwiseModel:
 
         self.dtype, self.device = dtype, device
         is_gguf = location.is_file()
-        try:
-            config = (AutoConfig.from_pretrained(location.parent, gguf_file=location.name) if is_gguf
-                      else AutoConfig.from_pretrained(location))  # fmt: skip
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise NsdsError(f"transformers cannot read the config of '{location}': {first_line(err)}") from None
+        config = pretrained(AutoConfig.from_pretrained, location, "config")
         family = arch.family_of(config.model_type)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -36,7 +36,7 @@ from nsds.errors import NsdsError
 from nsds.evaluate.divergence import ReferenceLogProbs
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.lmeval import zero_shot
-from nsds.evaluate.loading import Loaded, load_for_evaluation
+from nsds.evaluate.loading import Loaded, check_whole_model_fits, load_for_evaluation
 from nsds.evaluate.text import check_protocol, load_text
 from nsds.files import check_output_folder, copy_file, publish, staged_folder, write_bytes
 from nsds.gguf_tools import TENSOR_TYPES_SUFFIX
@@ -155,6 +155,8 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> PreparedRun:
     with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
         modules = arch.source_modules(source, fuse=cfg.fuse, per_expert=cfg.per_expert)
         check_expert_formats(modules, [cfg.quantizer], cfg.per_expert, cfg.save is not None)
+        if resident(cfg):
+            check_whole_model_fits(source, compute.memory())
         target = None
         if cfg.quantizer == "gguf":
             with contextlib.ExitStack() as stack:
@@ -241,7 +243,8 @@ def prepare_run(cfg: RunConfig, work: Path) -> Job:
                                  resident(cfg))  # fmt: skip
     lm = loaded.lm
     stage("scoring (NSDS)")
-    scores = score(loaded.source, compute=loaded.compute)
+    with loaded.source as source:  # the streamed checkpoint's file handles end with the scoring
+        scores = score(source, compute=loaded.compute)
     modules = arch.linear_modules(lm.model, fuse=cfg.fuse, per_expert=cfg.per_expert)
     weights = {} if matrix is None or ready.gguf is None else module_importance(matrix, ready.gguf, modules)
     errors, started = None, time.perf_counter()

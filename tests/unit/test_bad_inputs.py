@@ -3,6 +3,7 @@ folders and GGUF files, conflicting options, impossible evaluation protocols, bi
 oracle caches, and pip's output during `nsds assets fetch`. Every case uses real (tiny) files."""
 
 import json
+import math
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -14,7 +15,9 @@ from transformers import AutoTokenizer
 
 from nsds import arch, assets
 from nsds.cli import main
+from nsds.compute import Compute
 from nsds.errors import NsdsError, first_line
+from nsds.evaluate.loading import check_whole_model_fits
 from nsds.evaluate.oracle import cache_path, single_layer_sensitivity
 from nsds.evaluate.text import check_protocol, check_window, load_text, token_windows
 from nsds.weights import GGUFSource, open_source
@@ -490,3 +493,16 @@ def test_ray_options_are_checked_before_any_work(tiny_llama_folder, tmp_path, ca
     line = one_line_error([command, str(tiny_llama_folder), *options, *target], capsys)
     assert message in line
     assert not out.exists()
+
+
+def test_a_model_larger_than_the_device_is_refused_before_it_is_loaded(tiny_llama_folder):
+    """The check every run that holds the model whole makes first: the tiny model's float32 bytes against a
+    device just too small, just large enough, and one whose size the system does not say."""
+    with open_source(str(tiny_llama_folder)) as source:
+        size = 4 * sum(math.prod(source.shape(name)) for name in source.names())
+        refusal = r"GiB in float32 and the device has 0\.0 GiB: `nsds run --quantizer gguf` \(without --tasks\) reads"
+        with pytest.raises(NsdsError, match=refusal):
+            check_whole_model_fits(source, size - 1)
+        check_whole_model_fits(source, size)
+        check_whole_model_fits(source, None)
+    assert Compute("cpu").memory() > 2**30  # this machine says how much memory it has

@@ -1,5 +1,6 @@
 """Loading a model for evaluation: its tokenizer, the token windows every plan is scored on, the model."""
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from nsds import arch
 from nsds.compute import Compute
+from nsds.errors import NsdsError
 from nsds.evaluate.text import Protocol, load_text, token_windows
 from nsds.layerwise import LayerwiseModel, pretrained
 from nsds.progress import note, stage
@@ -32,6 +34,18 @@ class Loaded:
     source: WeightSource  # the model's weights for the scorers: the resident model's, or streamed from its files
     compute: Compute
     seconds: float  # tokenizer + tokenization + model load
+
+
+def check_whole_model_fits(source: WeightSource, memory: int | None) -> None:
+    """A one-line error, before anything is loaded, when the model in float32 (how it is held whole) is larger
+    than the device's `memory` in bytes (Compute.memory): the load would fail or swap for hours."""
+    if memory is None:
+        return
+    size = 4 * sum(math.prod(source.shape(name)) for name in source.names())
+    if size > memory:
+        raise NsdsError(f"holding {source.model_id} whole takes {size / 2**30:.1f} GiB in float32 and the device has "
+                        f"{memory / 2**30:.1f} GiB: `nsds run --quantizer gguf` (without --tasks) reads it one layer "
+                        "at a time")  # fmt: skip
 
 
 def load_for_evaluation(model_id: str, gguf_file: str | None, text_name: str, window: int, tokens: int,
