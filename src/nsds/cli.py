@@ -89,8 +89,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="candidate widths, comma-separated (default: 2,4; with gguf every type: 2=Q2_K 3=Q3_K 4=Q4_K 5=Q5_K "
         "6=Q6_K 8=Q8_0)",
     )
-    run.add_argument("--quantizer", default="rtn", help="rtn, hqq or gguf (llama.cpp's types and numerics)")
-    run.add_argument("--group-size", type=int, help="weights per quantization group (rtn/hqq; default 128)")
+    run.add_argument(
+        "--quantizer",
+        default="rtn",
+        help="rtn, hqq, gguf (llama.cpp's types and numerics) or ct (compressed-tensors int4/int8, for vLLM)",
+    )
+    run.add_argument("--group-size", type=int, help="weights per quantization group (rtn/hqq/ct; default 128)")
     run.add_argument("--allocator", default="auto",
                      help="auto: nsds's default, error (each module's measured error at every width: weighted by "
                      "the Fisher information of the model's own samples where the noise is small, else with an "
@@ -115,7 +119,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save", type=Path, help="also save the HQQ-quantized model in HQQ's format here")
     run.add_argument("--export", action="store_true",
                      help="with --quantizer gguf: also write OUT/model.gguf, the OUT/tensor-types.txt and the "
-                     "OUT/imatrix.gguf it was quantized with")  # fmt: skip
+                     "OUT/imatrix.gguf it was quantized with; with --quantizer ct: the folder OUT/model "
+                     "(compressed-tensors) that vLLM serves")  # fmt: skip
     run.add_argument("--imatrix",
                      help="importance matrix llama.cpp's types round by (--quantizer gguf): self (default: made by "
                      "llama-imatrix on text the model writes itself, no data), none, or a file llama-imatrix made "

@@ -10,7 +10,7 @@ from nsds.documents import build, plain
 DEFAULT_MODEL = "smollm2"
 # The options that take one of a few names; the registries they name (nsds.quantize.QUANTIZERS,
 # nsds.allocate.ALLOCATORS) hold the same names, in this order (tests/unit/test_cli.py checks it).
-QuantizerName = Literal["rtn", "hqq", "gguf"]
+QuantizerName = Literal["rtn", "hqq", "gguf", "ct"]
 AllocatorName = Literal["auto", "error", "topk", "budget", "fisher", "higgs", "uniform", "llama.cpp"]
 BudgetCounts = Literal["weights", "storage"]
 

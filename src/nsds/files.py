@@ -90,18 +90,23 @@ def staged_folder(target: Path) -> Iterator[Path]:
 
 
 def publish(staged: Path, target: Path, stale: Iterable[str]) -> list[str]:
-    """Move every file of `staged` into `target` (the folder itself when `target` does not exist yet) and
-    remove the files named in `stale` that `target` still holds from an earlier run; the names removed."""
+    """Move every file and folder of `staged` into `target` (the folder itself when `target` does not exist yet)
+    and remove those named in `stale` that `target` still holds from an earlier run; the names removed."""
     target = Path(target)
     if not target.exists():
         os.replace(staged, target)
         return []
     written = {path.name for path in staged.iterdir()}
     for name in sorted(written):
+        if (staged / name).is_dir() and (target / name).is_dir():  # a folder output replaces the earlier one
+            shutil.rmtree(target / name)
         os.replace(staged / name, target / name)
-    removed = [name for name in stale if name not in written and (target / name).is_file()]
+    removed = [name for name in stale if name not in written and (target / name).exists()]
     for name in removed:
-        (target / name).unlink()
+        if (target / name).is_dir():
+            shutil.rmtree(target / name)
+        else:
+            (target / name).unlink()
     return removed
 
 

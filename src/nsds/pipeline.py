@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nsds import arch, fisher, importance, runtime
+from nsds import arch, ct_export, fisher, importance, runtime
 from nsds.allocate import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
@@ -54,12 +54,13 @@ from nsds.scores import ScoreReport
 from nsds.weights import open_source, weights_identity
 
 OUTPUTS = ("plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png", "ppl.png")
-EXPORTS = ("model.gguf", "tensor-types.txt", "imatrix.gguf")  # with --export (quantizer gguf; imatrix: when used)
+# With --export: quantizer gguf's files (imatrix: when one was used), quantizer ct's Hugging Face folder.
+EXPORTS = {"gguf": ("model.gguf", "tensor-types.txt", "imatrix.gguf"), "ct": ("model",)}
 # The plans a user would otherwise get, evaluated beside nsds's on the same windows, by allocate.plan_for's
 # labels ("paper": the NSDS paper's allocation of its layer scores).
 BASELINES = ("uniform", "llama.cpp", "higgs", "paper")
 # Every file a run may write into --out: one an earlier run left there that this run does not write is removed.
-ALL_OUTPUTS = (*OUTPUTS, *(f"plan-{label}.json" for label in BASELINES), *EXPORTS)
+ALL_OUTPUTS = (*OUTPUTS, *(f"plan-{label}.json" for label in BASELINES), *(n for e in EXPORTS.values() for n in e))
 
 
 def baseline_names(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -86,7 +87,7 @@ def output_names(cfg: RunConfig) -> tuple[str, ...]:
     """The files `nsds run` writes into --out: OUTPUTS (errors.json when measured), one plan-LABEL.json per
     baseline, the exports."""
     plans = tuple(f"plan-{label}.json" for label in baseline_names(cfg.baselines))
-    names = OUTPUTS[:1] + plans + OUTPUTS[1:] + (EXPORTS if cfg.export else ())
+    names = OUTPUTS[:1] + plans + OUTPUTS[1:] + (EXPORTS.get(cfg.quantizer, ()) if cfg.export else ())
     skipped = {"errors.json": not measures_errors(cfg), "imatrix.gguf": imatrix_choice(cfg) == "none"}
     return tuple(n for n in names if not skipped.get(n))
 
@@ -143,8 +144,9 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> PreparedRun:
     window = check_protocol(cfg.text, cfg.window, cfg.tokens)
     if cfg.save is not None and cfg.quantizer != "hqq":
         raise NsdsError("--save writes HQQ's format; use it with --quantizer hqq")
-    if cfg.export and cfg.quantizer != "gguf":
-        raise NsdsError("--export writes a GGUF file for llama.cpp; use it with --quantizer gguf")
+    if cfg.export and cfg.quantizer not in EXPORTS:
+        raise NsdsError("--export writes a GGUF file for llama.cpp (--quantizer gguf) or a compressed-tensors folder "
+                        "for vLLM (--quantizer ct); use it with one of those")  # fmt: skip
     if cfg.tasks:
         require_lm_eval()
     imatrix = _importance_option(cfg)
@@ -157,6 +159,8 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> PreparedRun:
         check_expert_formats(modules, [cfg.quantizer], cfg.per_expert, cfg.save is not None)
         if resident(cfg):
             check_whole_model_fits(source, compute.memory())
+        if cfg.export and cfg.quantizer == "ct":
+            ct_export.check_exportable(modules, source.config.model_type)
         target = None
         if cfg.quantizer == "gguf":
             with contextlib.ExitStack() as stack:
@@ -311,7 +315,11 @@ def _run(cfg: RunConfig, work: Path) -> RunResult:
     # every output is written into a sibling folder first and moved into --out once all are there, so an
     # interrupted or failed run leaves no partial set (nor an empty --out)
     with staged_folder(cfg.out) as out:
-        if cfg.export:
+        if cfg.export and cfg.quantizer == "ct":
+            stage(f"writing {cfg.out / 'model'} (compressed-tensors, for vLLM)")
+            (out / "model").mkdir()
+            ct_export.write_folder(loaded.lm, loaded.tokenizer, plans["nsds"], ready.quantizer, out / "model")
+        elif cfg.export:
             stage(f"writing {cfg.out / 'model.gguf'}")
             copy_file(files["nsds"], out / "model.gguf")
             copy_file(files["nsds"].with_suffix(TENSOR_TYPES_SUFFIX), out / "tensor-types.txt")

@@ -54,6 +54,21 @@ def test_publishing_into_an_earlier_folder_removes_its_stale_outputs(tmp_path: P
     assert sorted(p.name for p in target.iterdir()) == ["mine.txt", "plan.json"]
 
 
+def test_a_folder_output_replaces_the_earlier_one_and_a_stale_one_goes(tmp_path: Path) -> None:
+    target = tmp_path / "nsds-run"
+    (target / "model").mkdir(parents=True)
+    (target / "model" / "old.safetensors").write_bytes(b"old")
+    with staged_folder(target) as folder:
+        (folder / "model").mkdir()
+        (folder / "model" / "config.json").write_text("{}")
+        assert publish(folder, target, ["model"]) == []
+    assert [p.name for p in (target / "model").iterdir()] == ["config.json"]
+    with staged_folder(target) as folder:
+        (folder / "plan.json").write_text("{}")
+        assert publish(folder, target, ["plan.json", "model"]) == ["model"]
+    assert [p.name for p in target.iterdir()] == ["plan.json"]
+
+
 def test_a_download_is_hashed_and_a_wrong_one_leaves_nothing(tmp_path: Path) -> None:
     source = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
     source.write_bytes(b"not the pinned sdist")

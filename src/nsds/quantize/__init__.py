@@ -12,11 +12,12 @@ from nsds.errors import NsdsError
 from nsds.plan import Module
 from nsds.quantize.bank import WeightBank
 from nsds.quantize.base import Quantizer
+from nsds.quantize.ct import CompressedTensors
 from nsds.quantize.gguf import GGUF
 from nsds.quantize.hqq import HQQ
 from nsds.quantize.rtn import RTN
 
-QUANTIZERS: dict[str, type[Quantizer]] = {"rtn": RTN, "hqq": HQQ, "gguf": GGUF}
+QUANTIZERS: dict[str, type[Quantizer]] = {"rtn": RTN, "hqq": HQQ, "gguf": GGUF, "ct": CompressedTensors}
 
 __all__ = ["QUANTIZERS", "Quantizer", "WeightBank", "check_expert_formats", "make_quantizer"]
 
