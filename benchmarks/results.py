@@ -28,6 +28,7 @@ from nsds.results import CompareResult, SummaryRow, data_free_best
 from nsds.scorers.specs import GROUPS
 
 from allocators import summary as contest_summary
+from ct_contest import summary as ct_summary
 from imatrix_contest import summary as imatrix_summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,6 +337,50 @@ def contest_section() -> list[str]:
     return parts
 
 
+def ct_section() -> list[str]:
+    """nsds's compressed-tensors plans against the HIGGS-style program (benchmarks/ct_contest.py)."""
+    path = DOCS / "results" / "ct-contest.json"
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    settings, cells = saved["settings"], saved["cells"]
+    parts = [
+        "## For vLLM: compressed-tensors int4/int8 plans against the HIGGS-style program",
+        "",
+        f"`python benchmarks/ct_contest.py` (docs/results/ct-contest.json): `nsds run MODEL --quantizer ct "
+        f"--widths {','.join(map(str, settings['widths']))} --group-size {settings['group_size']} --budget B "
+        "--text TEXT --baselines higgs,uniform` on held-out texts; every plan in compressed-tensors' own numerics "
+        f"(what the export writes), evaluated in process on {settings['tokens']} tokens. `higgs` stands for "
+        "llm-compressor's data-free peer (an integer program over weight error with a size/depth/type "
+        "heuristic; llm-compressor itself pins transformers <= 5.17 and has no allocator in its model-free "
+        "path, so it is not run). Mean KLD (nats per token), bold: the lowest per row; then 99th percentile "
+        "and same-top-token rate of nsds / higgs.",
+        "",
+    ]
+    for model in dict.fromkeys(c["model"] for c in cells):
+        for text in dict.fromkeys(c["text"] for c in cells if c["model"] == model):
+            parts += [
+                f"### {model}, `{text}`",
+                "",
+                "| bits | nsds | higgs | uniform | nsds vs higgs | 99% KLD: nsds / higgs | same top: nsds / higgs "
+                "| PPL: nsds / higgs |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for c in cells:
+                if c["model"] != model or c["text"] != text:
+                    continue
+                nsds, higgs = c["rows"]["nsds"], c["rows"]["higgs"]
+                parts.append(
+                    f"| {c['budget']:g} | " + " | ".join(_kld_cells(c["rows"])) + " | "
+                    f"{100 * (nsds['kld'] / higgs['kld'] - 1):+.1f} % | {nsds['kld_p99']:.3f} / {higgs['kld_p99']:.3f} "
+                    f"| {100 * nsds['same_top']:.1f} / {100 * higgs['same_top']:.1f} % | {nsds['ppl']:.2f} / "
+                    f"{higgs['ppl']:.2f} |"
+                )
+            parts.append("")
+    parts += [*(f"- {line}" for line in ct_summary(cells)), ""]
+    return parts
+
+
 def readme_kld_table() -> str:
     """The README's table: one row per preset, one column per model x held-out text, each cell the mean KLD of
     the preset without / with a brown-tune / with the self-made importance matrix, and of nsds's file; then
@@ -458,6 +503,7 @@ def page(runs: dict[str, CompareResult]) -> str:
     gguf = {folder: result for folder, result in runs.items() if "gguf" in result.quantizers}
     parts += ["## At a glance", "", *tally(paper), *gguf_glance(gguf), ""]
     parts += contest_section()
+    parts += ct_section()
     parts += allocators_section()
     parts += module_oracle_section()
     for folder, result in paper.items():
