@@ -1,8 +1,8 @@
 """Memory and time of the default GGUF job as the model grows (docs/DESIGN.md, Memory).
 
 For each depth it writes a checkpoint with random weights in bf16 safetensors (scale.SHAPES: the real layer
-geometry and vocabulary size, one shard per layer) with SmolLM2's tokenizer (its 49,152 tokens; llama.cpp's
-converter pads the vocabulary to the config's), then runs the default GGUF job on it in a fresh process
+geometry and vocabulary size, one shard per layer) with SmolLM2's tokenizer (its 49,152 tokens, then plain
+added tokens up to the shape's vocabulary), then runs the default GGUF job on it in a fresh process
 with an empty nsds cache (the built llama.cpp tools and the texts linked in):
 
     nsds run CHECKPOINT --quantizer gguf --budget Q4_K_M --export
@@ -70,8 +70,12 @@ def add_tokenizer(folder: Path) -> None:
     by transformers declares it (nsds converts a bf16 checkpoint to a bf16 GGUF, an undeclared one to f32)."""
     path = assets.path("smollm2")
     tokenizer = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
+    # Plain added tokens up to the shape's vocabulary: every id the random model samples is then a token with
+    # text that reads back as itself, so its own text keeps its length (the converter would pad with
+    # unprintable [PAD] tokens, which vanish from the text: 528 sampled tokens read back as ~185).
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(len(tokenizer), config["vocab_size"])])
+    tokenizer.save_pretrained(folder)
     with torch.device("meta"):
         model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder))
     config |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

@@ -25,6 +25,7 @@ from nsds import arch, selftext
 from nsds.layerwise import LayerwiseModel, layer_output, sequence_gradients
 from nsds.plan import Module
 from nsds.progress import progress, stage
+from nsds.spill import RowFile
 
 SEQUENCES = 16
 LENGTH = selftext.LENGTH
@@ -77,21 +78,19 @@ def layerwise_fisher(lm: LayerwiseModel, modules: Sequence[Module], tokens: torc
     """diagonal_fisher of `lm`, one decoder layer at a time: `each_layer(i, F)` is called, from the last
     layer down, with F for layer i's modules while that layer is loaded (its weights readable in lm.model),
     and F is dropped after. The inputs of every layer of the forward pass wait in a file in `folder` (the
-    sequences' hidden states, in the model's dtype, memory-mapped); the backward pass runs each layer again on them with
-    the gradient the layer above handed down. Memory: the stem, one layer, its float32 sums and the
+    sequences' hidden states, in the model's dtype: nsds.spill); the backward pass runs each layer again on them
+    with the gradient the layer above handed down. Memory: the stem, one layer, its float32 sums and the
     sequences' hidden states, whatever the depth."""
     by_layer: dict[int, list[Module]] = {}
     for m in modules:
         by_layer.setdefault(m.layer, []).append(m)
     sequences, length = tokens.shape
     hidden = lm.model.config.get_text_config().hidden_size
-    path = folder / "fisher-inputs.bin"
-    inputs = torch.from_file(str(path), shared=True, size=lm.num_layers * sequences * length * hidden,
-                             dtype=lm.dtype).view(lm.num_layers, sequences, length, hidden)  # fmt: skip
+    inputs = RowFile(folder / "fisher-inputs.bin", lm.num_layers * sequences, (length, hidden), lm.dtype)
     try:
 
         def keep(i: int, j: int, state: torch.Tensor) -> None:
-            inputs[i, j] = state[0]
+            inputs.write(i * sequences + j, state[0])
 
         finals, calls = lm.forward_pass(tokens, keep_inputs=keep, desc="Fisher information: forward")
         gradients = sequence_gradients(lm, tokens, finals)
@@ -107,7 +106,7 @@ def layerwise_fisher(lm: LayerwiseModel, modules: Sequence[Module], tokens: torc
                     parameters[name].requires_grad_(True)
                 with torch.enable_grad():
                     for j in range(sequences):
-                        state = inputs[i, j][None].to(lm.device, copy=True).requires_grad_(True)
+                        state = inputs.read(i * sequences + j)[None].to(lm.device).requires_grad_(True)
                         args, kwargs = calls[j][i]
                         torch.autograd.backward(layer_output(layer(state, *args, **kwargs)), gradients[j])
                         for name in wanted:
@@ -120,7 +119,7 @@ def layerwise_fisher(lm: LayerwiseModel, modules: Sequence[Module], tokens: torc
                 each_layer(i, {m.name: _slice(lm.model, m.name, parameters[owner[m.name]], squares[owner[m.name]]).cpu()
                                for m in planned})  # fmt: skip
     finally:
-        path.unlink(missing_ok=True)  # the mapping lives on until `inputs` is freed
+        inputs.close()
 
 
 def _owner(model: torch.nn.Module, name: str, parameters: dict[str, torch.nn.Parameter]) -> str:

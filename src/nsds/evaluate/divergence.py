@@ -1,9 +1,9 @@
 """KL divergence of a quantized model's next-token distribution from the reference model's, token by token
 on the evaluation windows (docs/PROTOCOL.md): the measure the llama.cpp community ranks quants by.
 
-The reference pass keeps its log-probabilities on disk, float16 in a memory-mapped file (tokens x vocabulary:
-0.8 GB for SmolLM2 at 8192 tokens, 4.3 GB for Gemma-3's 262k vocabulary), so the model is never held twice
-and every plan is compared window by window. float16 rounds a log-probability by up to 2^-11 of itself;
+The reference pass keeps its log-probabilities on disk, float16, window by window (nsds.spill; tokens x
+vocabulary: 0.8 GB for SmolLM2 at 8192 tokens, 4.3 GB for Gemma-3's 262k vocabulary), so the model is never
+held twice, the process holds one window of them at a time, and every plan is compared window by window. float16 rounds a log-probability by up to 2^-11 of itself;
 the part of each token's KLD that rounding shifts, sum_v p16_v (log p16_v - log p_v), is computed exactly in
 the reference pass and taken off again, so what remains is KL(p || q) with p's weights rounded (relative
 error ~1e-3), not a bias of the size of a small model's KLD.
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from nsds.spill import RowFile
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class ReferenceLogProbs:
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / "reference-logprobs.f16"
-        self.logprobs: np.memmap | None = None
+        self.logprobs: RowFile | None = None  # window by window, float16, on disk (nsds.spill)
         self.correction: np.ndarray | None = None  # per token: sum p16 (log p16 - log p), from the exact values
         self.top: np.ndarray | None = None  # per token: the reference's most likely next token
 
@@ -48,13 +50,12 @@ class ReferenceLogProbs:
         total = 0.0
         for i, (ids, logp) in enumerate(log_probs):
             if self.logprobs is None:
-                shape = (windows.shape[0] * positions, logp.shape[-1])
-                self.logprobs = np.memmap(self.path, dtype=np.float16, mode="w+", shape=shape)
-                self.correction = np.zeros(shape[0], dtype=np.float64)
-                self.top = np.zeros(shape[0], dtype=np.int64)
+                self.logprobs = RowFile(self.path, windows.shape[0], tuple(logp.shape), torch.float16)
+                self.correction = np.zeros(windows.shape[0] * positions, dtype=np.float64)
+                self.top = np.zeros(windows.shape[0] * positions, dtype=np.int64)
             rows = slice(i * positions, (i + 1) * positions)
             stored = logp.half()
-            self.logprobs[rows] = stored.numpy()
+            self.logprobs.write(i, stored)
             rounded = stored.float()
             self.correction[rows] = (rounded.exp() * (rounded - logp)).sum(-1).double().numpy()
             self.top[rows] = logp.argmax(-1).numpy()
@@ -71,7 +72,7 @@ class ReferenceLogProbs:
         total, klds, same = 0.0, [], 0
         for i, (ids, logq) in enumerate(log_probs):
             rows = slice(i * positions, (i + 1) * positions)
-            reference = torch.from_numpy(np.asarray(self.logprobs[rows])).float()
+            reference = self.logprobs.read(i).float()
             kld = (reference.exp() * (reference - logq)).sum(-1).double() - torch.from_numpy(self.correction[rows])
             klds.append(kld.numpy())
             same += int((logq.argmax(-1).numpy() == self.top[rows]).sum())
@@ -89,5 +90,7 @@ class ReferenceLogProbs:
 
     def close(self) -> None:
         """Drop the recorded log-probabilities and their file."""
+        if self.logprobs is not None:
+            self.logprobs.close()
         self.logprobs = None
         self.path.unlink(missing_ok=True)
