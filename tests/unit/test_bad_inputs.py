@@ -421,7 +421,7 @@ def test_hub_text_without_datasets_fails_before_the_model():
         (["--budget", "Q4_K_M"], "budget 'Q4_K_M' is not a number of bits; llama.cpp presets as budgets need "
          "--quantizer gguf"),
         (["--quantizer", "gguf", "--budget", "Q9_K", "--widths", "4,6"], "unknown llama.cpp preset 'Q9_K'"),
-        (["--budget", "3", "--export"], "--export writes a GGUF file for llama.cpp; use it with --quantizer gguf"),
+        (["--budget", "3", "--export"], "--export writes a GGUF file for llama.cpp (--quantizer gguf) or a"),
         (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--group-size", "64"],
          "GGUF types fix their own blocks and scales: drop --group-size and --symmetric"),
         (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--budget-counts", "weights"],
