@@ -63,14 +63,14 @@ def compressed(weight: torch.Tensor, bits: int, group_size: int) -> dict[str, to
     return PackedQuantizationCompressor.compress(state, scheme(bits, group_size, []))
 
 
-def write_folder(lm: LayerwiseModel, tokenizer, plan: Plan, quantizer: CompressedTensors, target: Path) -> int:
-    """The folder at `target` (which must exist, empty): weights, index, config, tokenizer. Returns the bytes
-    the planned modules take in it (packed weights and scales), which the plan predicts."""
+def write_folder(lm: LayerwiseModel, tokenizer, plan: Plan, quantizer: CompressedTensors, target: Path) -> None:
+    """The folder at `target` (which must exist, empty): weights, index, config, tokenizer. The planned modules'
+    packed weights and scales take exactly the bits the plan counts as their storage."""
     from compressed_tensors import ModelCompressor
 
     bits = {m.name: m.bits for m in plan.modules}
     weight_map: dict[str, str] = {}
-    planned_bytes = total = 0
+    total = 0
 
     def save(state: dict[str, torch.Tensor], file: str) -> None:
         nonlocal total
@@ -86,8 +86,6 @@ def write_folder(lm: LayerwiseModel, tokenizer, plan: Plan, quantizer: Compresse
                 module, _, kind = full.rpartition(".")
                 if module in bits and kind == "weight":
                     packed = compressed(parameter, bits[module], quantizer.group_size)
-                    planned_bytes += sum(packed[k].numel() * packed[k].element_size()
-                                         for k in ("weight_packed", "weight_scale"))  # fmt: skip
                     state |= {f"{module}.{k}": v.contiguous() for k, v in packed.items()}
                 else:
                     state[full] = parameter.detach().to(DTYPE).contiguous()
@@ -104,4 +102,3 @@ def write_folder(lm: LayerwiseModel, tokenizer, plan: Plan, quantizer: Compresse
     write_bytes(target / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
     ModelCompressor(quantization_config=quantization_config(plan, quantizer.group_size)).update_config(str(target))
     tokenizer.save_pretrained(target)
-    return planned_bytes

@@ -3,10 +3,11 @@ on the evaluation windows (docs/PROTOCOL.md): the measure the llama.cpp communit
 
 The reference pass keeps its log-probabilities on disk, float16, window by window (nsds.spill; tokens x
 vocabulary: 0.8 GB for SmolLM2 at 8192 tokens, 4.3 GB for Gemma-3's 262k vocabulary), so the model is never
-held twice, the process holds one window of them at a time, and every plan is compared window by window. float16 rounds a log-probability by up to 2^-11 of itself;
-the part of each token's KLD that rounding shifts, sum_v p16_v (log p16_v - log p_v), is computed exactly in
-the reference pass and taken off again, so what remains is KL(p || q) with p's weights rounded (relative
-error ~1e-3), not a bias of the size of a small model's KLD.
+held twice, the process holds one window of them at a time, and every plan is compared window by window.
+float16 rounds a log-probability by up to 2^-11 of itself; the part of each token's KLD that rounding shifts,
+sum_v p16_v (log p16_v - log p_v), is computed exactly in the reference pass and taken off again, so what
+remains is KL(p || q) with p's weights rounded (relative error ~1e-3), not a bias of the size of a small
+model's KLD.
 """
 
 import math
