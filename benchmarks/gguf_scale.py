@@ -7,7 +7,8 @@ with an empty nsds cache (the built llama.cpp tools and the texts linked in):
 
     nsds run CHECKPOINT --quantizer gguf --budget Q4_K_M --export
 
-and prints the job's peak RSS (the nsds process, and the largest of the llama.cpp tools it ran), the
+and prints the job's peak RSS (the nsds process: a child's own peak cannot be told apart from the parent's
+image it was forked from; llama.cpp's tools hold little more than the GGUF file they memory-map), the
 seconds of each stage, and, between the two largest depths of one shape, the seconds and MiB each layer
 adds. PROJECTIONS to the full model are computed from those slopes, not measured, and labelled so.
 
@@ -58,7 +59,6 @@ for e in result.evaluations:
         stages[f"llama-perplexity {e.label}_s"] = e.runtime.seconds
 print(json.dumps({"wall_s": time.perf_counter() - start, "stages": stages,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "tools_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
                   "kld": {e.label: e.kld for e in result.evaluations}}))
 """
@@ -130,7 +130,7 @@ def main() -> None:
         result = found[layers]
         print(
             f"\n{layers} layers ({size / 1e9:.2f} GB): {took:.0f} s, peak RSS {result['peak_mib']:.0f} MiB "
-            f"(largest llama.cpp tool {result['tools_peak_mib']:.0f} MiB)",
+            "(the nsds process; llama.cpp's tools map the GGUF file they read)",
             flush=True,
         )
         for stage, seconds in result["stages"].items():
