@@ -99,15 +99,20 @@ def publish(staged: Path, target: Path, stale: Iterable[str]) -> list[str]:
     written = {path.name for path in staged.iterdir()}
     for name in sorted(written):
         if (staged / name).is_dir() and (target / name).is_dir():  # a folder output replaces the earlier one
-            shutil.rmtree(target / name)
+            _remove(target / name)
         os.replace(staged / name, target / name)
     removed = [name for name in stale if name not in written and (target / name).exists()]
     for name in removed:
-        if (target / name).is_dir():
-            shutil.rmtree(target / name)
-        else:
-            (target / name).unlink()
+        _remove(target / name)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder with everything in it."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def copy_file(source: Path, target: Path) -> None:

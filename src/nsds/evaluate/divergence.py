@@ -92,6 +92,5 @@ class ReferenceLogProbs:
     def close(self) -> None:
         """Drop the recorded log-probabilities and their file."""
         if self.logprobs is not None:
-            self.logprobs.close()
+            self.logprobs.close()  # deletes the file too
         self.logprobs = None
-        self.path.unlink(missing_ok=True)

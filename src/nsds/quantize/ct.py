@@ -1,7 +1,7 @@
 """compressed-tensors' integer weight-only format, as vLLM's W4A16 / W8A16 kernels read it: int4 or int8,
 symmetric, group-wise along the input features, one bfloat16 scale per group taken from the group's min and
 max (llm-compressor's model-free observer). The numerics are compressed-tensors' own functions, run in
-bfloat16, so a folder nsds exports (nsds.export_ct) holds exactly the weights nsds evaluated."""
+bfloat16, so a folder nsds exports (nsds.ct_export) holds exactly the weights nsds evaluated."""
 
 from typing import TYPE_CHECKING, ClassVar
 
