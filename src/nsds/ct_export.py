@@ -31,11 +31,18 @@ INDEX = "model.safetensors.index.json"
 
 
 def check_exportable(modules: list[Module], model_type: str) -> None:
-    """Refuse, before any work, a model whose planned modules are not plain linear layers vLLM can group: MoE
-    experts (3-D parameters in one fused kernel) and GPT-2's transposed Conv1D."""
+    """Refuse, before any work, a plan vLLM cannot load: MoE experts (3-D parameters in one fused kernel),
+    q/k/v or gate/up at different widths (one fused matmul each) and GPT-2's transposed Conv1D."""
     if any(m.expert not in (None, "shared") for m in modules):
         raise NsdsError("the compressed-tensors export does not write mixture-of-experts plans yet (vLLM's fused "
                         "MoE kernels take one scheme for all experts of a layer); drop --export")  # fmt: skip
+    fused: dict[tuple, set[str]] = {}
+    for m in modules:
+        if m.role in arch.FUSED_BY_RUNTIMES:
+            fused.setdefault((m.layer, m.expert, arch.FUSED_BY_RUNTIMES[m.role]), set()).add(m.group)
+    if any(len(groups) > 1 for groups in fused.values()):
+        raise NsdsError("vLLM runs q/k/v and gate/up as one fused matmul of one scheme, so they must share a width; "
+                        "drop --no-fuse")  # fmt: skip
     if arch.family_of(model_type).conv1d:
         raise NsdsError(f"{model_type} stores its projections transposed (Conv1D), which compressed-tensors does not "
                         "pack; drop --export")  # fmt: skip

@@ -103,6 +103,7 @@ def test_the_exported_folder_holds_exactly_the_evaluated_weights(tiny_run, tmp_p
     ("options", "message"),
     [
         (["--quantizer", "ct", "--group-size", "48"], "groups of 48 do not divide rows of 64 weights"),
+        (["--quantizer", "ct", "--group-size", "32", "--export", "--no-fuse"], "must share a width; drop --no-fuse"),
         (
             ["--quantizer", "rtn", "--export"],
             "--export writes a GGUF file for llama.cpp (--quantizer gguf) or a "
