@@ -12,7 +12,6 @@ reference perplexity reproduced) lends its perplexities, scores and oracle: afte
 allocator only the plans that changed are evaluated.
 """
 
-import contextlib
 import hashlib
 import json
 import math
@@ -29,8 +28,6 @@ from nsds.allocate import (
     Evidence,
     Setting,
     allocate,
-    allocation_setting,
-    check_fits,
     paper_allocator,
     plan_for,
     random_scores,
@@ -41,15 +38,16 @@ from nsds.distortion import ErrorTable, cached_errors
 from nsds.documents import build, plain
 from nsds.errors import NsdsError, first_line
 from nsds.evaluate.jobs import Evaluator, Here, PerplexityJob
-from nsds.evaluate.loading import Loaded, check_whole_model_fits, load_for_evaluation
+from nsds.evaluate.loading import Loaded, load_for_evaluation
 from nsds.evaluate.oracle import kendall, single_layer_sensitivity, spearman, windows_digest
 from nsds.evaluate.protocol import Protocol
-from nsds.evaluate.text import check_protocol, load_text
-from nsds.files import check_output_folder, read_document, write_bytes, write_json
+from nsds.evaluate.text import load_text
+from nsds.files import read_document, write_bytes, write_json
 from nsds.gguf_tools import TENSOR_TYPES_SUFFIX
+from nsds.options import check_options
 from nsds.plan import Module, Plan
 from nsds.progress import note, progress, stage
-from nsds.quantize import Quantizer, WeightBank, check_expert_formats, make_quantizer
+from nsds.quantize import Quantizer, WeightBank
 from nsds.report import RUNTIME_LABELS, compare_figures, compare_markdown
 from nsds.results import (
     KIND_OF_SCORER,
@@ -64,7 +62,7 @@ from nsds.results import (
 from nsds.runtime import GGUFTarget
 from nsds.scorers.specs import ScorerSpec, get_scorers
 from nsds.scorers.subject import Subject
-from nsds.weights import open_source, resolve, weights_identity
+from nsds.weights import resolve, weights_identity
 
 CELLS_SCHEMA = "nsds.compare-cells/2"
 REPRODUCED = 1e-4  # relative: an earlier run's reference PPL must be reproduced this closely to reuse its results
@@ -206,45 +204,17 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> PreparedComparison:
         raise NsdsError("give at least one quantizer, e.g. --quantizer rtn,hqq")
     if not cfg.budgets:
         raise NsdsError("give at least one budget, e.g. --budgets 2.5,3,3.5")
-    quantizers = {name: make_quantizer(name, cfg.group_size, cfg.symmetric) for name in cfg.quantizers}
     budgets = tuple(dict.fromkeys(
         p for b in cfg.budgets
         for p in (runtime.PRESETS if isinstance(b, str) and b.lower() == "presets" else [b])
     ))  # fmt: skip
-    presets = {b: runtime.preset_name(b) for b in budgets if isinstance(b, str)}
-    if presets and set(quantizers) != {"gguf"}:
-        raise NsdsError(f"budget '{next(iter(presets))}' is a llama.cpp preset; presets as budgets need "
-                        "--quantizer gguf alone")  # fmt: skip
-    for quantizer in quantizers.values():
-        quantizer.check_widths(cfg.widths)
-        for b in budgets:
-            if not isinstance(b, str):
-                allocation_setting(quantizer, cfg.model, b, cfg.widths)  # fails fast
     scorers = get_scorers(list(cfg.scorers))
     if cfg.seeds < 0:
         raise NsdsError(f"--seeds must not be negative, got {cfg.seeds}")
-    window = check_protocol(cfg.text, cfg.window, cfg.tokens)
-    check_output_folder(cfg.out, "--out")
-    compute = Compute.choose(cfg.device)
-    targets: dict[float | str, GGUFTarget] = {}
-    with contextlib.ExitStack() as stack:
-        folder = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsds-gguf-")))
-        with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
-            modules = arch.source_modules(source, fuse=cfg.fuse, per_expert=cfg.per_expert)
-            check_expert_formats(modules, quantizers, cfg.per_expert, save=False)
-            check_whole_model_fits(source, compute.memory())  # compare holds the model whole
-            if "gguf" in quantizers:
-                targets = {b: runtime.gguf_target(source, modules, presets.get(b), folder) for b in budgets}
-    budgets, names = _distinct_presets(budgets, presets, targets)
-    settings = {
-        (q, b): allocation_setting(quantizer, cfg.model, targets[b].budget if b in presets else b, cfg.widths)
-        for q, quantizer in quantizers.items()
-        for b in budgets
-    }
-    for q, quantizer in quantizers.items():
-        check_fits(modules, quantizer, [settings[q, b] for b in budgets])
-    return PreparedComparison(quantizers, budgets, settings, targets, names, scorers, paper_allocator(cfg.widths),
-                              compute, window)  # fmt: skip
+    checked = check_options(cfg, cfg.quantizers, budgets, work, resident=True)
+    budgets, names = _distinct_presets(budgets, checked.presets, checked.targets)
+    return PreparedComparison(checked.quantizers, budgets, checked.settings, checked.targets, names, scorers,
+                              paper_allocator(cfg.widths), checked.compute, checked.window)  # fmt: skip
 
 
 def _distinct_presets(

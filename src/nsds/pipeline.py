@@ -9,7 +9,6 @@ Memory). With the other quantizers the model is loaded whole once (transformers 
 the same passes run over it. Outputs are written only once everything has succeeded, each file atomically.
 """
 
-import contextlib
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ from nsds.allocate import (
     Evidence,
     Setting,
     allocation_setting,
-    check_fits,
     evidence_needed,
     plan_for,
 )
@@ -36,14 +34,15 @@ from nsds.errors import NsdsError
 from nsds.evaluate.divergence import ReferenceLogProbs
 from nsds.evaluate.lmeval import require as require_lm_eval
 from nsds.evaluate.lmeval import zero_shot
-from nsds.evaluate.loading import Loaded, check_whole_model_fits, load_for_evaluation
-from nsds.evaluate.text import check_protocol, load_text
+from nsds.evaluate.loading import Loaded, load_for_evaluation
+from nsds.evaluate.text import load_text
 from nsds.files import check_output_folder, copy_file, publish, staged_folder, write_bytes
 from nsds.gguf_tools import TENSOR_TYPES_SUFFIX
 from nsds.importance import ImportanceMatrix
+from nsds.options import check_options
 from nsds.plan import Module, Plan
 from nsds.progress import note, stage
-from nsds.quantize import QUANTIZERS, Quantizer, WeightBank, check_expert_formats, make_quantizer
+from nsds.quantize import QUANTIZERS, Quantizer, WeightBank
 from nsds.quantize.bank import quantize_into
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
@@ -51,7 +50,7 @@ from nsds.results import Evaluation, RunResult
 from nsds.runtime import GGUFTarget
 from nsds.scorers.nsds import score
 from nsds.scores import ScoreReport
-from nsds.weights import open_source, weights_identity
+from nsds.weights import weights_identity
 
 OUTPUTS = ("plan.json", "scores.json", "errors.json", "results.json", "report.md", "scores.png", "ppl.png")
 # With --export: quantizer gguf's files (imatrix: when one was used), quantizer ct's Hugging Face folder.
@@ -126,52 +125,38 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> PreparedRun:
     """Check every option (one NsdsError naming the first bad one) and resolve `auto`s and a preset budget
     (its file is quantized into `work`, or a temporary folder)."""
     cfg = with_default_widths(cfg)
-    quantizer = make_quantizer(cfg.quantizer, cfg.group_size, cfg.symmetric)
-    quantizer.check_widths(cfg.widths)
-    preset = None
-    if isinstance(cfg.budget, str):
-        if cfg.quantizer != "gguf":
-            raise NsdsError(f"budget '{cfg.budget}' is not a number of bits; llama.cpp presets as budgets need "
-                            "--quantizer gguf")  # fmt: skip
-        preset = runtime.preset_name(cfg.budget)
-    else:
-        allocation_setting(quantizer, cfg.model, cfg.budget, cfg.widths, cfg.budget_counts)  # fails fast
-    allocator = plan_labels(cfg)["nsds"]
-    if allocator not in ALLOCATORS:
-        raise NsdsError(f"unknown allocator '{allocator}'; choose from auto, {', '.join(ALLOCATORS)}")
-    if allocator == "topk" and len(set(cfg.widths)) != 2:
-        raise NsdsError(f"topk takes exactly two widths (low, high), got {list(cfg.widths)}; use --allocator budget")
-    window = check_protocol(cfg.text, cfg.window, cfg.tokens)
-    if cfg.save is not None and cfg.quantizer != "hqq":
-        raise NsdsError("--save writes HQQ's format; use it with --quantizer hqq")
-    if cfg.export and cfg.quantizer not in EXPORTS:
-        raise NsdsError("--export writes a GGUF file for llama.cpp (--quantizer gguf) or a compressed-tensors folder "
-                        "for vLLM (--quantizer ct); use it with one of those")  # fmt: skip
-    if cfg.tasks:
-        require_lm_eval()
-    imatrix = _importance_option(cfg)
-    check_output_folder(cfg.out, "--out")
-    if cfg.save is not None:
-        check_output_folder(cfg.save, "--save")
-    compute = Compute.choose(cfg.device)
-    with open_source(cfg.model, cfg.gguf_file) as source:  # the header only: shapes, no weights
-        modules = arch.source_modules(source, fuse=cfg.fuse, per_expert=cfg.per_expert)
-        check_expert_formats(modules, [cfg.quantizer], cfg.per_expert, cfg.save is not None)
-        if resident(cfg):
-            check_whole_model_fits(source, compute.memory())
-        if cfg.export and cfg.quantizer == "ct":
-            ct_export.check_exportable(modules, source.config.model_type)
-        target = None
-        if cfg.quantizer == "gguf":
-            with contextlib.ExitStack() as stack:
-                folder = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsds-gguf-")))
-                target = runtime.gguf_target(source, modules, preset, folder)
-                if isinstance(imatrix, ImportanceMatrix):
-                    module_importance(imatrix, target, modules)  # made for this model: checked before any work
-    budget = target.budget if target and target.preset else cfg.budget
-    setting = allocation_setting(quantizer, cfg.model, budget, cfg.widths, cfg.budget_counts)
-    check_fits(modules, quantizer, [setting])
-    return PreparedRun(quantizer, setting, allocator, compute, window, target, modules, imatrix)
+    imatrix: ImportanceMatrix | str | None = None
+
+    def own_checks() -> None:
+        nonlocal imatrix
+        allocator = plan_labels(cfg)["nsds"]
+        if allocator not in ALLOCATORS:
+            raise NsdsError(f"unknown allocator '{allocator}'; choose from auto, {', '.join(ALLOCATORS)}")
+        if allocator == "topk" and len(set(cfg.widths)) != 2:
+            raise NsdsError(f"topk takes exactly two widths (low, high), got {list(cfg.widths)}; use --allocator "
+                            "budget")  # fmt: skip
+        if cfg.save is not None and cfg.quantizer != "hqq":
+            raise NsdsError("--save writes HQQ's format; use it with --quantizer hqq")
+        if cfg.export and cfg.quantizer not in EXPORTS:
+            raise NsdsError("--export writes a GGUF file for llama.cpp (--quantizer gguf) or a compressed-tensors "
+                            "folder for vLLM (--quantizer ct); use it with one of those")  # fmt: skip
+        if cfg.tasks:
+            require_lm_eval()
+        imatrix = _importance_option(cfg)
+        if cfg.save is not None:
+            check_output_folder(cfg.save, "--save")
+
+    writes = ("hqq",) * (cfg.save is not None) + ("ct",) * (cfg.export and cfg.quantizer == "ct")
+    checked = check_options(cfg, (cfg.quantizer,), (cfg.budget,), work, resident=resident(cfg),
+                            budget_counts=cfg.budget_counts, writes=writes, own_checks=own_checks)  # fmt: skip
+    if cfg.export and cfg.quantizer == "ct":
+        ct_export.check_exportable(checked.modules, checked.model_type)
+    target = checked.targets.get(cfg.budget)
+    if isinstance(imatrix, ImportanceMatrix):
+        module_importance(imatrix, target, checked.modules)  # made for this model: checked before any work
+    return PreparedRun(checked.quantizers[cfg.quantizer], checked.settings[cfg.quantizer, cfg.budget],
+                       plan_labels(cfg)["nsds"], checked.compute, checked.window, target, checked.modules,
+                       imatrix)  # fmt: skip
 
 
 def _importance_option(cfg: RunConfig) -> ImportanceMatrix | str | None:

@@ -73,7 +73,8 @@ COMPARE_CASES = [
     (["--seeds", "-1"], "--seeds must not be negative"),
     (["--out", "{file}"], "is a file; give a folder"),
     (["--device", "mps"], "unknown device 'mps'"),
-    (["--budgets", "2.5,x"], "unknown llama.cpp preset 'x'; choose from Q2_K"),
+    (["--budgets", "2.5,x"], "budget 'x' is not a number of bits; llama.cpp presets as budgets need --quantizer gguf"),
+    (["--budgets", "2.5,x", "--quantizer", "gguf"], "unknown llama.cpp preset 'x'; choose from Q2_K"),
 ]
 
 
