@@ -31,11 +31,8 @@ INDEX = "model.safetensors.index.json"
 
 
 def check_exportable(modules: list[Module], model_type: str) -> None:
-    """Refuse, before any work, a plan vLLM cannot load: MoE experts (3-D parameters in one fused kernel),
-    q/k/v or gate/up at different widths (one fused matmul each) and GPT-2's transposed Conv1D."""
-    if any(m.expert not in (None, "shared") for m in modules):
-        raise NsdsError("the compressed-tensors export does not write mixture-of-experts plans yet (vLLM's fused "
-                        "MoE kernels take one scheme for all experts of a layer); drop --export")  # fmt: skip
+    """Refuse, before any work, a plan vLLM cannot load: q/k/v or gate/up at different widths (one fused
+    matmul each) and GPT-2's transposed Conv1D (MoE experts: quantize.check_expert_formats)."""
     fused: dict[tuple, set[str]] = {}
     for m in modules:
         if m.role in arch.FUSED_BY_RUNTIMES:

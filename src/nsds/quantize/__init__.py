@@ -6,7 +6,7 @@ of widths or storage formats (a Plan, or one layer at the low width for the orac
 from pristine copies of its weights.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from nsds.errors import NsdsError
 from nsds.plan import Module
@@ -29,13 +29,15 @@ def make_quantizer(name: str, group_size: int | None = None, symmetric: bool = F
     return QUANTIZERS[name](group_size, symmetric)
 
 
-def check_expert_formats(modules: Sequence[Module], quantizers: Iterable[str], per_expert: bool, save: bool) -> None:
-    """Refuse, before any work, what no format can hold for a MoE model's experts.
+def check_expert_formats(modules: Sequence[Module], quantizers: Iterable[str], per_expert: bool,
+                         writes: Collection[str] = ()) -> None:  # fmt: skip
+    """Refuse, before any work, what no format can hold for a MoE model's experts (`writes`: the formats the
+    job writes besides its results, "hqq" for --save, "ct" for the compressed-tensors export).
 
     Per-expert widths exist only in nsds's own fake-quantized evaluation (rtn, hqq): llama.cpp stores all
     experts of a layer's projection as one 3-D tensor of one type, as fused-MoE kernels do. The gguf
-    quantizer does not write MoE plans yet, and HQQ's saved format holds nn.Linear modules, not the fused
-    3-D expert parameters of transformers 5.
+    quantizer and the compressed-tensors export do not write MoE plans yet, and HQQ's saved format holds
+    nn.Linear modules, not the fused 3-D expert parameters of transformers 5.
     """
     routed = any(m.expert not in (None, "shared") for m in modules)
     if per_expert and not routed:
@@ -45,6 +47,9 @@ def check_expert_formats(modules: Sequence[Module], quantizers: Iterable[str], p
     if "gguf" in quantizers:
         raise NsdsError("the gguf quantizer cannot plan mixture-of-experts models yet (llama.cpp stores a layer's "
                         "experts as one 3-D tensor per projection); use rtn or hqq")  # fmt: skip
-    if save:
+    if "ct" in writes:
+        raise NsdsError("the compressed-tensors export does not write mixture-of-experts plans yet (vLLM's fused "
+                        "MoE kernels take one scheme for all experts of a layer); drop --export")  # fmt: skip
+    if "hqq" in writes:
         raise NsdsError("--save writes HQQ's format, which holds nn.Linear modules, not the fused 3-D expert "
                         "parameters of this MoE model; drop --save")  # fmt: skip
