@@ -5,9 +5,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from nsds.errors import NsdsError, first_line
+from nsds.errors import NsdsError
 from nsds.files import staged
-from nsds.llamacpp import CONVERT_SCRIPT, ENV_VAR, failure_reason, tools
+from nsds.llamacpp import CONVERT_SCRIPT, ENV_VAR, completed, failure_reason, tools
 
 # convert_hf_to_gguf.py (the copy beside the tools) run with this interpreter, so it sees the same torch,
 # transformers and safetensors as nsds. It imports `gguf` after putting its own gguf-py at sys.path[1] (unless
@@ -63,15 +63,9 @@ def convert_hf_to_gguf(folder: Path, target: Path, outtype: str = "f32", timeout
         )
     with staged(target, "llama.cpp's converter") as out:
         command = [sys.executable, str(script), str(folder), "--outfile", str(out), "--outtype", kind]
-        try:
-            result = subprocess.run(
-                command, capture_output=True, text=True, errors="replace", timeout=timeout,
-                stdin=subprocess.DEVNULL, env=converter_env(script), cwd=script.parent,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise NsdsError(f"llama.cpp's converter did not finish in {timeout:g} s on '{folder.name}'") from None
-        except OSError as err:
-            raise NsdsError(f"cannot run llama.cpp's converter ('{script}'): {first_line(err)}") from None
+        result = completed(command, timeout, f"cannot run llama.cpp's converter ('{script}')",
+                           f"llama.cpp's converter on '{folder.name}'",
+                           env=converter_env(script), cwd=script.parent)  # fmt: skip
         if result.returncode != 0:
             raise NsdsError(f"llama.cpp's converter failed on '{folder.name}': {_convert_failure(result)}")
 

@@ -243,15 +243,7 @@ def check_runs(binary: Path, what: str) -> None:
     key = (str(binary), stat.st_size, stat.st_mtime_ns)
     if key in _CHECKED:
         return
-    try:
-        result = subprocess.run(
-            [str(binary), "--help"], capture_output=True, text=True, errors="replace", timeout=30,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise NsdsError(f"{what} '{binary}' does not run: `--help` did not finish in 30 s") from None
-    except OSError as err:
-        raise NsdsError(f"{what} '{binary}' does not run: {first_line(err)}") from None
+    result = completed([binary, "--help"], 30, f"{what} '{binary}' does not run", f"{what} '{binary}' --help")
     if result.returncode not in (0, 1):
         raise NsdsError(f"{what} '{binary}' does not run: {failure_reason(result)}")
     _CHECKED.add(key)
@@ -537,19 +529,24 @@ def run_streams(
     A failure names `explain(result)` when it finds the reason, else the tool's last error line, without the
     timestamp and level llama.cpp's log puts before it.
     """
-    try:
-        result = subprocess.run(
-            [str(path), *map(str, args)], capture_output=True, text=True, errors="replace", timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise NsdsError(f"{what} did not finish in {timeout:g} s ({path.name})") from None
-    except OSError as err:
-        raise NsdsError(f"cannot run {what} ('{path}'): {first_line(err)}") from None
+    result = completed([path, *args], timeout, f"cannot run {what} ('{path}')", f"{what} ({path.name})")
     if result.returncode != 0:
         reason = (explain and explain(result)) or failure_reason(result)
         raise NsdsError(f"{what} failed: {strip_log_prefix(reason)}")
     return result
+
+
+def completed(command: list, timeout: float | None, cannot_start: str, running: str,
+              **options) -> subprocess.CompletedProcess:  # fmt: skip
+    """`command` run to its end with its output captured as text and no stdin; one NsdsError when it cannot
+    start (`cannot_start`, then the reason) or runs past `timeout` seconds (`running` did not finish)."""
+    try:
+        return subprocess.run([str(part) for part in command], capture_output=True, text=True, errors="replace",
+                              timeout=timeout, stdin=subprocess.DEVNULL, **options)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise NsdsError(f"{running} did not finish in {timeout:g} s") from None
+    except OSError as err:
+        raise NsdsError(f"{cannot_start}: {first_line(err)}") from None
 
 
 def strip_log_prefix(line: str) -> str:
