@@ -48,7 +48,8 @@ def measure(model_id: str, text: str, budget: float) -> dict:
     rows = {e.label: {"kld": e.kld, "kld_stderr": e.kld_stderr, "kld_p99": e.kld_p99, "same_top": e.same_top,
                       "ppl": e.ppl, "weight_bits": e.weight_bits, "storage_bits": e.storage_bits}
             for e in result.evaluations if e.label in ROWS}  # fmt: skip
-    return {"model": model_id, "text": text, "budget": budget, "reference_ppl": result.reference_ppl, "rows": rows}
+    reference_ppl = next(e.ppl for e in result.evaluations if e.label == "reference")
+    return {"model": model_id, "text": text, "budget": budget, "reference_ppl": reference_ppl, "rows": rows}
 
 
 def summary(cells: list[dict]) -> list[str]:
