@@ -7,7 +7,8 @@ from pathlib import Path
 
 from nsds.errors import NsdsError
 from nsds.files import staged
-from nsds.llamacpp import CONVERT_SCRIPT, ENV_VAR, completed, failure_reason, tools
+from nsds.llamacpp import CONVERT_SCRIPT, ENV_VAR, tools
+from nsds.programs import completed, failure_reason
 
 # convert_hf_to_gguf.py (the copy beside the tools) run with this interpreter, so it sees the same torch,
 # transformers and safetensors as nsds. It imports `gguf` after putting its own gguf-py at sys.path[1] (unless

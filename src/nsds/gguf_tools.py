@@ -17,7 +17,8 @@ import gguf
 from nsds.errors import NsdsError, first_line
 from nsds.files import staged
 from nsds.gguf_header import GGUFHeader
-from nsds.llamacpp import failure_reason, meaningful_line, run_streams, strip_log_prefix, tools
+from nsds.llamacpp import tools
+from nsds.programs import failure_reason, meaningful_line, run_streams, strip_log_prefix
 
 # What the GGUF backend runs: llama-quantize (a base preset plus per-tensor overrides) and llama-perplexity,
 # with typed results and one-line NsdsErrors. Both are checked against the pinned source (0.3.36's vendored

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsds import ggml, gguf_tools, importance, llamacpp
+from nsds import ggml, gguf_tools, importance, llamacpp, programs
 from nsds.errors import NsdsError
 from nsds.gguf_header import GGUFHeader
 
@@ -53,7 +53,7 @@ def test_both_formats_of_llama_imatrix_read_the_same(own, smollm2_gguf, tmp_path
     """llama-imatrix's legacy .dat of the same text: the same weights (it stores mean x 1 call)."""
     text = own.path.with_suffix("").with_suffix(".txt")
     legacy = tmp_path / "own.dat"
-    result = llamacpp.run_streams(llamacpp.tools().imatrix, ["-m", smollm2_gguf, "-f", text, "-o", legacy, "-c",
+    result = programs.run_streams(llamacpp.tools().imatrix, ["-m", smollm2_gguf, "-f", text, "-o", legacy, "-c",
                                    "512", "--chunks", "2", "--no-ppl", "--output-format", "dat"], "llama-imatrix",
                                    None)  # fmt: skip
     assert result.returncode == 0

@@ -8,7 +8,7 @@ import re
 import gguf
 import pytest
 
-from nsds import llamacpp
+from nsds import llamacpp, programs
 from nsds.errors import NsdsError
 
 from needs import missing
@@ -30,13 +30,13 @@ def test_built_tools_are_complete(llama):
         assert llama.convert_script is not None and llama.convert_script.is_file()
         assert (llama.convert_script.parent / "gguf-py" / "gguf" / "gguf_reader.py").is_file()
         assert (llama.convert_script.parent / "conversion" / "__init__.py").is_file()
-    llamacpp.check_runs(llama.perplexity, "llama-perplexity")
+    programs.check_runs(llama.perplexity, "llama-perplexity")
 
 
 def test_requantize_smollm2_to_q8_0(llama, smollm2_gguf, tmp_path):
     out = tmp_path / "smollm2-q8_0.gguf"
     args = ["--allow-requantize", smollm2_gguf, out, "Q8_0", "2"]
-    result = llamacpp.run_streams(llama.quantize, args, "llama-quantize", timeout=120)
+    result = programs.run_streams(llama.quantize, args, "llama-quantize", timeout=120)
     output = result.stdout + result.stderr
     assert re.search(r"model size\s*=", output), output[-2000:]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nsds import assets, gguf_tools, llamacpp, runtime
+from nsds import assets, gguf_tools, llamacpp, programs, runtime
 from nsds.errors import NsdsError
 
 QUANTIZE = """#!/bin/sh
@@ -65,7 +65,7 @@ def test_own_binaries_from_a_build_folder(monkeypatch, tmp_path):
         version="4242 (abc1234)",
         ggml_library=build / "bin" / "libggml-base.so",
     )
-    result = llamacpp.run_streams(found.perplexity, ["-m", "x.gguf"], "llama-perplexity")
+    result = programs.run_streams(found.perplexity, ["-m", "x.gguf"], "llama-perplexity")
     assert "Final estimate: PPL = 12.3456" in result.stdout + result.stderr
 
 
@@ -126,9 +126,9 @@ def test_a_failing_tool_is_its_last_error_line(tmp_path):
         "echo 'main: unable to load model' >&2\necho '.....' >&2\nexit 3\n",
     )
     with pytest.raises(NsdsError, match=r"^llama-perplexity failed: main: unable to load model \(exit status 3\)$"):
-        llamacpp.run_streams(tool, ["-m", "x"], "llama-perplexity")
+        programs.run_streams(tool, ["-m", "x"], "llama-perplexity")
     with pytest.raises(NsdsError, match="cannot run llama-quantize"):
-        llamacpp.run_streams(tmp_path / "missing", [], "llama-quantize")
+        programs.run_streams(tmp_path / "missing", [], "llama-quantize")
 
 
 def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
