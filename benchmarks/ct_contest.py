@@ -63,9 +63,14 @@ def summary(cells: list[dict]) -> list[str]:
         lines.append(f"nsds below {rival} in {wins} of {len(cells)} cells, mean KLD "
                      f"{100 * sum(relative) / len(relative):+.1f} % ({100 * min(relative):+.1f} .. "
                      f"{100 * max(relative):+.1f} %)")  # fmt: skip
-    losses = [c for c in cells if c["rows"]["nsds"]["kld"] >= c["rows"]["higgs"]["kld"]]
-    lines += [f"nsds loses to higgs: {c['model']} {c['text']} {c['budget']:g} bits ({c['rows']['nsds']['kld']:.4f} "
-              f"vs {c['rows']['higgs']['kld']:.4f})" for c in losses]  # fmt: skip
+    for c in cells:
+        nsds, higgs = c["rows"]["nsds"], c["rows"]["higgs"]
+        worse = [what for what, lost in (
+            ("mean KLD", nsds["kld"] >= higgs["kld"]), ("99th percentile KLD", nsds["kld_p99"] > higgs["kld_p99"]),
+            ("same top token", nsds["same_top"] < higgs["same_top"]), ("PPL", nsds["ppl"] > higgs["ppl"]),
+        ) if lost]  # fmt: skip
+        if worse:
+            lines.append(f"nsds behind higgs on {c['model']} {c['text']} at {c['budget']:g} bits: {', '.join(worse)}")
     return lines
 
 
