@@ -103,7 +103,7 @@ def job(folder: Path, work: Path, text: str, tokens: int, device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[*SHAPES, "tiny"], default="llama-3.1-8b", help="tiny: for the test")
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 6], help="depths to run (two or more)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 6], help="depths to run (two or more to project)")
     parser.add_argument("--text", default="brown")
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (the job's default: 8192)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda (every stage that computes runs there)")
@@ -135,7 +135,8 @@ def main() -> None:
         )
         for stage, seconds in result["stages"].items():
             print(f"  {stage.removesuffix('_s'):<32} {seconds:8.1f} s")
-    report(found, shape.layers, args.shape)
+    if len(found) > 1:  # a single depth (e.g. the full model) has no slope to project from
+        report(found, shape.layers, args.shape)
 
 
 def report(found: dict[int, dict], full: int, name: str) -> None:
