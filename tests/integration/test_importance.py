@@ -107,7 +107,7 @@ def test_a_matrix_made_for_another_model_is_refused_before_any_work(own, tmp_pat
     writer.write_tensors_to_file()
     writer.close()
     out = tmp_path / "out"
-    argv = ["run", "smollm2", "--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--imatrix", str(other),
+    argv = ["run", "smollm2", "--quantizer", "gguf", "--budget", "6", "--widths", "4,6", "--imatrix", str(other),
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
