@@ -146,10 +146,11 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> PreparedRun:
         if cfg.save is not None:
             check_output_folder(cfg.save, "--save")
 
-    writes = ("hqq",) * (cfg.save is not None) + ("ct",) * (cfg.export and cfg.quantizer == "ct")
+    vllm_folder = cfg.export and cfg.quantizer == "ct"
+    writes = ("hqq",) * (cfg.save is not None) + ("ct",) * vllm_folder
     checked = check_options(cfg, (cfg.quantizer,), (cfg.budget,), work, resident=resident(cfg),
                             budget_counts=cfg.budget_counts, writes=writes, own_checks=own_checks)  # fmt: skip
-    if cfg.export and cfg.quantizer == "ct":
+    if vllm_folder:
         ct_export.check_exportable(checked.modules, checked.model_type)
     target = checked.targets.get(cfg.budget)
     if isinstance(imatrix, ImportanceMatrix):
