@@ -44,7 +44,7 @@ def study(model_id: str, presets: list[str], text: str, tokens: int) -> dict[str
         work = Path(tmp)
         with open_source(model_id, None) as source:
             modules = arch.source_modules(source, fuse=True)
-            target = runtime.gguf_target(source, modules, None, work)
+            target = runtime.gguf_target(source, modules, None, work, rounds_by_importance=True)
         matrix = importance.self_made(target.base)
         target = GGUFTarget(target.base, target.names, target.base_type, imatrix=matrix.path)
         loaded = load_for_evaluation(model_id, None, text, 512, tokens, Compute.choose("cpu"))

@@ -33,14 +33,14 @@ class Setting:
     """What every allocator needs besides the modules and scores."""
 
     budget: float
-    widths: tuple[int, ...]
+    widths: tuple[float, ...]
     quantizer: Quantizer  # configured: its storage() prices every module at every width
     model: str
     budget_counts: str = "weights"  # "weights": the paper's bits per weight; "storage": with every scale/zero
 
 
 def allocation_setting(
-    quantizer: Quantizer, model_id: str, budget: float, widths: Sequence[int], budget_counts: str | None = None
+    quantizer: Quantizer, model_id: str, budget: float, widths: Sequence[float], budget_counts: str | None = None
 ) -> Setting:
     """The allocation setting of a configured quantizer, checked (see check_setting); budget_counts None
     is the quantizer's default (weights for RTN/HQQ as in the paper, storage for GGUF types)."""
@@ -64,7 +64,7 @@ def uniform_setting(setting: Setting) -> Setting:
     return setting
 
 
-def check_setting(setting: Setting, modules: Sequence[Module] | None = None) -> tuple[int, ...]:
+def check_setting(setting: Setting, modules: Sequence[Module] | None = None) -> tuple[float, ...]:
     """Sorted candidate widths, after checking the budget lies within what they reach (never silently clamped).
 
     Counting storage, the reach depends on the modules' shapes (scales per group or block, a row's short last
@@ -72,8 +72,8 @@ def check_setting(setting: Setting, modules: Sequence[Module] | None = None) -> 
     check is exact.
     """
     widths = tuple(sorted(set(setting.widths)))
-    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise NsdsError(f"widths must be positive integers, got {list(setting.widths)}")
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int | float) or w <= 0 for w in widths):
+        raise NsdsError(f"widths must be positive numbers of bits, got {list(setting.widths)}")
     if setting.budget_counts not in BUDGET_MEASURES:
         raise NsdsError(f"budget counts 'weights' or 'storage', not '{setting.budget_counts}'")
     if not math.isfinite(setting.budget):
@@ -107,24 +107,24 @@ def check_fits(modules: Sequence[Module], quantizer: Quantizer, settings: Sequen
 
 def _plan(
     modules: Sequence[Module],
-    bits: dict[str, int],
+    bits: dict[str, float],
     reasons: dict[str, dict],
     setting: Setting,
     allocator: str,
-    widths: tuple[int, ...],
+    widths: tuple[float, ...],
 ) -> Plan:
     return plan_of(modules, bits, reasons, setting.quantizer, setting.model, allocator, setting.budget, widths)
 
 
 def plan_of(
     modules: Sequence[Module],
-    bits: dict[str, int],
+    bits: dict[str, float],
     reasons: dict[str, dict],
     quantizer: Quantizer,
     model: str,
     allocator: str,
     budget: float | None,
-    widths: Sequence[int],
+    widths: Sequence[float],
     storage: Mapping[str, Storage] | None = None,
 ) -> Plan:
     """A Plan for these widths, each module's storage priced by the quantizer (or given: a preset's types,
@@ -138,7 +138,7 @@ def plan_of(
                 modules=planned, symmetric=quantizer.symmetric)  # fmt: skip
 
 
-def _cost(module: Module, width: int, setting: Setting) -> int:
+def _cost(module: Module, width: float, setting: Setting) -> float:
     """Bits a module costs at `width` under the setting's budget measure."""
     if setting.budget_counts == "storage":
         return setting.quantizer.storage(module.out_features, module.in_features, width).bits
@@ -221,8 +221,8 @@ def budgeted(modules: Sequence[Module], scores: Sequence[float], setting: Settin
 
 
 def knapsack(
-    units: Sequence[Sequence[Module]], error: Sequence[Sequence[float]], widths: tuple[int, ...], setting: Setting
-) -> list[int]:
+    units: Sequence[Sequence[Module]], error: Sequence[Sequence[float]], widths: tuple[float, ...], setting: Setting
+) -> list[float]:
     """The width of each unit (modules sharing one) minimising sum_u error[u][j_u] subject to
     sum_u cost_u(b_u) <= B * N, where cost counts weight bits or, with budget_counts="storage", also each
     quantization group's scale and zero point (a GGUF type's blocks, after its fallbacks).
@@ -256,7 +256,7 @@ def knapsack(
     if not np.isfinite(best).any():
         raise NsdsError(f"no assignment of widths {list(widths)} fits a budget of {setting.budget} bits")
     cell = int(np.nanargmin(best))
-    chosen = [0] * len(units)
+    chosen: list[float] = [0.0] * len(units)
     for u in range(len(units) - 1, -1, -1):
         j = int(choice[u, cell])
         cell -= int(cells[u, j])
@@ -290,15 +290,16 @@ def uniform(modules: Sequence[Module], setting: Setting) -> Plan:
     return _plan(modules, bits, reasons, setting, "uniform", widths)
 
 
-def _bracket(modules: Sequence[Module], setting: Setting, widths: tuple[int, ...]) -> tuple[int, int]:
-    """The candidate widths whose uniform cost lies just below (or at) and just above the budget."""
+def _bracket(modules: Sequence[Module], setting: Setting, widths: tuple[float, ...]) -> tuple[float, float]:
+    """The candidate widths whose uniform cost lies just below (or at) and just above the budget (by cost: a
+    GGUF i-quant's width does not order its size among the k-quants')."""
     params = sum(m.params for m in modules)
 
-    def average(width: int) -> float:
+    def average(width: float) -> float:
         return sum(_cost(m, width, setting) for m in modules) / params
 
-    low = max(w for w in widths if average(w) <= setting.budget + 1e-9)
-    return low, min((w for w in widths if average(w) > setting.budget + 1e-9), default=low)
+    low = max((w for w in widths if average(w) <= setting.budget + 1e-9), key=average)
+    return low, min((w for w in widths if average(w) > setting.budget + 1e-9), key=average, default=low)
 
 
 def use_more_bits(layer: int, layers: int) -> bool:
@@ -386,14 +387,14 @@ class PredictedLoss:
                      * (prior_weight if llama_cpp_favours(m, layers) else 1.0) for m in modules}  # fmt: skip
         self.params = sum(m.params for m in modules)
 
-    def _error(self, m: Module, bits: Mapping[str, int]) -> float:
+    def _error(self, m: Module, bits: Mapping[str, float]) -> float:
         return self.errors.of(m.name, bits[m.name], self.measure) if m.name in bits else 0.0
 
-    def energy(self, bits: Mapping[str, int]) -> float:
+    def energy(self, bits: Mapping[str, float]) -> float:
         """R: the edge- and size-weighted mean error, a data-free proxy of the output noise energy."""
         return sum(self.edge[m.name] * m.params * self._error(m, bits) for m in self.modules) / self.params
 
-    def __call__(self, bits: Mapping[str, int]) -> float:
+    def __call__(self, bits: Mapping[str, float]) -> float:
         first = sum(self.edge[m.name] * self._error(m, bits) for m in self.modules)
         return first + self.energy_weight / self.exponent * len(self.modules) * self.energy(bits) ** self.exponent
 
@@ -462,7 +463,7 @@ def _least_predicted_loss(modules: Sequence[Module], errors: ErrorTable, setting
     return best, best_loss
 
 
-def fisher_cost(errors: ErrorTable, bits: Mapping[str, int]) -> float:
+def fisher_cost(errors: ErrorTable, bits: Mapping[str, float]) -> float:
     """The second-order estimate of what a plan costs the model's predictions: 1/2 sum_m F-weighted error of
     module m at its width, in nats per token (nsds.fisher)."""
     return sum(errors.of(name, width, "fisher") for name, width in bits.items()) / 2
@@ -474,11 +475,11 @@ def fisher(modules: Sequence[Module], errors: ErrorTable, setting: Setting, name
     return _by_error(modules, errors, setting, "fisher", lambda m: 1.0, name)
 
 
-def _bits(plan: Plan) -> dict[str, int]:
+def _bits(plan: Plan) -> dict[str, float]:
     return {p.name: p.bits for p in plan.modules}
 
 
-def _check_table(errors: ErrorTable, setting: Setting, modules: Sequence[Module]) -> tuple[int, ...]:
+def _check_table(errors: ErrorTable, setting: Setting, modules: Sequence[Module]) -> tuple[float, ...]:
     """The setting's widths, after checking the table was measured with its quantizer at those widths."""
     widths = check_setting(setting, modules)
     if sorted(set(widths) - set(errors.widths)) or errors.quantizer != setting.quantizer.name:
@@ -567,7 +568,7 @@ def allocate(kind: str, modules: Sequence[Module], evidence: Evidence, setting: 
 DEFAULT_ALLOCATOR = "error"
 
 
-def paper_allocator(widths: Sequence[int]) -> str:
+def paper_allocator(widths: Sequence[float]) -> str:
     """The paper's allocation of layer scores: its top-k rule for two widths, the knapsack for more."""
     return "topk" if len(set(widths)) == 2 else "budget"
 
@@ -579,10 +580,10 @@ def plan_for(label: str, modules: Sequence[Module], evidence: Evidence, setting:
     return allocate(kind, modules, evidence, uniform_setting(setting) if label == "uniform" else setting)
 
 
-def evidence_needed(label: str, widths: Sequence[int]) -> str | None:
+def evidence_needed(label: str, widths: Sequence[float]) -> str | None:
     """The Evidence field plan_for(label, ...) reads: "scores", "errors" or None."""
     return ALLOCATORS[_kind(label, widths)].needs
 
 
-def _kind(label: str, widths: Sequence[int]) -> str:
+def _kind(label: str, widths: Sequence[float]) -> str:
     return paper_allocator(widths) if label == "paper" else label

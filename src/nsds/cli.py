@@ -82,12 +82,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gguf-file", help=gguf_help)
     run.add_argument("--budget", type=_budget, required=True,
                      help="average bits per weight, e.g. 3.5; with --quantizer gguf also a llama.cpp preset "
-                     "(Q4_K_M...): no larger than that preset's file")  # fmt: skip
+                     "(Q4_K_M, IQ3_M...): no larger than that preset's file")  # fmt: skip
     run.add_argument(
         "--widths",
-        type=_int_list,
-        help="candidate widths, comma-separated (default: 2,4; with gguf every type: 2=Q2_K 3=Q3_K 4=Q4_K 5=Q5_K "
-        "6=Q6_K 8=Q8_0)",
+        type=_width_list,
+        help="candidate widths, comma-separated (default: 2,4; with gguf the k-quants 2=Q2_K 3=Q3_K 4=Q4_K 5=Q5_K "
+        "6=Q6_K 8=Q8_0, and for an IQ preset's budget every type; a gguf width may be named by its type: "
+        "IQ2_XXS, IQ3_S, IQ4_XS ...)",
     )
     run.add_argument(
         "--quantizer",
@@ -138,8 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--gguf-file", help=gguf_help)
     compare.add_argument("--budgets", type=_budget_list, nargs="+", default="2.5,3,3.5",
                          help="average bits per weight to compare, comma-separated; with --quantizer gguf also "
-                         "llama.cpp presets (Q4_K_M), or 'presets' for all of them")  # fmt: skip
-    compare.add_argument("--widths", type=_int_list, default="2,4", help="candidate widths, comma-separated")
+                         "llama.cpp presets (Q4_K_M), or 'presets' for the k-quant ones")  # fmt: skip
+    compare.add_argument("--widths", type=_width_list, default="2,4", help="candidate widths, comma-separated")
     compare.add_argument("--quantizer", dest="quantizers", type=_str_list, default="rtn,hqq",
                          help="quantizers, comma-separated")  # fmt: skip
     compare.add_argument("--scorers", type=_str_list, default="all",
@@ -196,11 +197,21 @@ def _check_ray(args: argparse.Namespace) -> None:
             raise NsdsError("--ray needs Ray: pip install 'nsds[ray]'") from None
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+def _width_list(text: str) -> tuple[float, ...]:
+    """Widths: bits (4), or the GGUF types they stand for (IQ3_S, q4_k)."""
+    from nsds.quantize.gguf import width_of  # imports torch: not for --help
+
+    widths: list[float] = []
+    for part in text.split(","):
+        try:
+            number = float(part)
+            widths.append(int(number) if number.is_integer() else number)  # 4.0: the integer width 4
+        except ValueError:
+            try:
+                widths.append(width_of(part))
+            except NsdsError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+    return tuple(widths)
 
 
 def _budget(text: str) -> float | str:

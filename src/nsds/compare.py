@@ -206,7 +206,7 @@ def prepare(cfg: CompareConfig, work: Path | None = None) -> PreparedComparison:
         raise NsdsError("give at least one budget, e.g. --budgets 2.5,3,3.5")
     budgets = tuple(dict.fromkeys(
         p for b in cfg.budgets
-        for p in (runtime.PRESETS if isinstance(b, str) and b.lower() == "presets" else [b])
+        for p in (runtime.K_PRESETS if isinstance(b, str) and b.lower() == "presets" else [b])
     ))  # fmt: skip
     scorers = get_scorers(list(cfg.scorers))
     if cfg.seeds < 0:
@@ -455,7 +455,7 @@ def _cells(session: _Session, q: str, rows: list[tuple[float | str, _Row]]) -> l
     return cells
 
 
-def _alone(modules: list[Module], layer: int, bits: int, quantizer: Quantizer) -> dict[str, str]:
+def _alone(modules: list[Module], layer: int, bits: float, quantizer: Quantizer) -> dict[str, str]:
     """The storage formats that put one layer alone at `bits` (the oracle's evaluation of that layer)."""
     return {m.name: quantizer.storage(m.out_features, m.in_features, bits).format for m in modules if m.layer == layer}
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nsds.documents import build, plain
+from nsds.plan import Width
 
 DEFAULT_MODEL = "smollm2"
 # The options that take one of a few names; the registries they name (nsds.quantize.QUANTIZERS,
@@ -20,7 +21,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     gguf_file: str | None = None
     budget: float | str = 3.0  # bits per weight, or (quantizer gguf) a llama.cpp preset whose size to match
-    widths: tuple[int, ...] | None = None  # None: the quantizer's (rtn/hqq 2,4; gguf every type, 2,3,4,5,6,8)
+    widths: tuple[Width, ...] | None = None  # None: the quantizer's (rtn/hqq 2,4; gguf the k-quants 2,3,4,5,6,8)
     quantizer: QuantizerName = "rtn"
     group_size: int | None = None  # None: the quantizer's default (128; GGUF types fix their own blocks)
     allocator: AllocatorName = "auto"  # auto: nsds's default (error); results store the one used
@@ -54,7 +55,7 @@ class CompareConfig:
     model: str = DEFAULT_MODEL
     gguf_file: str | None = None
     budgets: tuple[float | str, ...] = (2.5, 3.0, 3.5)  # bits, or (quantizer gguf) llama.cpp presets
-    widths: tuple[int, ...] = (2, 4)
+    widths: tuple[Width, ...] = (2, 4)
     quantizers: tuple[QuantizerName, ...] = ("rtn", "hqq")
     scorers: tuple[str, ...] = ("all",)
     seeds: int = 5

@@ -33,7 +33,7 @@ from nsds.errors import NsdsError, first_line
 from nsds.files import keyed_cache_path, read_document, write_cache, write_json
 from nsds.fisher import layerwise_fisher
 from nsds.layerwise import LayerwiseModel
-from nsds.plan import Module
+from nsds.plan import Module, Width
 from nsds.progress import note, stage
 from nsds.quantize.bank import WeightBank
 from nsds.quantize.base import Quantizer
@@ -56,7 +56,7 @@ class ErrorTable:
     """Measured errors of every module of a model, for one quantizer at its candidate widths."""
 
     quantizer: str
-    widths: tuple[int, ...]
+    widths: tuple[Width, ...]
     modules: dict[str, ModuleError]
     schema: str = SCHEMA
 
@@ -66,7 +66,7 @@ class ErrorTable:
             if lengths != {len(self.widths)}:
                 raise NsdsError(f"module '{name}' has errors at {len(e.relative)} widths, the table {len(self.widths)}")
 
-    def of(self, name: str, width: int, measure: str) -> float:
+    def of(self, name: str, width: float, measure: str) -> float:
         """Module `name`'s error at `width` by `measure` (relative, gained, fisher or importance)."""
         if name not in self.modules:
             raise NsdsError(f"the error table has no module '{name}': it was measured on another model")
@@ -106,7 +106,7 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, gain: torch.Tens
 def measure_errors(
     bank: WeightBank,
     modules: Sequence[Module],
-    widths: Sequence[int],
+    widths: Sequence[float],
     gains: Mapping[str, torch.Tensor],
     fisher: Mapping[str, torch.Tensor],
 ) -> dict[str, ModuleError]:
@@ -135,7 +135,7 @@ def layerwise_errors(
     lm: LayerwiseModel,
     modules: Sequence[Module],
     quantizer: Quantizer,
-    widths: Sequence[int],
+    widths: Sequence[float],
     importance: Mapping[str, torch.Tensor],
     tokens: torch.Tensor,
     folder: Path,
@@ -161,7 +161,7 @@ def cached_errors(
     lm: LayerwiseModel,
     modules: Sequence[Module],
     quantizer: Quantizer,
-    widths: Sequence[int],
+    widths: Sequence[float],
     weights: list[str] | str,
     sample: tuple[dict[str, object], Callable[[], torch.Tensor]],
     folder: Path,

@@ -33,6 +33,9 @@ def _convert(kind: Any, value: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if set(args) - {type(None)} == {int, float}:  # a number that stays an integer when it is one
+            number = _convert(float, value, path)
+            return value if isinstance(value, int) else number
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:

@@ -25,14 +25,19 @@ import torch
 from nsds.errors import NsdsError
 from nsds.llamacpp import ENV_VAR, GGML_LIBRARY_NAMES, tools
 
-# The types nsds plans with: llama.cpp's k-quants, the block-32 legacy types and IQ4_NL (no importance
-# matrix needed), plus the unquantized ones a fallback or an embedding may end in.
-QUANTIZED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
+# The types nsds plans with: llama.cpp's k-quants, the block-32 legacy types, and the i-quants (IQ), plus the
+# unquantized ones a fallback or an embedding may end in.
+QUANTIZED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL",
+             "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")  # fmt: skip
 FLOATS = ("F32", "F16", "BF16")
+# The types llama-quantize writes only with an importance matrix (tensor_requires_imatrix, llama-quant.cpp).
+NEEDS_IMPORTANCE = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 
 # llama.cpp's fallback when a type's block does not divide a row (tensor_type_fallback, llama-quant.cpp):
 # block-256 types fall back to a block-32 type of at least their bits; block-32 types, then, to F16.
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"} | {
+    kind: "IQ4_NL" for kind in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+}
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,12 @@ class GgmlType:
         return 8 * self.block_bytes / self.block_size
 
     @property
-    def nominal_bits(self) -> int:
-        """The bits per weight its name states (Q5_1: 5), its scales aside."""
+    def nominal_bits(self) -> float:
+        """The bits per weight its name states (Q5_1: 5), its scales aside; an i-quant's name states only its
+        class, so its bits per weight, scales included, as llama.cpp lists them (IQ3_S: 3.4375)."""
         if self.name in FLOATS:
             return 32 if self.name == "F32" else 16
-        return int(self.name[1]) if self.name.startswith("Q") else 4  # IQ4_NL
+        return int(self.name[1]) if self.name.startswith("Q") else self.bits_per_weight
 
 
 def ggml_type(name: str) -> GgmlType:
@@ -133,6 +139,8 @@ class Ggml:
         out = np.empty((rows, tensor_bytes(name, 1, columns)), dtype=np.uint8)
         code = int(gguf.GGMLQuantizationType[name])
         weighting = None
+        if importance is None and name in NEEDS_IMPORTANCE:  # ggml would abort the process
+            raise NsdsError(f"{name} is written only with an importance matrix: give one (--imatrix) or drop {name}")
         if importance is not None:
             weighting = np.ascontiguousarray(importance, dtype=np.float32)
             if weighting.shape != (columns,):

@@ -10,6 +10,7 @@ weights nsds quantizes in process are the ones llama-quantize writes.
 """
 
 import hashlib
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -170,6 +171,25 @@ def self_made(base: Path, tokens: int = DEFAULT_TOKENS) -> ImportanceMatrix:
     stage(f"importance matrix on that text (llama-imatrix, {sequences} chunks of {LENGTH})")
     gguf_tools.make_imatrix(base, text, target, LENGTH, sequences)
     return read(target)
+
+
+def flat(base: Path, target: Path) -> Path:
+    """A flat importance matrix for every matrix of `base` (each channel 1, one token): what llama.cpp's
+    preset rules see when a matrix is present, for sizing a preset before the real one is made."""
+    writer = gguf.GGUFWriter(target, arch="imatrix")
+    writer.add_array(_METADATA[0], ["flat"])
+    writer.add_uint32(_METADATA[1], 1)
+    writer.add_uint32(_METADATA[2], 1)
+    for name, tensor in GGUFHeader(base).tensors.items():
+        if len(tensor.shape) >= 2:
+            matrices = math.prod(tensor.shape[:-2]) if len(tensor.shape) > 2 else 1
+            writer.add_tensor(f"{name}.in_sum2", np.ones((matrices, tensor.shape[-1]), dtype=np.float32))
+            writer.add_tensor(f"{name}.counts", np.ones(matrices, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
 
 
 def keep_beside(matrix: ImportanceMatrix, target: Path) -> None:

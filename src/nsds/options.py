@@ -20,6 +20,7 @@ from nsds.evaluate.text import check_protocol
 from nsds.files import check_output_folder
 from nsds.plan import Module
 from nsds.quantize import Quantizer, check_expert_formats, make_quantizer
+from nsds.quantize.gguf import GGUF
 from nsds.runtime import GGUFTarget
 from nsds.weights import open_source
 
@@ -48,13 +49,15 @@ def check_options(
     *,
     resident: bool,
     budget_counts: BudgetCounts | None = None,
+    rounds_by_importance: bool = False,
     writes: tuple[str, ...] = (),
     own_checks: Callable[[], None] = lambda: None,
 ) -> CheckedOptions:
     """Check the options both jobs take, then the job's `own_checks` (still before any read), then the weights'
     header; with the GGUF quantizer, quantize each preset budget's file into `work` (or a temporary folder)
-    to learn its size. `resident`: the job holds the model whole; `writes`: the formats it writes
-    besides its results (quantize.check_expert_formats)."""
+    to learn its size. `resident`: the job holds the model whole; `rounds_by_importance`: llama.cpp's types
+    round by an importance matrix (nsds run's --imatrix); `writes`: the formats it writes besides its results
+    (quantize.check_expert_formats)."""
     made = {name: make_quantizer(name, cfg.group_size, cfg.symmetric) for name in quantizers}
     presets: dict[Budget, str] = {}
     for budget in budgets:
@@ -62,9 +65,14 @@ def check_options(
             if set(made) != {"gguf"}:
                 raise NsdsError(f"budget '{budget}' is not a number of bits; llama.cpp presets as budgets need "
                                 f"--quantizer gguf{' alone' if len(made) > 1 else ''}")  # fmt: skip
-            presets[budget] = runtime.preset_name(budget)
+            presets[budget] = runtime.preset_name(budget, rounds_by_importance)
     for quantizer in made.values():
         quantizer.check_widths(cfg.widths)
+    needing = GGUF.needing_importance(cfg.widths) if "gguf" in made and not rounds_by_importance else []
+    if needing:
+        raise NsdsError(f"llama.cpp writes {', '.join(needing)} only with an importance matrix, which this job does "
+                        "not round by: drop them from --widths, or use nsds run without --imatrix none")  # fmt: skip
+    for quantizer in made.values():
         for budget in budgets:
             if budget not in presets:
                 allocation_setting(quantizer, cfg.model, budget, cfg.widths, budget_counts)  # fails fast
@@ -80,7 +88,8 @@ def check_options(
             check_whole_model_fits(source, compute.memory())
         if "gguf" in made:
             folder = work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nsds-gguf-")))
-            targets = {b: runtime.gguf_target(source, modules, presets.get(b), folder) for b in budgets}
+            targets = {b: runtime.gguf_target(source, modules, presets.get(b), folder, rounds_by_importance)
+                       for b in budgets}  # fmt: skip
         model_type = source.config.model_type
     sizes = {b: targets[b].budget if b in presets else b for b in budgets}
     settings = {

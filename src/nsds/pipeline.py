@@ -44,6 +44,7 @@ from nsds.plan import Module, Plan
 from nsds.progress import note, stage
 from nsds.quantize import QUANTIZERS, Quantizer, WeightBank
 from nsds.quantize.bank import quantize_into
+from nsds.quantize.gguf import GGUF, TYPES
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
 from nsds.results import Evaluation, RunResult
@@ -93,10 +94,14 @@ def output_names(cfg: RunConfig) -> tuple[str, ...]:
 
 def with_default_widths(cfg: RunConfig) -> RunConfig:
     """The config with its quantizer's candidate widths when none were given (an unknown quantizer is left to
-    prepare's one-line error)."""
+    prepare's one-line error); an i-quant preset's budget takes every GGUF type (the ones it may round)."""
     if cfg.widths is not None or cfg.quantizer not in QUANTIZERS:
         return cfg
-    return replace(cfg, widths=QUANTIZERS[cfg.quantizer].default_widths)
+    widths = QUANTIZERS[cfg.quantizer].default_widths
+    if cfg.quantizer == "gguf" and isinstance(cfg.budget, str) and cfg.budget.strip().upper() in runtime.I_PRESETS:
+        rounds = imatrix_choice(cfg) != "none"
+        widths = tuple(w for w in sorted(TYPES) if rounds or not GGUF.needing_importance([w]))
+    return replace(cfg, widths=widths)
 
 
 def imatrix_choice(cfg: RunConfig) -> str:
@@ -149,7 +154,8 @@ def prepare(cfg: RunConfig, work: Path | None = None) -> PreparedRun:
     vllm_folder = cfg.export and cfg.quantizer == "ct"
     writes = ("hqq",) * (cfg.save is not None) + ("ct",) * vllm_folder
     checked = check_options(cfg, (cfg.quantizer,), (cfg.budget,), work, resident=resident(cfg),
-                            budget_counts=cfg.budget_counts, writes=writes, own_checks=own_checks)  # fmt: skip
+                            budget_counts=cfg.budget_counts, rounds_by_importance=imatrix_choice(cfg) != "none",
+                            writes=writes, own_checks=own_checks)  # fmt: skip
     if vllm_folder:
         ct_export.check_exportable(checked.modules, checked.model_type)
     target = checked.targets.get(cfg.budget)

@@ -18,6 +18,9 @@ from nsds.errors import NsdsError
 from nsds.files import read_document, write_json
 
 SCHEMA = "nsds.plan/2"
+# A width: integer bits (RTN, HQQ, compressed-tensors, GGUF's k-quants), or a GGUF i-quant's bits per weight
+# (IQ3_S: 3.4375); documents keep an integer width an integer.
+Width = int | float
 OUTSIDE_BUDGET = "token embedding and output head keep the checkpoint's precision and are outside the budget"
 
 
@@ -45,7 +48,7 @@ class ModulePlan:
     role: str
     out_features: int
     in_features: int
-    bits: int  # the width the allocator chose (nominal bits)
+    bits: Width  # the width the allocator chose
     group_size: int  # weights per quantization group (for GGUF: per block of the written type)
     format: str  # how it is stored, e.g. "int4 g128" or the ggml type "Q5_0"
     storage: int  # bits it takes stored, every scale and zero point included
@@ -68,7 +71,7 @@ class Plan:
     quantizer: str
     allocator: str
     budget: float | None  # average weight bits asked for (None for a fixed uniform width)
-    widths: list[int]
+    widths: list[Width]
     modules: list[ModulePlan]
     symmetric: bool = False
     embeddings: str = OUTSIDE_BUDGET

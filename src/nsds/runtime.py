@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from nsds import ggml, gguf_convert, gguf_tools
+from nsds import ggml, gguf_convert, gguf_tools, importance
 from nsds.allocate import plan_of
 from nsds.errors import NsdsError
 from nsds.files import cache_dir, sha256_file
@@ -26,17 +26,26 @@ from nsds.results import RuntimeMeasure
 from nsds.weights.base import WeightSource
 from nsds.weights.gguf import GGUFSource
 
-# llama.cpp's k-quant presets, smallest first (llama-quantize's names).
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+# llama.cpp's presets (llama-quantize's names), smallest first within each family: the k-quant mixes and the
+# i-quant ones; the presets llama-quantize writes only with an importance matrix (IQ2 and IQ1 tensors).
+K_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+I_PRESETS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+             "IQ4_XS", "IQ4_NL")  # fmt: skip
+PRESETS = K_PRESETS + I_PRESETS
+NEEDS_IMPORTANCE = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M"})
 BASE_TYPE = "Q8_0"  # how tensors outside the plan are stored when the budget is a number of bits
 _CONVERT_TYPES = {"bfloat16": "bf16", "float16": "f16"}  # other checkpoints convert to f32
 
 
-def preset_name(budget: str) -> str:
-    """A llama.cpp preset by name (case-insensitive), or a one-line error listing them."""
+def preset_name(budget: str, rounds_by_importance: bool) -> str:
+    """A llama.cpp preset by name (case-insensitive), or a one-line error listing them (or saying the job
+    cannot write it: it does not round by an importance matrix)."""
     name = budget.strip().upper()
     if name not in PRESETS:
         raise NsdsError(f"unknown llama.cpp preset '{budget}'; choose from {', '.join(PRESETS)} or give bits (4.5)")
+    if name in NEEDS_IMPORTANCE and not rounds_by_importance:
+        raise NsdsError(f"llama.cpp writes the {name} preset only with an importance matrix, which this job does "
+                        "not round by: use nsds run without --imatrix none (its default makes one)")  # fmt: skip
     return name
 
 
@@ -93,7 +102,7 @@ def preset_plan(target: "GGUFTarget", modules: Sequence[Module], quantizer: Quan
         tensor = tensors[names[m.name]]
         kind = ggml.ggml_type(tensor.qtype.name)
         storage[m.name] = Storage(kind.name, kind.block_size, 8 * tensor.nbytes)
-        bits[m.name] = kind.nominal_bits
+        bits[m.name] = kind.nominal_bits  # the width of its type (quantize.gguf.TYPES), fallbacks too
     reasons = {m.name: {"allocator": "llama.cpp preset", "preset": preset} for m in modules}
     widths = sorted(set(bits.values()))
     plan = plan_of(modules, bits, reasons, quantizer, model, f"llama.cpp {preset}", None, widths, storage)
@@ -139,14 +148,19 @@ class GGUFTarget:
         return f"token embedding and output head are stored as {self.base_type} (norms F32), outside the budget"
 
 
-def gguf_target(source: WeightSource, modules: Sequence[Module], preset: str | None, folder: Path) -> GGUFTarget:
-    """Check llama.cpp's tools and ggml library, find (or convert) the base file, and quantize the preset."""
+def gguf_target(source: WeightSource, modules: Sequence[Module], preset: str | None, folder: Path,
+                rounds_by_importance: bool) -> GGUFTarget:  # fmt: skip
+    """Check llama.cpp's tools and ggml library, find (or convert) the base file, and quantize the preset to
+    learn its size. `rounds_by_importance`: the job rounds by an importance matrix, made later; the types
+    llama.cpp's rules give a preset depend on whether there is one, not on its values, so the preset is sized
+    with a flat one (nsds.importance.flat) and quantized again with the real one (with_importance)."""
     ggml.library()  # also checks llama-quantize runs
     base = base_gguf(source)
     names = tensor_names(base, [m.name for m in modules])
     if preset is None:
         return GGUFTarget(base, names, BASE_TYPE)
-    path = preset_file(base, preset, folder)
+    flat = importance.flat(base, folder / f"flat{importance.SUFFIX}") if rounds_by_importance else None
+    path = preset_file(base, preset, folder, flat)
     return GGUFTarget(base, names, preset, preset, path, preset_budget(path, names, modules))
 
 

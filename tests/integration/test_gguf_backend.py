@@ -42,21 +42,24 @@ def lib() -> ggml.Ggml:
 
 @pytest.mark.parametrize("kind", [*ggml.QUANTIZED, "F16"])
 def test_ggml_numerics_match_gguf_py_byte_for_byte(lib, kind):
-    weights = np.random.default_rng(0).standard_normal((48, 512)).astype(np.float32)
-    data = lib.quantize(weights, kind)
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((48, 512)).astype(np.float32)
+    weighting = rng.uniform(0.5, 2, 512).astype(np.float32) if kind in ggml.NEEDS_IMPORTANCE else None
+    data = lib.quantize(weights, kind, weighting)
     assert data.shape == (48, ggml.tensor_bytes(kind, 1, 512))
     restored = lib.dequantize(data, kind, 512)
     assert np.array_equal(restored, gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]))
     error = np.linalg.norm(restored - weights) / np.linalg.norm(weights)
-    assert 0 < error < 0.35  # a real quantizer: lossy, and not garbage
-    threaded = lib.quantize(weights[:7], kind)  # fewer rows than chunks: every row still written once
+    assert 0 < error < (0.6 if kind.startswith("IQ1") else 0.35)  # a real quantizer: lossy, and not garbage
+    threaded = lib.quantize(weights[:7], kind, weighting)  # fewer rows than chunks: every row still written once
     assert np.array_equal(threaded, data[:7])
 
 
 def test_written_types_are_what_llama_quantize_writes(lib, smollm2_gguf, tmp_path):
-    """One requantization of SmolLM2 with every type on the tensors of one block each: rows of 576 (attention,
-    gate, up) take llama.cpp's fallback, rows of 1536 (ffn_down) the type itself."""
-    kinds = [*TYPES.values(), "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"]
+    """One requantization of SmolLM2 with every type on the tensors of one block each (with a flat importance
+    matrix, which the IQ1/IQ2 types need): rows of 576 (attention, gate, up) take llama.cpp's fallback, rows of
+    1536 (ffn_down) the type itself; every tensor of the size the GGUF quantizer prices its width at."""
+    kinds = [*TYPES.values(), "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
     header = GGUFHeader(smollm2_gguf)
     overrides = {
         name: kinds[block]
@@ -66,26 +69,39 @@ def test_written_types_are_what_llama_quantize_writes(lib, smollm2_gguf, tmp_pat
         if block < len(kinds)
     }
     target = tmp_path / "mixed.gguf"
-    gguf_tools.quantize_gguf(smollm2_gguf, target, "Q8_0", overrides)
+    flat = importance.flat(smollm2_gguf, tmp_path / "flat.imatrix.gguf")
+    gguf_tools.quantize_gguf(smollm2_gguf, target, "Q8_0", overrides, imatrix=flat)
     written = GGUFHeader(target).tensors
+    quantizer, widths = make_quantizer("gguf"), {kind: width for width, kind in TYPES.items()}
     for name, kind in overrides.items():
-        assert written[name].qtype.name == ggml.written_type(kind, written[name].shape[-1]), name
-    assert {written[n].qtype.name for n in overrides} >= {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q6_K", "Q2_K"}
+        rows, columns = written[name].shape
+        assert written[name].qtype.name == ggml.written_type(kind, columns), name
+        if kind in widths:
+            assert quantizer.storage(rows, columns, widths[kind]).bits == 8 * written[name].nbytes, name
+    assert {written[n].qtype.name for n in overrides} >= {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q6_K", "Q2_K", "IQ4_NL",
+                                                          "IQ1_S", "IQ2_XXS", "IQ3_S", "IQ4_XS"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, smollm2_gguf):
-    """`nsds run smollm2 --quantizer gguf --budget Q4_K_M --export` (short protocol), and the preset's file."""
+# (budget, widths): a k-quant preset; an i-quant preset llama-quantize writes only with an importance matrix,
+# with i-quant candidates (on SmolLM2's rows of 576 they fall back to IQ4_NL, on ffn_down's 1536 they are stored)
+EXPORTS = [("q4_k_m", "3,4,6,8"), ("iq2_m", "IQ2_XXS,IQ2_S,IQ3_S,IQ4_XS,Q4_K")]
+
+
+@pytest.fixture(scope="module", params=EXPORTS, ids=[budget for budget, _ in EXPORTS])
+def exported(request, tmp_path_factory, smollm2_gguf):
+    """`nsds run smollm2 --quantizer gguf --budget PRESET --widths ... --export` (short protocol), and the
+    preset's file."""
     smollm2 = smollm2_gguf
     try:
         ggml.library()
     except NsdsError as err:
         missing(f"GGUF backend test needs llama.cpp's build: {err}")
+    budget, widths = request.param
     out = tmp_path_factory.mktemp("gguf-run") / "out"
-    argv = ["run", "smollm2", "--quantizer", "gguf", "--budget", "q4_k_m", "--widths", "3,4,6,8", "--tokens", "1024",
+    argv = ["run", "smollm2", "--quantizer", "gguf", "--budget", budget, "--widths", widths, "--tokens", "1024",
             "--imatrix-tokens", "1024", "--export", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    preset = runtime.preset_file(smollm2, "Q4_K_M", out.parent, out / "imatrix.gguf")
+    preset = runtime.preset_file(smollm2, budget.upper(), out.parent, out / "imatrix.gguf")
     return smollm2, out, preset
 
 
@@ -136,14 +152,14 @@ def test_the_file_has_the_predicted_size_and_fits_the_preset(exported):
     assert sum(m.storage for m in plan.modules) == sum(8 * ggml.tensor_bytes(m.format, m.out_features,
                                                        m.in_features) for m in plan.modules)  # fmt: skip
     assert size <= preset.stat().st_size
-    assert "stored as llama.cpp's Q4_K_M stores them" in plan.embeddings
+    assert f"stored as llama.cpp's {preset.stem} stores them" in plan.embeddings
 
 
 def test_llama_perplexity_agrees_with_nsds_on_every_plan(exported):
     _, out, preset = exported
     result = RunResult.load(out / "results.json")
     labels = [e.label for e in result.evaluations]
-    assert labels == ["reference", "nsds", "uniform", "Q4_K_M"]
+    assert labels == ["reference", "nsds", "uniform", preset.stem]
     reference = result.evaluation("reference")
     assert reference.runtime is not None and reference.runtime.chunks == 1024 // result.protocol.window
     assert reference.runtime.kld is None and result.config.imatrix == "self"
@@ -159,10 +175,10 @@ def test_llama_perplexity_agrees_with_nsds_on_every_plan(exported):
         assert abs(math.log(llama_cost / nsds_cost)) < 0.1, e.label  # the same plan, two evaluators
     nsds, uniform = result.evaluation("nsds"), result.evaluation("uniform")
     assert (nsds.kld < uniform.kld) == (nsds.runtime.kld < uniform.runtime.kld)  # both judges rank them alike
-    assert result.evaluation("Q4_K_M").runtime.file_bytes == preset.stat().st_size
+    assert result.evaluation(preset.stem).runtime.file_bytes == preset.stat().st_size
     assert result.evaluation("nsds").runtime.file_bytes == (out / "model.gguf").stat().st_size
     saved = json.loads((out / "results.json").read_text())
-    assert saved["config"]["budget"] == "q4_k_m" and saved["config"]["budget_counts"] == "storage"
+    assert saved["config"]["budget"] == preset.stem.lower() and saved["config"]["budget_counts"] == "storage"
     assert "llama.cpp's own types" in (out / "report.md").read_text()
 
 

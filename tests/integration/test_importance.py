@@ -83,11 +83,28 @@ def test_quantizing_with_it_is_bit_identical_to_llama_quantize(own, smollm2_gguf
         kinds_written.add(kind)
         theirs = np.asarray(written.array(written.tensors[name])).view(np.uint8).reshape(weights.shape[0], -1)
         assert np.array_equal(lib.quantize(weights, kind, own.weights(name)[0]), theirs), (name, kind)
-        if not np.array_equal(lib.quantize(weights, kind), theirs):
+        if kind in ggml.NEEDS_IMPORTANCE:  # written only with a matrix: without one, a one-line error
+            with pytest.raises(NsdsError, match=f"{kind} is written only with an importance matrix"):
+                lib.quantize(weights, kind)
             changed.add(kind)
-    assert kinds_written >= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "IQ4_NL"}
+        elif not np.array_equal(lib.quantize(weights, kind), theirs):
+            changed.add(kind)
+    assert kinds_written == set(ggml.QUANTIZED)  # the i-quants on ffn_down's rows of 1536
     # the importance changes the rounding of every type that reads it (Q8_0 does not; the source is Q4_1 already)
     assert changed == kinds_written - {"Q8_0", "Q4_1"}
+
+
+def test_a_flat_matrix_sizes_a_preset_as_the_real_one_does(own, smollm2_gguf, tmp_path):
+    """llama.cpp's rules give IQ3_XXS's tensors other types with a matrix than without; which types depends
+    only on whether there is one, so a flat matrix, made before the real one, sizes the preset exactly."""
+    flat = importance.flat(smollm2_gguf, tmp_path / f"flat{importance.SUFFIX}")
+    read = importance.read(flat)
+    assert all(np.array_equal(read.weights(n), np.ones_like(read.weights(n))) for n in read.sums)
+    types = {}
+    for label, matrix in (("none", None), ("flat", flat), ("own", own.path)):
+        gguf_tools.quantize_gguf(smollm2_gguf, tmp_path / f"{label}.gguf", "IQ3_XXS", imatrix=matrix)
+        types[label] = {n: (t.qtype, t.nbytes) for n, t in GGUFHeader(tmp_path / f"{label}.gguf").tensors.items()}
+    assert types["flat"] == types["own"] != types["none"]
 
 
 def test_a_matrix_made_for_another_model_is_refused_before_any_work(own, tmp_path, capsys):

@@ -36,6 +36,7 @@ from nsds.allocate import (
 from nsds.distortion import ErrorTable, ModuleError
 from nsds.errors import NsdsError
 from nsds.plan import Module, Plan
+from nsds.quantize import make_quantizer
 from nsds.quantize.rtn import RTN
 
 
@@ -152,6 +153,17 @@ def test_uniform_baseline_is_the_budgets_width_whenever_the_quantizer_has_it():
     plan = least_error(modules, errors, setting(3.0), edge_weight=1.0, energy_weight=0)
     assert sorted({m.bits for m in plan.modules}) == [2, 4] and plan.weight_bits == 3.0
     assert all(p.reason["fallback"] == "uniform" for p in plan.modules)
+
+
+def test_the_uniform_and_llama_cpp_brackets_order_gguf_types_by_size():
+    """An i-quant's width is its bits per weight, a k-quant's the bits its name states: IQ4_XS (4.25) is smaller
+    than Q4_K (4), so between Q3_K's and IQ4_XS's size the bracket is (Q3_K, IQ4_XS), never Q4_K."""
+    modules = layered(8, sizes=((256, 256),))
+    quantizer = make_quantizer("gguf")
+    gguf = Setting(budget=4.0, widths=(3, 4, 4.25), quantizer=quantizer, model="test", budget_counts="storage")
+    for plan in (uniform(modules, gguf), llama_cpp(modules, gguf)):
+        assert {m.format for m in plan.modules} == {"Q3_K", "IQ4_XS"}, plan.allocator
+        assert 3.4375 < plan.storage_bits <= 4.0
 
 
 def test_plan_bits_accounting_and_json_roundtrip(tmp_path):

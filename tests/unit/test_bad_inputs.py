@@ -429,6 +429,14 @@ def test_hub_text_without_datasets_fails_before_the_model():
         (["--quantizer", "gguf", "--budget", "2", "--widths", "3,4"], "budget 2.0 bits is outside what widths"),
         (["--quantizer", "gguf", "--budget", "4", "--widths", "3,7"], "does not support width(s) [7]"),
         (["--budget", "Q4 K"], "expected bits per weight or a llama.cpp preset, got 'Q4 K'"),
+        (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,IQ9_X"],
+         "'IQ9_X' is neither a number of bits nor a GGUF type nsds plans with (Q2_K, Q3_K"),
+        (["--budget", "3", "--widths", "2,IQ3_S"], "quantizer 'rtn' does not support width(s) [3.4375]"),
+        (["--quantizer", "gguf", "--budget", "3", "--widths", "IQ2_XXS,q4_k", "--imatrix", "none"],
+         "llama.cpp writes IQ2_XXS only with an importance matrix, which this job does not round by: drop them "
+         "from --widths"),
+        (["--quantizer", "gguf", "--budget", "iq2_m", "--imatrix", "none"],
+         "llama.cpp writes the IQ2_M preset only with an importance matrix, which this job does not round by"),
         (["--budget", "3", "--imatrix", "self"], "--imatrix self: only llama.cpp's types round by an importance "
          "matrix; use --quantizer gguf or leave --imatrix out"),
         (["--quantizer", "gguf", "--budget", "4.5", "--widths", "4,6", "--imatrix", "missing.imatrix"],

@@ -142,7 +142,7 @@ def plan_data(tmp_path) -> dict:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d["modules"][0].update(bits="four"), "Plan.modules[0].bits: expected an integer, got 'four'"),
+        (lambda d: d["modules"][0].update(bits="four"), "Plan.modules[0].bits: expected a finite number, got 'four'"),
         (lambda d: d["modules"][0].update(bits=-3), "bits, group size, features and storage must be positive"),
         (lambda d: d["modules"][0].update(storage=0), "bits, group size, features and storage must be positive"),
         (lambda d: d["modules"][0].pop("format"), "missing field(s) ['format']"),

@@ -5,9 +5,11 @@ import torch
 
 from nsds import arch
 from nsds.allocate import Setting, topk
+from nsds.cli import _width_list
 from nsds.errors import NsdsError
 from nsds.quantize import WeightBank, make_quantizer
 from nsds.quantize.base import Storage
+from nsds.quantize.gguf import GGUF, width_of
 from nsds.quantize.rtn import rtn
 
 from tiny_models import tiny_model
@@ -142,3 +144,19 @@ def test_gguf_storage_is_the_type_llama_cpp_writes():
         make_quantizer("gguf", 64)
     with pytest.raises(NsdsError, match=r"does not support width\(s\) \[7\]"):
         quantizer.check_widths([4, 7])
+
+
+def test_gguf_i_quants_are_widths_of_their_bits_per_weight():
+    """llama.cpp's i-quants priced by their blocks, falling back to IQ4_NL on rows 256 does not divide;
+    named in --widths by their types; the ones llama-quantize writes only with an importance matrix known."""
+    quantizer = make_quantizer("gguf")
+    assert [width_of(name) for name in ("IQ2_XXS", "iq3_s", "IQ4_XS", "Q4_K", "Q8_0")] == [2.0625, 3.4375, 4.25, 4, 8]
+    assert quantizer.storage(576, 1536, 2.0625) == Storage("IQ2_XXS", 256, 576 * 1536 // 256 * 66 * 8)
+    assert quantizer.storage(576, 576, 2.0625) == Storage("IQ4_NL", 32, 576 * 576 // 32 * 18 * 8)
+    assert quantizer.storage(576, 1536, 1.5625).bits == 576 * 1536 * 1.5625  # IQ1_S
+    assert GGUF.needing_importance([4, 3.4375, 2.0625, 1.75, 3.0625]) == ["IQ1_M", "IQ2_XXS", "IQ3_XXS"]
+    assert set(quantizer.default_widths) == {2, 3, 4, 5, 6, 8}  # the k-quants, unless the budget is an IQ preset
+    assert _width_list("2,IQ3_S, q4_k,4.25,6.0") == (2, 3.4375, 4, 4.25, 6)
+    assert all(isinstance(w, int) for w in _width_list("2,4.0"))  # RTN's formats name integer widths (int4)
+    with pytest.raises(NsdsError, match="'IQ5_X' is neither a number of bits nor a GGUF type nsds plans with"):
+        width_of("IQ5_X")

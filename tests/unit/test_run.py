@@ -96,7 +96,7 @@ def run_cli(*args):
         (["--no-budget"], "the following arguments are required: --budget"),
         (["--quantizer", "awq"], "unknown quantizer 'awq'"),
         (["--quantizer", "hqq", "--widths", "2,7"], "does not support width(s) [7]"),
-        (["--widths", "2,x"], "expected comma-separated integers"),
+        (["--widths", "2,x"], "'x' is neither a number of bits nor a GGUF type nsds plans with"),
         (["--text", "{empty}"], "is empty"),
         (["--text", "{short}"], "fewer than one window"),
         (["--save", "{out}/m"], "--save writes HQQ's format"),

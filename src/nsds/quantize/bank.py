@@ -46,7 +46,7 @@ class WeightBank:
         weight = self.pristine[name] if storage_format is None else self.quantized(name, storage_format)
         return weight.T if self.slots[name][1] else weight
 
-    def load(self, widths: Mapping[str, int], desc: str = "quantizing") -> None:
+    def load(self, widths: Mapping[str, float], desc: str = "quantizing") -> None:
         """Every module quantized at widths[name], or at the checkpoint's weights where absent."""
         self._check_names(widths)
         formats = {}

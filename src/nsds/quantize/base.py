@@ -29,11 +29,11 @@ class Quantizer(ABC):
     """
 
     name: ClassVar[str]
-    widths: ClassVar[frozenset[int]]
+    widths: ClassVar[frozenset[float]]
     budget_counts: ClassVar[tuple[str, ...]] = ("weights", "storage")  # what a budget may count; first: default
     default_group_size: ClassVar[int] = 128
     takes_importance: ClassVar[bool] = False  # whether it rounds by an importance matrix (llama.cpp's types)
-    default_widths: ClassVar[tuple[int, ...]] = (2, 4)  # the candidates when none are given (the paper's mix)
+    default_widths: ClassVar[tuple[float, ...]] = (2, 4)  # the candidates when none are given (the paper's mix)
 
     def __init__(self, group_size: int | None = None, symmetric: bool = False) -> None:
         group_size = self.default_group_size if group_size is None else group_size
@@ -42,11 +42,11 @@ class Quantizer(ABC):
         self.group_size, self.symmetric = group_size, symmetric
 
     @abstractmethod
-    def fake_quantize(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+    def fake_quantize(self, weight: torch.Tensor, bits: float) -> torch.Tensor:
         """Quantize and dequantize `weight` (out x in) at `bits`, groups running along in_features."""
 
     @abstractmethod
-    def storage(self, out_features: int, in_features: int, bits: int) -> Storage:
+    def storage(self, out_features: int, in_features: int, bits: float) -> Storage:
         """How an out x in weight is stored at `bits` (after any fallback the format makes)."""
 
     def fake_quantize_as(self, weight: torch.Tensor, storage_format: str,
@@ -62,7 +62,7 @@ class Quantizer(ABC):
         raise NsdsError(f"{self.describe()} cannot store a {out} x {features} weight as '{storage_format}': the "
                         "plan was made with other settings")  # fmt: skip
 
-    def check_widths(self, widths: Iterable[int]) -> None:
+    def check_widths(self, widths: Iterable[float]) -> None:
         unsupported = sorted(set(widths) - self.widths)
         if unsupported:
             raise NsdsError(
