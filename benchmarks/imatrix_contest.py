@@ -3,13 +3,15 @@ than any calibration text, the KL divergence of each file's next-token distribut
 (llama-perplexity --kl-divergence: mean with its standard error, 99th percentile, same top token; PPL beside),
 for four files:
 
-- `preset`: llama.cpp's preset without an importance matrix;
+- `preset`: llama.cpp's preset without an importance matrix (none for the presets llama-quantize writes only
+  with one: IQ1, IQ2);
 - `preset+brown`: the preset with an importance matrix from real text (llama-imatrix with its defaults on
   brown-tune, but 128 chunks of 512 tokens, eight times the self-made matrix's text and as many as common
   calibration files hold, instead of all 1,400: what a user with calibration text makes);
 - `preset+self`: the preset with nsds's importance matrix of the model's own text (no data);
-- `nsds`: nsds's default GGUF job, no data (`nsds run MODEL --quantizer gguf --budget PRESET --widths
-  2,3,4,5,6,8 --export`, its model.gguf: no larger than the preset's file).
+- `nsds`: nsds's default GGUF job, no data (`nsds run MODEL --quantizer gguf --budget PRESET --export`, its
+  model.gguf: no larger than the preset's file; its candidates are the k-quants at a k-quant preset, every
+  type, i-quants too, at an i-quant one).
 
     python benchmarks/imatrix_contest.py --models smollm2,gemma3-270m --texts moby-dick,lodash \\
         [--presets Q2_K,Q3_K_M] [--chunks 16] [--out docs/results/imatrix-contest.json]
@@ -36,9 +38,9 @@ from nsds.config import RunConfig
 from nsds.evaluate.text import load_text
 from nsds.files import cache_dir, sha256_file, write_bytes, write_json
 from nsds.pipeline import run
+from nsds.quantize.gguf import GGUF
 
 ROWS = ("preset", "preset+brown", "preset+self", "nsds")
-WIDTHS = (2, 3, 4, 5, 6, 8)
 CONTEXT = 512
 CALIBRATION_CHUNKS = 128  # all of brown-tune would take ~47 minutes on SmolLM2 on 2 cores
 SCHEMA = "nsds.imatrix-contest/1"
@@ -63,13 +65,13 @@ def files_of(model_id: str, base: Path, preset: str, rows: tuple[str, ...], fold
     matrices = {"preset": None, "preset+brown": calibration_matrix(base, model_id) if "preset+brown" in rows else None,
                 "preset+self": importance.self_made(base).path if "preset+self" in rows else None}  # fmt: skip
     for label in ("preset", "preset+brown", "preset+self"):
-        if label in rows:
+        if label in rows and (matrices[label] is not None or preset not in runtime.NEEDS_IMPORTANCE):
             found[label] = folder / f"{label}.gguf"
             gguf_tools.quantize_gguf(base, found[label], preset, imatrix=matrices[label])
     if "nsds" in rows:
         out = folder / "nsds"
-        run(RunConfig(model=model_id, quantizer="gguf", budget=preset, widths=WIDTHS, baselines=(), tokens=1024,
-                      export=True, out=out))  # fmt: skip
+        run(RunConfig(model=model_id, quantizer="gguf", budget=preset, baselines=(), tokens=1024, export=True,
+                      out=out))  # fmt: skip
         found["nsds"] = out / "model.gguf"
     return found
 
@@ -103,7 +105,7 @@ def measure(model_id: str, texts: list[str], presets: list[str], rows: tuple[str
                         found[label] = {"kld": d.mean, "kld_stderr": d.mean_stderr, "kld_p99": d.p99,
                                         "same_top": d.same_top, "ppl": d.ppl,
                                         "bytes": files[label].stat().st_size}  # fmt: skip
-                    else:
+                    elif label in kept:
                         found[label] = kept[label]
                 yield {"model": model_id, "text": text, "preset": preset, "rows": found}
                 shown = "  ".join(f"{k} {v['kld']:.4f}" for k, v in found.items())
@@ -125,7 +127,8 @@ def summary(cells: list[dict]) -> list[str]:
     rated = [c for c in cells if c not in exact]
     relative = [c["rows"]["nsds"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in rated]
     wins = sum(r < 0 for r in relative)
-    plain = sum(c["rows"]["nsds"]["kld"] < c["rows"]["preset"]["kld"] for c in cells)
+    unweighted = [c for c in cells if "preset" in c["rows"]]  # IQ1/IQ2 presets are only made with an imatrix
+    plain = sum(c["rows"]["nsds"]["kld"] < c["rows"]["preset"]["kld"] for c in unweighted)
     own = [c["rows"]["preset+self"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in rated]
     lines = [
         f"nsds (no data) below the preset with a brown-tune imatrix in {wins} of {len(cells)} distinct cells"
@@ -133,16 +136,22 @@ def summary(cells: list[dict]) -> list[str]:
            f"{100 * max(relative):+.1f} %)" if relative else ""),
         *(f"{c['model']} {c['text']} {c['preset']}: the preset reproduces the source file (KLD 0); nsds "
           f"{c['rows']['nsds']['kld']:.4f}" for c in exact),
-        f"nsds below the preset without an imatrix in {plain} of {len(cells)} cells",
+        f"nsds below the preset without an imatrix in {plain} of {len(unweighted)} cells",
     ]  # fmt: skip
     if own:
         lines.append(
             f"the preset with the self-made imatrix vs with brown-tune's: mean KLD {100 * sum(own) / len(own):+.1f} %"
         )
-    for model in dict.fromkeys(c["model"] for c in cells):
-        mine = [c for c in cells if c["model"] == model]
-        won = sum(c["rows"]["nsds"]["kld"] < c["rows"]["preset+brown"]["kld"] for c in mine)
-        lines.append(f"{model}: nsds below preset+brown in {won} of {len(mine)}")
+    groups = {model: [c for c in cells if c["model"] == model] for model in dict.fromkeys(c["model"] for c in cells)}
+    groups |= {
+        family: [c for c in cells if c["preset"] in presets]
+        for family, presets in (("k-quant presets", runtime.K_PRESETS), ("i-quant presets", runtime.I_PRESETS))
+    }
+    for group, mine in groups.items():
+        won = [c["rows"]["nsds"]["kld"] / c["rows"]["preset+brown"]["kld"] - 1 for c in mine if c in rated]
+        if won:
+            lines.append(f"{group}: nsds below preset+brown in {sum(r < 0 for r in won)} of {len(mine)}, mean KLD "
+                         f"{100 * sum(won) / len(won):+.1f} %")  # fmt: skip
     return lines
 
 
@@ -158,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     texts, presets = args.texts.split(","), args.presets.split(",")
-    settings = {"chunks": args.chunks, "context": CONTEXT, "widths": list(WIDTHS),
+    settings = {"chunks": args.chunks, "context": CONTEXT, "widths": list(GGUF.default_widths),
                 "self_tokens": importance.DEFAULT_TOKENS, "calibration_chunks": CALIBRATION_CHUNKS}  # fmt: skip
     saved = json.loads(args.out.read_text()) if args.out and args.out.exists() else {"settings": None, "cells": []}
     kept = {(c["model"], c["text"], c["preset"]): c for c in saved["cells"] if saved["settings"] == settings}

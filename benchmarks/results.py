@@ -285,10 +285,12 @@ def _contest() -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _kld_cells(rows: dict[str, dict], digits: int = 4) -> list[str]:
-    """Mean KLD per row, the lowest in bold."""
-    klds = [abs(r["kld"]) if r["kld"] == 0 else r["kld"] for r in rows.values()]  # llama.cpp prints -0 too
-    return [f"**{kld:.{digits}f}**" if kld == min(klds) else f"{kld:.{digits}f}" for kld in klds]
+def _kld_cells(rows: dict[str, dict | None], digits: int = 4) -> list[str]:
+    """Mean KLD per row, the lowest in bold; "-" for a row the cell has not (a preset only made with an
+    importance matrix has no row without one)."""
+    klds = [None if r is None else abs(r["kld"]) if r["kld"] == 0 else r["kld"] for r in rows.values()]  # -0 too
+    least = min(k for k in klds if k is not None)
+    return ["-" if k is None else f"**{k:.{digits}f}**" if k == least else f"{k:.{digits}f}" for k in klds]
 
 
 def contest_section() -> list[str]:
@@ -303,7 +305,8 @@ def contest_section() -> list[str]:
         f"`python benchmarks/imatrix_contest.py` (docs/results/imatrix-contest.json): llama-perplexity "
         f"`--kl-divergence` from the source GGUF on {settings['chunks']} chunks of {settings['context']} tokens of "
         "each held-out text (it scores the second half of each chunk), for llama.cpp's preset without an "
-        f"importance matrix, with one from real text (llama-imatrix on {settings['calibration_chunks']} chunks of "
+        "importance matrix (`-` for the IQ1/IQ2 presets, which llama.cpp makes only with one), with one from "
+        f"real text (llama-imatrix on {settings['calibration_chunks']} chunks of "
         f"brown-tune), with nsds's matrix of the model's own text ({settings['self_tokens']} tokens, no data), and "
         "nsds's default GGUF job (no data) at the preset's file size or below. Mean KLD (nats per token), "
         "bold: the lowest per row; the last columns: nsds's KLD relative to the calibrated preset's, and the "
@@ -324,7 +327,7 @@ def contest_section() -> list[str]:
             for c in cells:
                 if c["model"] != model or c["text"] != text:
                     continue
-                rows = {label: c["rows"][label] for label in CONTEST_ROWS}
+                rows = {label: c["rows"].get(label) for label in CONTEST_ROWS}
                 brown, nsds = rows["preset+brown"], rows["nsds"]
                 change = f"{100 * (nsds['kld'] / brown['kld'] - 1):+.1f} %" if brown["kld"] > 0 else "- (exact)"
                 parts.append(
@@ -401,7 +404,9 @@ def readme_kld_table() -> str:
         shown = []
         for model, text in columns:
             cell = by_key.get((model, text, preset))
-            shown.append("-" if cell is None else " / ".join(_kld_cells({k: cell["rows"][k] for k in CONTEST_ROWS})))
+            shown.append(
+                "-" if cell is None else " / ".join(_kld_cells({k: cell["rows"].get(k) for k in CONTEST_ROWS}))
+            )
         rows.setdefault(tuple(shown), []).append(preset)
     lines = ["| preset | " + " | ".join(f"{names.get(m, m)}, {t}" for m, t in columns) + " |",
              "|---|" + "---|" * len(columns)]  # fmt: skip
