@@ -65,7 +65,7 @@ def files_of(model_id: str, base: Path, preset: str, rows: tuple[str, ...], fold
     matrices = {"preset": None, "preset+brown": calibration_matrix(base, model_id) if "preset+brown" in rows else None,
                 "preset+self": importance.self_made(base).path if "preset+self" in rows else None}  # fmt: skip
     for label in ("preset", "preset+brown", "preset+self"):
-        if label in rows and (matrices[label] is not None or preset not in runtime.NEEDS_IMPORTANCE):
+        if label in rows and (matrices[label] is not None or preset not in runtime.PRESETS_NEEDING_IMPORTANCE):
             found[label] = folder / f"{label}.gguf"
             gguf_tools.quantize_gguf(base, found[label], preset, imatrix=matrices[label])
     if "nsds" in rows:

@@ -25,19 +25,20 @@ import torch
 from nsds.errors import NsdsError
 from nsds.llamacpp import ENV_VAR, GGML_LIBRARY_NAMES, tools
 
+# llama.cpp's block-256 i-quants; IQ4_NL, a block-32 one, is what they fall back to.
+I_QUANTS_256 = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
 # The types nsds plans with: llama.cpp's k-quants, the block-32 legacy types, and the i-quants (IQ), plus the
 # unquantized ones a fallback or an embedding may end in.
-QUANTIZED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL",
-             "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")  # fmt: skip
+QUANTIZED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", *I_QUANTS_256)
 FLOATS = ("F32", "F16", "BF16")
 # The types llama-quantize writes only with an importance matrix (tensor_requires_imatrix, llama-quant.cpp).
 NEEDS_IMPORTANCE = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 
 # llama.cpp's fallback when a type's block does not divide a row (tensor_type_fallback, llama-quant.cpp):
 # block-256 types fall back to a block-32 type of at least their bits; block-32 types, then, to F16.
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"} | {
-    kind: "IQ4_NL" for kind in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
-}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"} | dict.fromkeys(
+    I_QUANTS_256, "IQ4_NL"
+)
 
 
 @dataclass(frozen=True)

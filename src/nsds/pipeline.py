@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nsds import arch, ct_export, fisher, importance, runtime
+from nsds import arch, ct_export, fisher, ggml, importance, runtime
 from nsds.allocate import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
@@ -44,7 +44,7 @@ from nsds.plan import Module, Plan
 from nsds.progress import note, stage
 from nsds.quantize import QUANTIZERS, Quantizer, WeightBank
 from nsds.quantize.bank import quantize_into
-from nsds.quantize.gguf import GGUF, TYPES
+from nsds.quantize.gguf import TYPES
 from nsds.quantize.hqq import save_hqq_model
 from nsds.report import render
 from nsds.results import Evaluation, RunResult
@@ -100,7 +100,7 @@ def with_default_widths(cfg: RunConfig) -> RunConfig:
     widths = QUANTIZERS[cfg.quantizer].default_widths
     if cfg.quantizer == "gguf" and isinstance(cfg.budget, str) and cfg.budget.strip().upper() in runtime.I_PRESETS:
         rounds = imatrix_choice(cfg) != "none"
-        widths = tuple(w for w in sorted(TYPES) if rounds or not GGUF.needing_importance([w]))
+        widths = tuple(w for w in sorted(TYPES) if rounds or TYPES[w] not in ggml.NEEDS_IMPORTANCE)
     return replace(cfg, widths=widths)
 
 

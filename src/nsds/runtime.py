@@ -32,7 +32,7 @@ K_PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
 I_PRESETS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
              "IQ4_XS", "IQ4_NL")  # fmt: skip
 PRESETS = K_PRESETS + I_PRESETS
-NEEDS_IMPORTANCE = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M"})
+PRESETS_NEEDING_IMPORTANCE = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M"})
 BASE_TYPE = "Q8_0"  # how tensors outside the plan are stored when the budget is a number of bits
 _CONVERT_TYPES = {"bfloat16": "bf16", "float16": "f16"}  # other checkpoints convert to f32
 
@@ -43,7 +43,7 @@ def preset_name(budget: str, rounds_by_importance: bool) -> str:
     name = budget.strip().upper()
     if name not in PRESETS:
         raise NsdsError(f"unknown llama.cpp preset '{budget}'; choose from {', '.join(PRESETS)} or give bits (4.5)")
-    if name in NEEDS_IMPORTANCE and not rounds_by_importance:
+    if name in PRESETS_NEEDING_IMPORTANCE and not rounds_by_importance:
         raise NsdsError(f"llama.cpp writes the {name} preset only with an importance matrix, which this job does "
                         "not round by: use nsds run without --imatrix none (its default makes one)")  # fmt: skip
     return name

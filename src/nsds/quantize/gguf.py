@@ -11,7 +11,7 @@ from nsds.errors import NsdsError
 from nsds.quantize.base import Quantizer, Storage
 
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # llama.cpp's k-quants, and Q8_0 for 8 bits
-I_QUANTS = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL")
+I_QUANTS = (*ggml.I_QUANTS_256, "IQ4_NL")
 # Width -> the ggml type it stands for: a k-quant by the bits its name states (4: Q4_K), an i-quant by its
 # bits per weight (3.4375: IQ3_S), as ggml.GgmlType.nominal_bits reads them.
 TYPES = {ggml.ggml_type(kind).nominal_bits: kind for kind in K_QUANTS + I_QUANTS}
